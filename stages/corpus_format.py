@@ -124,7 +124,7 @@ class CorpusWriter:
         if self.kind == "caption":
             if self._tar is None:
                 self._tar = wds.ShardWriter(
-                    self.pattern, maxcount=self.per_file, mtime=0.0, verbose=0
+                    self.pattern, maxcount=self.per_file, mtime=0, verbose=0
                 )
             image, text = doc.images[0], doc.texts[1]
             assert image is not None and text is not None, doc.key

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,17 @@ def _npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+_NPY_HEADER = re.compile(rb"\{'descr': '([<|][a-z]\d)', 'fortran_order': False, 'shape': \(([\d, ]*)\), \}")
+
+
 def _from_npy(b: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(b), allow_pickle=False)
+    """np.load, minus its slow header parsing for the arrays :func:`_npy` writes (v1.0 headers)."""
+    n = int.from_bytes(b[8:10], "little") if b[6:8] == b"\x01\x00" else 0
+    m = _NPY_HEADER.match(b, 10, 10 + n) if n else None
+    if m is None:
+        return np.load(io.BytesIO(b), allow_pickle=False)
+    shape = tuple(int(x) for x in m.group(2).split(b",") if x.strip())
+    return np.frombuffer(b, dtype=m.group(1).decode(), offset=10 + n).reshape(shape)
 
 
 def prepare_image(data: bytes, size: int) -> np.ndarray:
@@ -134,10 +144,38 @@ def decode_record(rec: dict[str, Any]) -> Sample:
     )
 
 
+def _tar_records(data: bytes) -> list[dict[str, Any]] | None:
+    """Group a plain ustar archive's members into webdataset records, or None if not plain.
+
+    Our shards are written by ``wds.TarWriter`` with integer mtimes and short names, so every
+    member is one 512-byte header plus its data. Parsing that directly is ~5x faster than
+    ``tarfile`` (measured in bench/loader_throughput.py); anything else (pax headers, long
+    names, links) returns None and the caller falls back to webdataset's reader.
+    """
+    records: list[dict[str, Any]] = []
+    pos, end = 0, len(data)
+    while pos + 512 <= end:
+        header = data[pos : pos + 512]
+        if header.count(0) == 512:
+            return records
+        if header[156:157] not in (b"0", b"\0") or header[345:346] != b"\0":
+            return None
+        name = header[:100].split(b"\0", 1)[0].decode()
+        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        key, ext = name.split(".", 1) if "." in name else (name, "")
+        if not records or records[-1]["__key__"] != key:
+            records.append({"__key__": key})
+        records[-1][ext] = data[pos + 512 : pos + 512 + size]
+        pos += 512 + (size + 511) // 512 * 512
+    return records if pos <= end else None
+
+
 def read_shard(path: str | Path) -> list[Sample]:
     """All samples of one shard, in stored order (a shard is small: one is read at a time)."""
-    ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False)
-    return [decode_record(rec) for rec in ds]
+    records = _tar_records(Path(path).read_bytes())
+    if records is None:
+        records = list(wds.WebDataset(str(path), shardshuffle=False, empty_check=False))
+    return [decode_record(rec) for rec in records]
 
 
 def sha256_file(path: str | Path) -> str:

@@ -58,7 +58,7 @@ class _SplitWriter:
         if self._tar is None or self.rows[-1]["samples"] >= self.per_shard:
             self._finish()
             rel = f"{self.split}/{self.kind}-{len(self.rows):06d}.tar"
-            self._tar = wds.TarWriter(str(self.root / rel), mtime=0.0)
+            self._tar = wds.TarWriter(str(self.root / rel), mtime=0)
             self.rows.append(
                 dict(
                     path=rel,
