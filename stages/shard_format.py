@@ -69,7 +69,9 @@ def _npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-_NPY_HEADER = re.compile(rb"\{'descr': '([<|][a-z]\d)', 'fortran_order': False, 'shape': \(([\d, ]*)\), \}")
+_NPY_HEADER = re.compile(
+    rb"\{'descr': '([<|][a-z]\d)', 'fortran_order': False, 'shape': \(([\d, ]*)\), \}"
+)
 
 
 def _from_npy(b: bytes) -> np.ndarray:
