@@ -127,6 +127,15 @@ class ShardsParams(Strict):
         return (self.image_size // self.patch_size) ** 2
 
 
+class CodebookParams(Strict):
+    """The discrete visual tokenizer: k-means codes over image patches (stages/codebook.py)."""
+
+    n_codes: Annotated[int, Field(ge=2, le=65536)] = 256  # K (not "size": DVC ignores that name)
+    samples: PosInt = 50000  # training patches sampled for k-means
+    iters: PosInt = 50
+    seed: NonNegInt = 0
+
+
 class Mixture(Strict):
     """Sampling probability of each data kind (paper default 45-45-10)."""
 
@@ -156,6 +165,7 @@ class Params(Strict):
     corpus: CorpusParams = Field(default_factory=CorpusParams)
     tokenizer: TokenizerParams = Field(default_factory=TokenizerParams)
     shards: ShardsParams = Field(default_factory=ShardsParams)
+    codebook: CodebookParams = Field(default_factory=CodebookParams)
     data: DataParams = Field(default_factory=DataParams)
 
     @model_validator(mode="after")

@@ -6,11 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from stages.corpus import build_corpus
 from stages.params import Params, validate_params
 from stages.shards import build_shards
 from stages.tokenizer import build as build_tokenizer
+
+# One thread per test process, as training runs: tiny matmuls are slower with two (STACK-NOTES).
+torch.set_num_threads(1)
 
 TINY_PARAMS = {
     "corpus": {

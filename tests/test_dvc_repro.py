@@ -57,13 +57,13 @@ def test_dvc_repro_in_a_fresh_checkout_runs_every_stage_then_nothing(tmp_path):
     _run(["git", "commit", "-qm", "fresh"], repo, env)
 
     out = _run([*dvc, "repro"], repo, env)
-    for stage in ("corpus", "tokenizer", "shards"):
+    for stage in ("corpus", "tokenizer", "shards", "codebook"):
         assert f"Running stage '{stage}'" in out
     manifest = pq.read_table(repo / "data/shards/manifest.parquet").to_pylist()
     assert {r["kind"] for r in manifest} == {"caption", "interleaved", "text"}
     assert (repo / "data/corpus/report.json").exists()
     ignored = (repo / "data/.gitignore").read_text().split()
-    assert {"/corpus", "/tokenizer", "/shards"} <= set(ignored)  # outputs kept out of git
+    assert {"/corpus", "/tokenizer", "/shards", "/codebook"} <= set(ignored)  # outputs kept out of git
 
     again = _run([*dvc, "repro"], repo, env)
     assert "Running stage" not in again and "up to date" in again
