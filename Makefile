@@ -34,6 +34,8 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/loader_throughput.py
+	$(BIN)/python bench/model_speed.py
+	$(BIN)/python bench/moe_speed.py
 	$(BIN)/python bench/shards_memory.py
 
 clean-data:
