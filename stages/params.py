@@ -11,6 +11,7 @@ Run ``python -m stages.params [params.yaml]`` to check a file without running an
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -160,6 +161,80 @@ class DataParams(Strict):
     mixture: Mixture = Field(default_factory=Mixture)
 
 
+# Grid architecture names -> (arch, moe, modality_aware); flows/train.py maps them to configs.
+ARCHS = ("early", "late", "discrete", "early-moe", "early-moe-aware", "late-moe", "discrete-moe")
+LADDER = ("xxs", "xs", "s", "m", "l", "xl", "xxl")  # model.config.SIZES
+
+
+class ModelParams(Strict):
+    """Settings every grid point shares (sizes come from the ladder in model/config.py)."""
+
+    n_experts: Annotated[int, Field(ge=2)] = 8  # paper: 8 experts, top-1
+    top_k: PosInt = 1
+    aux_loss_weight: Annotated[float, Field(ge=0.0)] = 0.01
+    z_loss_weight: Annotated[float, Field(ge=0.0)] = 0.0
+    enc_lr_mult: Annotated[float, Field(gt=0.0)] = 0.1  # late fusion encoder lr multiple
+
+    @model_validator(mode="after")
+    def _top_k(self) -> ModelParams:
+        if self.top_k > self.n_experts // 2:
+            raise ValueError(
+                f"top_k={self.top_k} must be <= n_experts // 2 = {self.n_experts // 2} "
+                "(modality-aware MoE splits the experts in two)"
+            )
+        return self
+
+
+class GridParams(Strict):
+    """The study: architectures x sizes x token budgets x mixtures x seeds."""
+
+    study: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "default"
+    archs: list[Literal[ARCHS]] = Field(default_factory=lambda: ["early"], min_length=1)
+    sizes: list[Literal[LADDER]] = Field(default_factory=lambda: ["xxs"], min_length=1)
+    tokens: list[PosInt] = Field(default_factory=lambda: [100_000], min_length=1)
+    mixtures: dict[str, Mixture] = Field(default_factory=lambda: {"45-45-10": Mixture()})
+    seeds: list[NonNegInt] = Field(default_factory=lambda: [0], min_length=1)
+    workers: PosInt = 2  # grid points trained at once (one process each)
+    retries: NonNegInt = 1
+
+    @model_validator(mode="after")
+    def _unique(self) -> GridParams:
+        for name in ("archs", "sizes", "tokens", "seeds"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} has duplicates: {values}")
+        if not self.mixtures:
+            raise ValueError("mixtures is empty: give at least one, e.g. {'45-45-10': {...}}")
+        return self
+
+
+class TrainParams(Strict):
+    """The recipe (paper §2.1, App. B), with lr, batch and warmup as functions of N.
+
+    lr = lr_ref·(N/n_ref)^lr_exponent; batch rows = batch_rows_ref·(N/n_ref)^batch_exponent
+    (rounded to a power of two); warmup = warmup_tokens_ref·(N/n_ref)^warmup_exponent tokens.
+    """
+
+    lr_ref: Annotated[float, Field(gt=0.0)] = 3e-3
+    lr_exponent: float = -1 / 3
+    n_ref: Annotated[float, Field(gt=0.0)] = 1e5
+    batch_rows_ref: PosInt = 8
+    batch_exponent: float = 0.25
+    warmup_tokens_ref: PosInt = 16_384
+    warmup_exponent: float = 0.0
+    cooldown_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2  # 1-sqrt to 0
+    weight_decay: Annotated[float, Field(ge=0.0)] = 1e-4  # decoupled (scaled by lr/peak lr)
+    grad_clip: Annotated[float, Field(gt=0.0)] = 1.0
+    eval_every_tokens: PosInt = 50_000
+    eval_batches: PosInt = 8  # validation batches per kind (fixed held-out rows)
+    checkpoint_every_steps: PosInt = 50
+    divergence_loss: Annotated[float, Field(gt=0.0)] = 20.0  # train loss above this = failed
+    branch_cooldowns: bool = True  # one constant-lr trunk per (arch, size, mixture, seed)
+    threads: PosInt = 1  # torch threads per point process on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False  # torch.compile on GPU
+
+
 class Params(Strict):
     seed: NonNegInt = 0
     corpus: CorpusParams = Field(default_factory=CorpusParams)
@@ -167,6 +242,9 @@ class Params(Strict):
     shards: ShardsParams = Field(default_factory=ShardsParams)
     codebook: CodebookParams = Field(default_factory=CodebookParams)
     data: DataParams = Field(default_factory=DataParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    grid: GridParams = Field(default_factory=GridParams)
+    train: TrainParams = Field(default_factory=TrainParams)
 
     @model_validator(mode="after")
     def _image_fits_context(self) -> Params:
@@ -222,10 +300,25 @@ def validate_params(raw: Any) -> Params:
         raise ParamsError("invalid params:\n  - " + "\n  - ".join(lines)) from None
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e5`` as a string; parse exponent floats as numbers, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(path: str | Path) -> Any:
+    return yaml.load(Path(path).read_text(), Loader=_Loader)  # noqa: S506 (a SafeLoader)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path)
     except FileNotFoundError:
         raise ParamsError(f"{path} not found") from None
     except yaml.YAMLError as e:
