@@ -10,7 +10,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install repro test lint bench clean-data
+.PHONY: install repro test lint bench clean-data serve
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -37,6 +37,15 @@ bench: install
 	$(BIN)/python bench/model_speed.py
 	$(BIN)/python bench/moe_speed.py
 	$(BIN)/python bench/shards_memory.py
+
+# The grid as a Prefect deployment, to start and schedule grids from the UI (README "The grid").
+# Needs a Prefect server: `.venv/bin/prefect server start --host 127.0.0.1` in another terminal.
+PREFECT_SERVER ?= http://127.0.0.1:4200/api
+serve: install
+	@$(BIN)/python -c "import urllib.request as u; u.urlopen('$(PREFECT_SERVER)/health', timeout=5)" \
+	  2>/dev/null || { echo "no Prefect server at $(PREFECT_SERVER): start one with" \
+	  "'$(BIN)/prefect server start --host 127.0.0.1'"; exit 1; }
+	PREFECT_API_URL=$(PREFECT_SERVER) $(BIN)/python -m flows.grid serve
 
 clean-data:
 	rm -rf data results

@@ -235,6 +235,51 @@ class TrainParams(Strict):
     compile: bool = False  # torch.compile on GPU
 
 
+class FitStarts(Strict):
+    """Start values of the multi-start L-BFGS (paper App. C notation: A = e^a, B = e^b, E = e^e).
+
+    The grid is every combination; the paper's is alpha, beta in {0, 0.5, 2.5}, a, b in
+    {0, 5, ..., 30}, e in {-1, -0.5, 0.5, 1}. The default is denser (scoring a start is cheap).
+    """
+
+    alpha: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 1.5, 2.5], min_length=1)
+    beta: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 1.5, 2.5], min_length=1)
+    a: list[float] = Field(default_factory=lambda: [2.5 * i for i in range(13)], min_length=1)
+    b: list[float] = Field(default_factory=lambda: [2.5 * i for i in range(13)], min_length=1)
+    e: list[float] = Field(default_factory=lambda: [-1.0, -0.5, 0.0, 0.5, 1.0], min_length=1)
+
+
+class FitSweep(Strict):
+    """The iso-FLOP sweep behind the regression exponents (stages/fit.py regression_exponents)."""
+
+    budgets: Annotated[int, Field(ge=2)] = 20  # compute budgets C, log-spaced over the data's
+    points: Annotated[int, Field(ge=3)] = 2001  # D values swept per budget
+
+
+class FitMlflow(Strict):
+    """Where fits are logged and registered (stages/fit_mlflow.py)."""
+
+    experiment: str = Field(default="nmm-scaling-fits", min_length=1)
+    model_prefix: str = Field(default="scaling-law-", min_length=1)  # registered: prefix + arch
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+
+
+class FitParams(Strict):
+    """Scaling-law fits L(N, D) = E + A/N^alpha + B/D^beta (stages/fit.py, paper App. C)."""
+
+    huber_delta: Annotated[float, Field(gt=0.0)] = 1e-3
+    init: FitStarts = Field(default_factory=FitStarts)
+    # L-BFGS runs from the best-scored k starts of each (alpha, beta) start pair; null: all starts
+    starts_per_exponent_pair: PosInt | None = 2
+    bootstrap: NonNegInt = 100  # resamples (0: no intervals)
+    bootstrap_starts: NonNegInt = 4  # grid starts per resample, besides the full-data optimum
+    ci: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95  # interval level (percentiles)
+    holdout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2  # top-compute runs held out
+    sweep: FitSweep = Field(default_factory=FitSweep)
+    on_bad_target: Literal["error", "skip"] = "error"
+    mlflow: FitMlflow = Field(default_factory=FitMlflow)
+
+
 class Params(Strict):
     seed: NonNegInt = 0
     corpus: CorpusParams = Field(default_factory=CorpusParams)
@@ -245,6 +290,7 @@ class Params(Strict):
     model: ModelParams = Field(default_factory=ModelParams)
     grid: GridParams = Field(default_factory=GridParams)
     train: TrainParams = Field(default_factory=TrainParams)
+    fit: FitParams = Field(default_factory=FitParams)
 
     @model_validator(mode="after")
     def _image_fits_context(self) -> Params:

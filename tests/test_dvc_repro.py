@@ -1,4 +1,8 @@
-"""End to end: a fresh git + DVC checkout of this repo runs `dvc repro` to the shards, twice."""
+"""End to end: a fresh git + DVC checkout of this repo runs `dvc repro` through the grid, twice.
+
+The params are the committed params.yaml with the tiny data of tests/conftest.py and the tiny
+grid of tests/flows/tiny_params.yaml (4 points of a few seconds each).
+"""
 
 import os
 import shutil
@@ -13,6 +17,7 @@ import yaml
 from tests.conftest import TINY_PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_GRID = yaml.safe_load((ROOT / "tests/flows/tiny_params.yaml").read_text())
 
 
 def _run(cmd, cwd, env):
@@ -32,15 +37,21 @@ def _merge(base: dict, over: dict) -> dict:
 @pytest.mark.slow
 def test_dvc_repro_in_a_fresh_checkout_runs_every_stage_then_nothing(tmp_path):
     repo = tmp_path / "repo"
-    tracked = subprocess.run(
-        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    tracked = subprocess.run(  # the working tree as a commit would have it
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     for f in tracked:
         if (ROOT / f).is_file():
             (repo / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, repo / f)
     (repo / "dvc.lock").unlink(missing_ok=True)
-    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY_PARAMS)
+    params = _merge(
+        _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY_PARAMS), TINY_GRID
+    )
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(
         os.environ,
@@ -57,13 +68,18 @@ def test_dvc_repro_in_a_fresh_checkout_runs_every_stage_then_nothing(tmp_path):
     _run(["git", "commit", "-qm", "fresh"], repo, env)
 
     out = _run([*dvc, "repro"], repo, env)
-    for stage in ("corpus", "tokenizer", "shards", "codebook"):
+    for stage in ("corpus", "tokenizer", "shards", "codebook", "grid"):
         assert f"Running stage '{stage}'" in out
     manifest = pq.read_table(repo / "data/shards/manifest.parquet").to_pylist()
     assert {r["kind"] for r in manifest} == {"caption", "interleaved", "text"}
     assert (repo / "data/corpus/report.json").exists()
     ignored = (repo / "data/.gitignore").read_text().split()
-    assert {"/corpus", "/tokenizer", "/shards", "/codebook"} <= set(ignored)  # outputs kept out of git
+    assert {"/corpus", "/tokenizer", "/shards", "/codebook"} <= set(ignored)  # kept out of git
+    runs = pq.read_table(repo / "results/runs.parquet").to_pylist()
+    assert len(runs) == 4 and {r["status"] for r in runs} == {"ok"}
+    assert "/points" in (repo / "results/.gitignore").read_text().split()  # runs.parquet: git
+    assert (repo / "results/groups/.gitignore").read_text().split()[-1] == "*"  # checkpoints
+    assert (repo / "mlflow.db").exists()  # the default MLflow store, beside the repo's code
 
     again = _run([*dvc, "repro"], repo, env)
     assert "Running stage" not in again and "up to date" in again
@@ -73,5 +89,16 @@ def test_dvc_repro_in_a_fresh_checkout_runs_every_stage_then_nothing(tmp_path):
     params["shards"]["val_fraction"] = 0.3
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     third = _run([*dvc, "repro"], repo, env)
-    assert "Running stage 'shards'" in third
+    assert "Running stage 'shards'" in third and "Running stage 'grid'" in third  # new data
     assert "Running stage 'corpus'" not in third and "Running stage 'tokenizer'" not in third
+    trained = {r["point_id"]: r for r in pq.read_table(repo / "results/runs.parquet").to_pylist()}
+    assert len(trained) == 4 and not {r["point_id"] for r in runs} & set(trained)
+
+    # a new token budget reruns the grid only; it trains the new points, the others persist
+    params["grid"]["tokens"].append(6144)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    fourth = _run([*dvc, "repro"], repo, env)
+    assert "Running stage 'grid'" in fourth and "Running stage 'shards'" not in fourth
+    grown = {r["point_id"]: r for r in pq.read_table(repo / "results/runs.parquet").to_pylist()}
+    assert len(grown) == 6 and all(grown[k] == v for k, v in trained.items())
+    assert "'trained': 2" in fourth

@@ -1,0 +1,318 @@
+"""MLflow records of a grid: one experiment per study, a parent run per launch, a child per point.
+
+Layout (DESIGN.md "Records"):
+
+- experiment ``nmm-<grid.study>``;
+- a **parent run** per launch of the grid flow (tags ``nmm.kind=launch``, the Prefect flow run,
+  the data fingerprint; params: the ``grid`` section; metrics at the end: points total,
+  skipped, trained, failed; artifacts: params.yaml and the launch's runs.parquet);
+- a **child run** per grid point, found by its tag ``point_id`` before one is created, so a
+  retried, resumed or re-launched point keeps its one run. Params: the point, its mixture,
+  ``model``, ``train``, ``data.context_length``, then the schedule and model shape of its
+  record; tags: arch, moe, size, tokens, mixture, seed, point_id, group_id, status (error);
+  metrics: the curves of ``metrics.jsonl`` (step = optimizer step), ``final/<field>`` from the
+  record, and ``system/*`` samples of the point's process tree (CPU %, RSS; peak RSS and CPU
+  seconds at the end), which the UI shows in its System metrics tab.
+
+Metric curves are logged incrementally while a point trains (the tag ``nmm.logged_step``
+remembers how far), in ``log_batch`` calls of at most 1000 entries. Every call goes through one
+lock: grid tasks run in threads of one process, and SQLite wants one writer at a time.
+Nothing here imports Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH = 1000  # MLflow's limit of entities per log_batch call
+PARENT_TAG = "mlflow.parentRunId"
+LOGGED_TAG = "nmm.logged_step"  # last metrics.jsonl step already in the run
+# Record fields that are tags or params rather than final metrics.
+TAG_FIELDS = ("arch", "moe", "size", "mixture", "seed", "point_id", "group_id", "status")
+SCHEDULE_FIELDS = (
+    "arch_base",
+    "modality_aware",
+    "width",
+    "depth",
+    "batch_rows",
+    "lr",
+    "steps",
+    "branch_step",
+    "device",
+)
+
+
+def default_tracking_uri(root: Path = ROOT) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the project's SQLite file (no server)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifacts beside a SQLite store (``<dir>/mlruns``); a server decides its own."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite":
+        return None
+    db = Path(unquote(uri.removeprefix("sqlite:///")))
+    return (db.parent / "mlruns").resolve().as_uri()
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= flatten(v, f"{key}.")
+        else:
+            out[key] = v
+    return out
+
+
+def metric_key(name: str) -> str:
+    """A metrics.jsonl key as a valid MLflow metric name."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    return float(v)
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Rows of a metrics.jsonl; a half-written last line (a killed writer) is skipped."""
+    if not path.exists():
+        return
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            yield row
+
+
+def _chunks(items: list, n: int = BATCH) -> Iterable[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+class Tracker:
+    """The MLflow side of one grid launch. Thread-safe: every store call holds ``lock``."""
+
+    def __init__(self, study: str, tracking_uri: str | None = None):
+        self.uri = tracking_uri or default_tracking_uri()
+        self.client = MlflowClient(self.uri)
+        self.lock = threading.RLock()
+        self.experiment = f"nmm-{study}"
+        self.experiment_id = self._experiment(study)
+        self.parent_id: str | None = None
+        self._logged: dict[str, int] = {}  # run_id -> last metrics.jsonl step logged
+        self._status: dict[str, str] = {}  # run_id -> its status tag (running, ok, failed)
+        self._runs = self._point_runs()  # point_id -> run_id
+
+    def _experiment(self, study: str) -> str:
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            try:
+                return self.client.create_experiment(
+                    self.experiment,
+                    artifact_location=artifact_root(self.uri),
+                    tags={"nmm.study": study},
+                )
+            except MlflowException:  # created meanwhile by another launch
+                exp = self.client.get_experiment_by_name(self.experiment)
+                if exp is None:
+                    raise
+        if exp.lifecycle_stage == "deleted":  # deleted in the UI: the study lives on
+            self.client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+
+    def _point_runs(self) -> dict[str, str]:
+        """Every active child run of the experiment, by its point_id tag (oldest wins)."""
+        runs: dict[str, str] = {}
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id],
+                filter_string="tags.`nmm.kind` = 'point'",
+                run_view_type=ViewType.ACTIVE_ONLY,
+                max_results=10_000,
+                order_by=["attributes.start_time ASC"],
+                page_token=token,
+            )
+            for run in page:
+                pid = run.data.tags.get("point_id")
+                if pid and pid not in runs:
+                    runs[pid] = run.info.run_id
+                    self._logged[run.info.run_id] = int(run.data.tags.get(LOGGED_TAG, -1))
+                    self._status[run.info.run_id] = run.data.tags.get("status", "")
+            token = page.token
+            if not token:
+                return runs
+
+    # ------------------------------------------------------------------ launch (parent run)
+
+    def start_launch(
+        self, name: str, params: dict[str, Any], tags: dict[str, str], artifacts: list[Path]
+    ) -> str:
+        with self.lock:
+            run = self.client.create_run(
+                self.experiment_id, run_name=name, tags={"nmm.kind": "launch", **tags}
+            )
+            self.parent_id = run.info.run_id
+            self._log(self.parent_id, params=flatten(params))
+            for path in artifacts:
+                if path.exists():
+                    self.client.log_artifact(self.parent_id, str(path))
+            return self.parent_id
+
+    def end_launch(self, metrics: dict[str, float], artifacts: list[Path], ok: bool) -> None:
+        if self.parent_id is None:
+            return
+        with self.lock:
+            self._log(self.parent_id, metrics=metrics)
+            for path in artifacts:
+                if path.exists():
+                    self.client.log_artifact(self.parent_id, str(path))
+            status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+            self.client.set_terminated(self.parent_id, status)
+
+    # ------------------------------------------------------------------ points (child runs)
+
+    def run_id(self, point_id: str) -> str | None:
+        with self.lock:
+            return self._runs.get(point_id)
+
+    def needs_finish(self, point_id: str) -> bool:
+        """A trained point whose run is missing (a new store) or never ended (a killed grid)."""
+        with self.lock:
+            run_id = self._runs.get(point_id)
+            return run_id is None or self._status.get(run_id) != "ok"
+
+    def start_point(
+        self, name: str, point_id: str, tags: dict[str, str], params: dict[str, Any]
+    ) -> str:
+        """The point's run, created once; a reused run is RUNNING again under this launch."""
+        with self.lock:
+            tags = {"nmm.kind": "point", "point_id": point_id, "status": "running", **tags}
+            if self.parent_id:
+                tags[PARENT_TAG] = self.parent_id
+            run_id = self._runs.get(point_id)
+            if run_id is None:
+                run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+                run_id = self._runs[point_id] = run.info.run_id
+                self._logged[run_id] = -1
+                self._log(run_id, params=params)
+            else:
+                self.client.update_run(run_id, status="RUNNING")
+                self._log(run_id, tags=tags)
+                self._log_new_params(run_id, params)
+            self._status[run_id] = "running"
+            return run_id
+
+    def log_progress(
+        self, run_id: str, metrics_path: Path, system: list[tuple[int, int, dict[str, float]]]
+    ) -> None:
+        """Rows of ``metrics_path`` past the last logged step, and system samples
+        ``(timestamp_ms, step, {name: value})``."""
+        with self.lock:
+            last = self._logged.get(run_id, -1)
+            metrics: list[Metric] = []
+            now = int(time.time() * 1000)
+            for row in read_jsonl(metrics_path):
+                step = int(row["step"])
+                if step <= last:
+                    continue
+                last = step
+                for k, v in row.items():
+                    x = _number(v)
+                    if k != "step" and x is not None:
+                        metrics.append(Metric(metric_key(k), x, now, step))
+            for ts, step, sample in system:
+                metrics += [Metric(f"system/{k}", float(v), ts, step) for k, v in sample.items()]
+            if metrics:
+                self._log(run_id, metrics=metrics, tags={LOGGED_TAG: str(last)})
+                self._logged[run_id] = last
+
+    def finish_point(
+        self,
+        run_id: str,
+        record: dict[str, Any],
+        metrics_path: Path,
+        artifacts: list[Path],
+        system: dict[str, float],
+    ) -> None:
+        """The curve's tail, final metrics, derived params, status; then the run ends."""
+        with self.lock:
+            self.log_progress(run_id, metrics_path, [])
+            step = int(record.get("steps") or 0)
+            now = int(time.time() * 1000)
+            final = [
+                Metric(f"final/{k}", x, now, step)
+                for k, v in sorted(record.items())
+                if k not in TAG_FIELDS + SCHEDULE_FIELDS
+                and (x := _number(v)) is not None
+                and not math.isnan(x)
+            ]
+            final += [Metric(f"system/{k}", float(v), now, step) for k, v in system.items()]
+            status = record.get("status") or "failed"
+            tags = {"status": status}
+            if record.get("error"):
+                tags["error"] = str(record["error"])[:5000]
+            elif "error" in self.client.get_run(run_id).data.tags:  # an earlier attempt's
+                self.client.delete_tag(run_id, "error")
+            self._log(run_id, metrics=final, tags=tags)
+            self._status[run_id] = status
+            derived = {f"record.{k}": record[k] for k in SCHEDULE_FIELDS if k in record}
+            self._log_new_params(run_id, derived)
+            for path in artifacts:
+                if path.exists():
+                    self.client.log_artifact(run_id, str(path))
+            end = RunStatus.FINISHED if status == "ok" else RunStatus.FAILED
+            self.client.set_terminated(run_id, RunStatus.to_string(end))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _log_new_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """Params are immutable in MLflow: log only the keys the run does not have yet."""
+        have = self.client.get_run(run_id).data.params
+        self._log(run_id, params={k: v for k, v in params.items() if k not in have})
+
+    def _log(
+        self,
+        run_id: str,
+        metrics: list[Metric] | dict[str, float] | None = None,
+        params: dict[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        if isinstance(metrics, dict):
+            now = int(time.time() * 1000)
+            metrics = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        log_batch = self.client.log_batch
+        for chunk in _chunks(list(metrics or []), BATCH):
+            log_batch(run_id, metrics=chunk, synchronous=True)
+        for chunk in _chunks([Param(k, _param_value(v)) for k, v in (params or {}).items()], 100):
+            log_batch(run_id, params=chunk, synchronous=True)
+        # tags last: a tag like nmm.logged_step lands after the metrics it describes
+        for chunk in _chunks([RunTag(k, str(v)) for k, v in (tags or {}).items()], 100):
+            log_batch(run_id, tags=chunk, synchronous=True)
+
+
+def _param_value(v: Any) -> str:
+    s = v if isinstance(v, str) else json.dumps(v)
+    return s[:6000]
