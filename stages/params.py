@@ -235,6 +235,10 @@ class TrainParams(Strict):
     compile: bool = False  # torch.compile on GPU
 
 
+_EXPONENT_STARTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.5)  # paper: 0, 0.5, 2.5
+_SCALE_STARTS = tuple(2.5 * i for i in range(13))  # 0, 2.5, ..., 30; paper: 0, 5, ..., 30
+
+
 class FitStarts(Strict):
     """Start values of the multi-start L-BFGS (paper App. C notation: A = e^a, B = e^b, E = e^e).
 
@@ -242,15 +246,15 @@ class FitStarts(Strict):
     {0, 5, ..., 30}, e in {-1, -0.5, 0.5, 1}. The default is denser (scoring a start is cheap).
     """
 
-    alpha: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 1.5, 2.5], min_length=1)
-    beta: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 1.5, 2.5], min_length=1)
-    a: list[float] = Field(default_factory=lambda: [2.5 * i for i in range(13)], min_length=1)
-    b: list[float] = Field(default_factory=lambda: [2.5 * i for i in range(13)], min_length=1)
+    alpha: list[float] = Field(default_factory=lambda: list(_EXPONENT_STARTS), min_length=1)
+    beta: list[float] = Field(default_factory=lambda: list(_EXPONENT_STARTS), min_length=1)
+    a: list[float] = Field(default_factory=lambda: list(_SCALE_STARTS), min_length=1)
+    b: list[float] = Field(default_factory=lambda: list(_SCALE_STARTS), min_length=1)
     e: list[float] = Field(default_factory=lambda: [-1.0, -0.5, 0.0, 0.5, 1.0], min_length=1)
 
 
 class FitSweep(Strict):
-    """The iso-FLOP sweep behind the regression exponents (stages/fit.py regression_exponents)."""
+    """The iso-FLOP sweep behind the regression exponents (stages/fit_law.py)."""
 
     budgets: Annotated[int, Field(ge=2)] = 20  # compute budgets C, log-spaced over the data's
     points: Annotated[int, Field(ge=3)] = 2001  # D values swept per budget

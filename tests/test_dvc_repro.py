@@ -62,6 +62,9 @@ def test_dvc_repro_in_a_fresh_checkout_runs_every_stage_then_nothing(tmp_path):
         GIT_COMMITTER_EMAIL="t@t",
     )
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    # mlflow.set_tracking_uri() in earlier tests exports MLFLOW_TRACKING_URI: a fresh checkout
+    # must use its own default store
+    env.pop("MLFLOW_TRACKING_URI", None)
     dvc = [str(Path(sys.executable).parent / "dvc")]
     _run(["git", "init", "-q"], repo, env)
     _run(["git", "add", "-A"], repo, env)
