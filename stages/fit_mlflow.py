@@ -146,11 +146,8 @@ def git_revision() -> dict[str, str]:
 
 def file_md5(path: str | Path) -> str:
     """The md5 DVC records for a file (its data revision)."""
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def flat_metrics(entry: dict[str, Any], prefix: str = "") -> dict[str, float]:
