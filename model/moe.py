@@ -63,6 +63,7 @@ if hasattr(torch.ops.aten, "_grouped_mm") and (
     flop_counter.register_flop_formula(torch.ops.aten._grouped_mm)(_grouped_mm_flop)
 
 
+@torch.compiler.assume_constant_result  # a probe, not a graph op: torch.compile keeps its value
 @functools.cache
 def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether ``torch._grouped_mm`` runs forward AND backward correctly on this device/dtype.
@@ -203,12 +204,16 @@ class MoEFFN(nn.Module):
 
     # --- experts -------------------------------------------------------------------------
     def _experts_grouped_mm(self, xs: Tensor, counts: Tensor) -> Tensor:
-        """xs: (M, dim) sorted by expert, counts: (E,) -> (M, dim)."""
+        """xs: (M, dim) sorted by expert, counts: (E,) -> (M, dim), in xs's dtype.
+
+        Autocast does not cover ``_grouped_mm``: the caller casts xs to the autocast dtype and the
+        weights follow here, as autocast does for ``mm`` (without this the experts ran in fp32
+        under bf16 autocast, and torch.compile refused fp32 inputs on CUDA).
+        """
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
-        h = F.silu(torch._grouped_mm(xs, self.w1, offs=offs)) * torch._grouped_mm(
-            xs, self.w3, offs=offs
-        )  # (M, hidden)
-        return torch._grouped_mm(h, self.w2, offs=offs)
+        w1, w3, w2 = (w.to(xs.dtype) for w in (self.w1, self.w3, self.w2))
+        h = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)
+        return torch._grouped_mm(h, w2, offs=offs)
 
     def _experts_bmm(self, xs: Tensor, counts: Tensor, expert: Tensor) -> Tensor:
         """Pad each expert's rows to the busiest expert's count C, run (E, C, .) bmm's."""
@@ -250,6 +255,8 @@ class MoEFFN(nn.Module):
         counts = torch.bincount(expert, minlength=E)  # (E,) tokens per expert
         aux = self.routing_stats(logits, probs, idx, counts, is_image)
         xs = xf[token]  # (N*k, dim)
+        if torch.is_autocast_enabled(xs.device.type):  # experts in the autocast dtype (bf16)
+            xs = xs.to(torch.get_autocast_dtype(xs.device.type))
         impl = self.impl
         if impl == "auto":
             impl = "grouped_mm" if _grouped_mm_ok(xs, self.dim, self.hidden) else "bmm"
@@ -263,5 +270,6 @@ class MoEFFN(nn.Module):
         else:
             ys = self._experts_bmm(xs, counts, expert)
         ys = ys * gate.flatten()[order, None].to(ys.dtype)  # (N*k, dim)
-        y = torch.zeros_like(xf).index_add_(0, token, ys)  # (N, dim)
+        # combine in x's dtype (fp32 under autocast: top-k sums and the residual stay fp32)
+        y = torch.zeros_like(xf).index_add_(0, token, ys.to(xf.dtype))  # (N, dim)
         return y.view_as(x), aux

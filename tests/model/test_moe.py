@@ -261,3 +261,27 @@ def test_flop_counter_sees_the_experts(impl):
         assert fc.get_total_flops() == dense + router
     else:  # bmm counts the zero rows padded up to the busiest expert
         assert fc.get_total_flops() >= dense + router
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_autocast_runs_the_experts_in_bf16_and_returns_fp32(impl):
+    """As on GPU (bf16 autocast): the experts compute in bf16 (autocast skips _grouped_mm, so
+    the layer casts), the combine stays fp32, and the result is the fp32 one within bf16 error.
+    (Before: the bmm path failed in index_add_, grouped_mm silently ran in fp32.)"""
+    if impl == "grouped_mm" and not grouped_mm_works("cpu", torch.bfloat16):
+        pytest.skip("torch._grouped_mm (fwd+bwd) unavailable on cpu/bf16")
+    m = make(impl, top_k=2)
+    x = tokens().requires_grad_()
+    ref = m(x)[0]
+    seen = []
+    hook = torch.nn.functional.silu
+    try:
+        torch.nn.functional.silu = lambda h: seen.append(h.dtype) or hook(h)
+        with torch.autocast("cpu", torch.bfloat16):
+            y, aux = m(x)
+    finally:
+        torch.nn.functional.silu = hook
+    assert y.dtype == torch.float32 and seen == [torch.bfloat16]
+    torch.testing.assert_close(y, ref, rtol=0.05, atol=0.02)
+    (y.square().sum() + aux["aux_loss"]).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in (m.w1, m.w2, m.w3))

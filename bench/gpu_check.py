@@ -1,0 +1,223 @@
+"""GPU check of the paths CI cannot run: bf16 autocast, torch.compile, grouped_mm MoE on CUDA.
+
+Needs a CUDA device. Builds the tests' tiny data (tests/conftest.py TINY_PARAMS) and a codebook
+in a temp dir, then prints, side by side in one run:
+
+1. whether ``torch._grouped_mm`` runs forward and backward correctly on CUDA (bf16, fp32);
+2. per arch, the loss of the same initial model on the same validation batch: fp32 on CPU vs
+   bf16 autocast on CUDA (relative difference);
+3. the MoE layer on CUDA bf16: grouped_mm vs padded-bmm output difference and fwd+bwd time;
+4. ``flows.train.train_point`` on CUDA (eager and torch.compile) and on CPU for the same point:
+   status, final losses, tokens/s and MFU;
+5. training throughput of a wider model (bf16, eager vs compile): tokens/s and MFU.
+
+    python bench/gpu_check.py [--out gpu_check.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from flows.train import PEAK_FLOPS, Point, model_config, train_point  # noqa: E402
+from model.config import MoEConfig  # noqa: E402
+from model.counting import step_flops  # noqa: E402
+from model.discrete import VisualCodebook  # noqa: E402
+from model.model import MultimodalLM  # noqa: E402
+from model.moe import MoEFFN, grouped_mm_works  # noqa: E402
+from stages.codebook import build_codebook  # noqa: E402
+from stages.loader import PackedLoader, val_batches  # noqa: E402
+from stages.params import validate_params  # noqa: E402
+from stages.shard_format import load_info  # noqa: E402
+from tests.conftest import TINY_PARAMS, build_data  # noqa: E402
+
+ARCHS = ("early", "late", "discrete", "early-moe", "early-moe-aware")
+
+
+def timed(fn, reps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+def check_losses(params, shards: Path, cb_path: Path) -> dict:
+    """Same init, same batch: fp32 CPU loss vs bf16-autocast CUDA loss."""
+    info = load_info(shards)
+    cb = VisualCodebook.from_file(cb_path)
+    batch = next(iter(val_batches(shards, "caption", 8, params.data.context_length)))
+    out = {}
+    for arch in ARCHS:
+        point = Point(arch, "s", 4096, "45-45-10", 0)
+        cfg = model_config(point, params, info, cb.size)
+        torch.manual_seed(0)
+        model = MultimodalLM(cfg, cb if cfg.arch == "discrete" else None).eval()
+        with torch.no_grad():
+            cpu = model(batch).loss.item()
+            model = model.cuda()
+            with torch.autocast("cuda", torch.bfloat16):
+                gpu = model(batch.to(torch.device("cuda"))).loss.item()
+        out[arch] = {"cpu_fp32": cpu, "cuda_bf16": gpu, "rel_diff": abs(gpu - cpu) / cpu}
+        print(
+            f"  {arch:16s} loss fp32 CPU {cpu:.5f}  bf16 CUDA {gpu:.5f}  rel {out[arch]['rel_diff']:.2e}"
+        )
+    return out
+
+
+def check_moe_layer() -> dict:
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    cfg = MoEConfig(n_experts=8, top_k=1)
+    torch.manual_seed(0)
+    grouped = MoEFFN(512, 1408, cfg, impl="grouped_mm").to(dev)
+    bmm = MoEFFN(512, 1408, cfg, impl="bmm").to(dev)
+    bmm.load_state_dict(grouped.state_dict())
+    x = torch.randn(16 * 1024, 512, device=dev)
+    is_image = torch.rand(16 * 1024, device=dev) < 0.5
+    res = {}
+    with torch.autocast("cuda", dt):
+        yg, _ = grouped(x, is_image)
+        yb, _ = bmm(x, is_image)
+        res["max_abs_diff"] = (yg.float() - yb.float()).abs().max().item()
+        res["ref_scale"] = yb.float().abs().mean().item()
+
+        def step(m):
+            def f():
+                y, aux = m(x, is_image)
+                (y.float().square().mean() + aux["aux_loss"]).backward()
+
+            return f
+
+        res["grouped_mm_ms"] = 1e3 * timed(step(grouped), 20)
+        res["bmm_ms"] = 1e3 * timed(step(bmm), 20)
+    print(f"  grouped_mm vs bmm: max |diff| {res['max_abs_diff']:.3g} (mean |y| {res['ref_scale']:.3g}); "
+          f"fwd+bwd {res['grouped_mm_ms']:.2f} ms vs {res['bmm_ms']:.2f} ms")  # fmt: skip
+    return res
+
+
+def check_train_point(raw: dict, shards: Path, cb: Path, work: Path) -> dict:
+    out = {}
+    for arch in ("early", "early-moe", "late", "discrete"):
+        for device, compile_ in (("cpu", False), ("cuda", False), ("cuda", True)):
+            if arch in ("late", "discrete") and device == "cuda" and compile_:
+                continue
+            p = json.loads(json.dumps(raw))
+            p["train"] |= {"device": device, "compile": compile_}
+            params = validate_params(p)
+            point = Point(arch, "xs", 16384, "45-45-10", 0)
+            t0 = time.perf_counter()
+            rec = train_point(point, params, shards=shards, codebook=cb,
+                              workdir=work / f"{arch}-{device}-{compile_}")  # fmt: skip
+            key = f"{arch}/{device}{'+compile' if compile_ else ''}"
+            out[key] = {k: rec.get(k) for k in ("status", "loss_avg", "loss_caption",
+                                                "tokens_per_s", "mfu", "device")}  # fmt: skip
+            out[key]["wall_s"] = time.perf_counter() - t0
+            print(f"  {key:24s} {rec['status']}  loss_avg {rec['loss_avg']:.4f}  "
+                  f"{rec['tokens_per_s']:,.0f} tok/s  wall {out[key]['wall_s']:.1f} s")  # fmt: skip
+    return out
+
+
+def throughput(params, shards: Path, cb_path: Path) -> dict:
+    """A wider model on CUDA bf16: eager vs compile, tokens/s and MFU from counted FLOPs."""
+    info = load_info(shards)
+    out = {}
+    for arch in ("early", "early-moe"):
+        point = Point(arch, "s", 4096, "45-45-10", 0)
+        cfg = model_config(point, params, info, 256).with_(
+            d_model=1024, n_heads=16, ffn_hidden=2816, n_layers=8, context_length=1024
+        )
+        loader = PackedLoader(shards, 16, 1024, {"caption": 0.45, "interleaved": 0.45, "text": 0.1})
+        batches = [b.to(torch.device("cuda")) for b in islice(iter(loader.next_batch, None), 4)]
+        for compile_ in (False, True):
+            torch.manual_seed(0)
+            model = MultimodalLM(cfg).cuda()
+            fwd = torch.compile(model) if compile_ else model
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            i = [0]
+
+            def step(fwd=fwd, opt=opt, i=i, batches=batches):
+                b = batches[i[0] % len(batches)]
+                i[0] += 1
+                with torch.autocast("cuda", torch.bfloat16):
+                    o = fwd(b)
+                o.total.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            for _ in range(3):  # warm-up / compile
+                step()
+            dt = timed(step, 10)
+            b = batches[0]
+            flops = step_flops(cfg, *b.tokens.shape, int(b.loss_mask.sum()), len(b.images))
+            name = torch.cuda.get_device_name()
+            peak = next((v for k, v in PEAK_FLOPS.items() if name.startswith(k)), float("nan"))
+            key = f"{arch}{'+compile' if compile_ else ''}"
+            out[key] = {"tokens_per_s": b.tokens.numel() / dt, "mfu": flops / dt / peak,
+                        "step_ms": 1e3 * dt}  # fmt: skip
+            print(f"  {key:18s} d=1024 L=8 ctx=1024 b=16: {out[key]['tokens_per_s']:,.0f} tok/s, "
+                  f"MFU {out[key]['mfu']:.1%}, {out[key]['step_ms']:.1f} ms/step")  # fmt: skip
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=None, help="write the numbers as JSON here")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to check")
+        return 1
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    work = Path(tempfile.mkdtemp())
+    raw = json.loads(json.dumps(TINY_PARAMS))
+    data = build_data(work / "data", raw)
+    cb_path = work / "codebook.pt"
+    params = validate_params(raw)
+    cb, _ = build_codebook(
+        data.shards, params.codebook.model_copy(update={"samples": 5000, "iters": 10})
+    )
+    cb.save(cb_path)
+
+    def section(name, fn):
+        try:
+            res[name] = fn()
+        except Exception as e:  # report and go on: one broken path must not hide the others
+            import traceback
+
+            traceback.print_exc()
+            res[name] = {"error": repr(e)}
+
+    print("1. grouped_mm on CUDA:")
+    res["grouped_mm_works"] = {
+        str(dt): grouped_mm_works("cuda", dt) for dt in (torch.bfloat16, torch.float32)
+    }
+    print(f"  {res['grouped_mm_works']}")
+    print("2. same model, same batch: fp32 CPU vs bf16 CUDA loss")
+    section("losses", lambda: check_losses(params, data.shards, cb_path))
+    print("3. MoE layer, CUDA bf16")
+    section("moe_layer", check_moe_layer)
+    print("4. flows.train.train_point")
+    raw["train"] = {"warmup_tokens_ref": 1024, "eval_every_tokens": 8192, "eval_batches": 2,
+                    "checkpoint_every_steps": 20, "batch_rows_ref": 4, "batch_exponent": 0.0}  # fmt: skip
+    section("train_point", lambda: check_train_point(raw, data.shards, cb_path, work / "runs"))
+    print("5. throughput of a wider model")
+    section("throughput", lambda: throughput(params, data.shards, cb_path))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
