@@ -316,6 +316,7 @@ class Run:
         self.model.eval()
         out = {}
         ctx, n = self.params.data.context_length, self.params.train.eval_batches
+        self.routing = [{"image": 0.0, "text": 0.0} for _ in range(self.cfg.n_layers)]
         for kind in KINDS:
             total = count = 0.0
             for b in islice(val_batches(self.shards, kind, EVAL_ROWS, ctx), n):
@@ -323,12 +324,34 @@ class Run:
                     o = self.model(b.to(self.device))
                 total += o.loss.item() * int(o.n_targets)
                 count += int(o.n_targets)
+                n_img = len(b.images) * self.cfg.image_tokens
+                for acc, layer in zip(self.routing, o.moe, strict=False):  # MoE: tokens per expert
+                    acc["image"] = acc["image"] + layer["image_frac"].float().cpu() * n_img
+                    acc["text"] = acc["text"] + layer["text_frac"].float().cpu() * (
+                        b.tokens.numel() - n_img
+                    )
             if count:
                 out[f"val_{kind}"] = total / count
         if out:
             out["val_avg"] = sum(out.values()) / len(out)
         self.model.train()
         return out
+
+    def routing_table(self) -> dict[str, Any]:
+        """After :meth:`evaluate` of a MoE model: per layer, the share of the validation image
+        tokens and of the text tokens that each expert received (paper Figs. 12-13)."""
+        layers = []
+        for acc in self.routing:
+            img, txt = (torch.as_tensor(acc[k], dtype=torch.float64) for k in ("image", "text"))
+            layers.append(
+                {
+                    "image": (img / img.sum().clamp(min=1e-12)).tolist(),
+                    "text": (txt / txt.sum().clamp(min=1e-12)).tolist(),
+                    "image_tokens": float(img.sum()),
+                    "text_tokens": float(txt.sum()),
+                }
+            )
+        return {"arch": self.point.arch, "size": self.point.size, "layers": layers}
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -471,6 +494,8 @@ def train_point(
         _advance(run, run.sched.steps, run.sched.lr_at, latest, metrics, {}, fail_at_step)
         final = run.evaluate()
         metrics.log(run.c.step, run.c.tokens, final)
+        if run.cfg.moe is not None:
+            (pdir / "routing.json").write_text(json.dumps(run.routing_table()))
         rec |= {f"loss_{k.removeprefix('val_')}": v for k, v in final.items()}
         rec["train_loss"] = getattr(run, "_last_loss", None)
         rec["status"], rec["error"] = "ok", None

@@ -13,6 +13,11 @@ from typing import TypeVar
 R = TypeVar("R")
 
 
+# MLflow experiment tag: the UI opens the experiment in its "model training" view (runs table,
+# charts), not the GenAI overview.
+MLFLOW_EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 

@@ -9,7 +9,7 @@ highest-compute runs (Table 10). Compute is C = 6ND, or 6(N_v D_v + N D) for lat
 the table has N_v, D_v (Sec. 3.1).
 
 Input: any table of runs with columns N, D, loss and optionally arch, target, C, N_v, D_v
-(:func:`prepare_runs`). ``python -m stages.fit --runs TABLE --out fits.json [--plots DIR]
+(:func:`prepare_runs`). ``python -m stages.fit --runs TABLE --out fits.json [--plots DIR] [--plot-data DIR]
 [--params params.yaml] [--no-mlflow]``; a DVC stage calls :func:`run_fit` the same way.
 Figures are in stages/fit_plots.py, MLflow logging and the registered model in
 stages/fit_mlflow.py.
@@ -361,6 +361,7 @@ def run_fit(
     seed: int = 0,
     plots: str | Path | None = None,
     use_mlflow: bool = True,
+    plot_data: str | Path | None = None,
 ) -> dict[str, TargetFit]:
     """The whole stage: read runs, fit every target, write fits.json, figures, MLflow records."""
     fits = fit_table(load_runs(runs_path), fit, seed)
@@ -370,7 +371,7 @@ def run_fit(
     if plots is not None:
         from stages.fit_plots import write_plots  # matplotlib only when asked
 
-        files = write_plots(fits, plots)
+        files = write_plots(fits, plots, plot_data)
     if use_mlflow:
         from stages.fit_mlflow import log_fits  # mlflow only when asked
 
@@ -382,7 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", default="results/runs.parquet", help="table of runs (.csv/.parquet)")
     ap.add_argument("--out", default="results/fits.json")
-    ap.add_argument("--plots", default=None, help="directory for figures and their data")
+    ap.add_argument("--plots", default=None, help="directory for the figures (PNG)")
+    ap.add_argument(
+        "--plot-data", default=None, help="directory for the figures' data (CSV; default: --plots)"
+    )
     ap.add_argument("--params", default=None, help="params.yaml (default: ./params.yaml if any)")
     ap.add_argument("--no-mlflow", action="store_true", help="do not log or register in MLflow")
     args = ap.parse_args(argv)
@@ -393,7 +397,10 @@ def main(argv: list[str] | None = None) -> int:
             params = Params()
         else:
             params = load_params(args.params or "params.yaml")
-        run_fit(args.runs, args.out, params.fit, params.seed, args.plots, not args.no_mlflow)
+        run_fit(
+            args.runs, args.out, params.fit, params.seed, args.plots, not args.no_mlflow,
+            args.plot_data,
+        )  # fmt: skip
     except (ParamsError, FitError) as e:
         log.error("%s", e)
         return 2

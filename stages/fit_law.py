@@ -64,7 +64,10 @@ class Law:
     def loss(self, N: Any, D: Any) -> np.ndarray:
         N, D = np.asarray(N, float), np.asarray(D, float)
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # degenerate laws
-            return self.E + self.A / N**self.alpha + self.B / D**self.beta
+            # in logs: A = 0 with alpha < 0 (a switched-off term) is 0, not 0 / 0
+            term_n = np.exp(np.log(self.A) - self.alpha * np.log(N))
+            term_d = np.exp(np.log(self.B) - self.beta * np.log(D))
+            return self.E + term_n + term_d
 
     @property
     def exponents(self) -> dict[str, float]:

@@ -42,6 +42,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
 import stages.fit_law
+from stages.common import MLFLOW_EXPERIMENT_KIND
 from stages.fit import TargetFit
 from stages.fit_law import Law, law_hash
 from stages.params import FitMlflow, FitParams
@@ -165,7 +166,8 @@ def experiment_id(client: MlflowClient, name: str, artifact_location: str | None
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
+    tags = MLFLOW_EXPERIMENT_KIND
+    return client.create_experiment(name, artifact_location=artifact_location, tags=tags)
 
 
 def latest_version(client: MlflowClient, name: str):

@@ -33,9 +33,12 @@ def slug(name: str) -> str:
 
 
 def _plain_log_y(ax: plt.Axes) -> None:
-    """Loss ticks as plain numbers (3.5, not 3.5 x 10^0) on a log axis."""
+    """Loss ticks as plain numbers (3.5, not 3.5 x 10^0) on a log axis; no crowded minor labels
+    on a log x axis."""
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+    if ax.get_xscale() == "log":
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -45,7 +48,7 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def loss_vs_compute(fits: list[TargetFit], out: Path) -> list[Path]:
+def loss_vs_compute(fits: list[TargetFit], out: Path, data: Path) -> list[Path]:
     """One arch: every target's runs (loss vs C, log-log), frontier vertices and fitted line."""
     arch = fits[0].arch
     rows = []
@@ -79,49 +82,58 @@ def loss_vs_compute(fits: list[TargetFit], out: Path) -> list[Path]:
     )
     _plain_log_y(ax)
     ax.legend(fontsize=7)
-    csv = out / f"loss_compute_{slug(arch)}.csv"
+    csv = data / f"loss_compute_{slug(arch)}.csv"
     pd.concat(rows).to_csv(csv, index=False)
     return [_save(fig, out / f"loss_compute_{slug(arch)}.png"), csv]
 
 
-def isoflop(f: TargetFit, out: Path) -> list[Path]:
-    """Fitted L along iso-FLOP lines C = 6 ratio N D, with the closed-form N_opt of each."""
+def isoflop(f: TargetFit, out: Path, data: Path) -> list[Path]:
+    """Fitted L along iso-FLOP lines C = 6 ratio N D, with the closed-form N_opt of each.
+
+    A degenerate fit (an exponent <= 0: a term of the law is off) has no optimum; its figure
+    shows the observed runs, loss vs N per token budget, and says so.
+    """
     b, law = f.budget, f.law
-    C = np.geomspace(b.C_min, b.C_max, ISOFLOP_BUDGETS)
-    N_lo, N_hi = f.runs.N.min() / 10, f.runs.N.max() * 10
-    N = np.geomspace(N_lo, N_hi, 200)
-    rows = []
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    N_opt, D_opt, L_opt = law.optimum(C, b.ratio)
-    for i, c in enumerate(C):
-        D = c / (6 * b.ratio * N)
-        L = law.loss(N, D)
-        rows.append(pd.DataFrame({"C": c, "N": N, "D": D, "L": L, "optimum": False}))
-        ax.plot(N, L, color=f"C{i}", lw=1.2, label=f"C={c:.2g}")
-    opt = pd.DataFrame({"C": C, "N": N_opt, "D": D_opt, "L": L_opt, "optimum": True})
-    rows.append(opt)
-    ax.scatter(N_opt, L_opt, marker="*", s=90, color="k", zorder=3, label="N_opt")
-    # a degenerate fit (an exponent <= 0) has no finite optimum: plot what there is, linearly
-    finite = np.isfinite(L_opt) & (L_opt > 0)
-    ax.set(
-        xscale="log",
-        yscale="log" if finite.any() else "linear",
-        xlabel="parameters N",
-        ylabel="fitted loss",
-        title=f"{f.key}: iso-FLOP curves" + ("" if finite.any() else " (degenerate fit)"),
-    )
-    if finite.any():
-        lo, hi = np.min(L_opt[finite]), f.runs.loss.max()
-        if hi > lo:
-            ax.set_ylim(lo * 0.97, hi * 1.05)
-        _plain_log_y(ax)
-    ax.legend(fontsize=7)
     stem = f"isoflop_{slug(f.arch)}_{slug(f.target)}"
-    pd.concat(rows).to_csv(out / f"{stem}.csv", index=False)
-    return [_save(fig, out / f"{stem}.png"), out / f"{stem}.csv"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    C = np.geomspace(b.C_min, b.C_max, ISOFLOP_BUDGETS)
+    N = np.geomspace(f.runs.N.min() / 10, f.runs.N.max() * 10, 200)
+    rows = []
+    for c in C:
+        D = c / (6 * b.ratio * N)
+        rows.append(pd.DataFrame({"C": c, "N": N, "D": D, "L": law.loss(N, D), "optimum": False}))
+    finite = np.isfinite(pd.concat(rows).L).any()
+    if not (law.alpha > 0 and law.beta > 0 and finite):
+        why = "degenerate fit" if finite else "fitted law not finite"
+        r = f.runs.sort_values("N")
+        for i, (D, g) in enumerate(r.groupby("D")):
+            ax.plot(g.N, g.loss, "o-", color=f"C{i % 10}", lw=1, ms=4, label=f"D={D:.3g}")
+        ax.set(xscale="log", yscale="log", xlabel="parameters N", ylabel="observed loss")
+        ax.set_title(f"{f.key}: {why} (alpha={law.alpha:.3g}, beta={law.beta:.3g}): no N_opt")
+        _plain_log_y(ax)
+        ax.legend(fontsize=7)
+        r.assign(optimum=False)[["C", "N", "D", "loss", "optimum"]].rename(
+            columns={"loss": "L"}
+        ).to_csv(data / f"{stem}.csv", index=False)
+        return [_save(fig, out / f"{stem}.png"), data / f"{stem}.csv"]
+    for i, row in enumerate(rows):
+        ax.plot(row.N, row.L, color=f"C{i}", lw=1.2, label=f"C={row.C.iloc[0]:.2g}")
+    N_opt, D_opt, L_opt = law.optimum(C, b.ratio)
+    rows.append(pd.DataFrame({"C": C, "N": N_opt, "D": D_opt, "L": L_opt, "optimum": True}))
+    ax.scatter(N_opt, L_opt, marker="*", s=90, color="k", zorder=3, label="N_opt")
+    ax.set(xscale="log", yscale="log", xlabel="parameters N", ylabel="fitted loss")
+    ax.set_title(f"{f.key}: iso-FLOP curves")
+    with np.errstate(invalid="ignore"):
+        lo, hi = np.nanmin(np.where(L_opt > 0, L_opt, np.nan)), f.runs.loss.max()
+    if np.isfinite(lo) and hi > lo > 0:
+        ax.set_ylim(lo * 0.97, hi * 1.05)
+    _plain_log_y(ax)
+    ax.legend(fontsize=7)
+    pd.concat(rows).to_csv(data / f"{stem}.csv", index=False)
+    return [_save(fig, out / f"{stem}.png"), data / f"{stem}.csv"]
 
 
-def predicted_vs_observed(f: TargetFit, out: Path) -> list[Path]:
+def predicted_vs_observed(f: TargetFit, out: Path, data_dir: Path) -> list[Path]:
     """Observed loss vs the prediction of the fit made without the held-out runs (if any)."""
     r = f.runs
     pred = r.pred_holdout if r.pred_holdout.notna().all() else r.pred
@@ -130,33 +142,47 @@ def predicted_vs_observed(f: TargetFit, out: Path) -> list[Path]:
     )
     fig, ax = plt.subplots(figsize=(4.8, 4.6))
     held = data.heldout.to_numpy()
-    ax.scatter(data.observed[~held], data.predicted[~held], s=14, label="held-in")
+    bad = ~np.isfinite(data.predicted.to_numpy(float))
+    if bad.any():  # a degenerate law can overflow (A N^-alpha with A = 0, alpha < 0)
+        ax.text(0.02, 0.98, f"{bad.sum()} prediction(s) not finite", transform=ax.transAxes,
+                va="top", fontsize=7)  # fmt: skip
+        held = held & ~bad
+    shown = data[~bad]
+    ax.scatter(data.observed[~held & ~bad], data.predicted[~held & ~bad], s=14, label="held-in")
     ax.scatter(
         data.observed[held], data.predicted[held], s=28, color="C3", label="held-out (top C)"
     )
     lim = [
-        min(data.observed.min(), data.predicted.min()),
-        max(data.observed.max(), data.predicted.max()),
+        min(shown.observed.min(), shown.predicted.min()),
+        max(shown.observed.max(), shown.predicted.max()),
     ]
     ax.plot(lim, lim, "k--", lw=0.8)
     ax.set(xlabel="observed loss", ylabel="predicted loss", title=f"{f.key}: extrapolation")
     ax.legend(fontsize=7)
     stem = f"pred_obs_{slug(f.arch)}_{slug(f.target)}"
-    data.to_csv(out / f"{stem}.csv", index=False)
-    return [_save(fig, out / f"{stem}.png"), out / f"{stem}.csv"]
+    data.to_csv(data_dir / f"{stem}.csv", index=False)
+    return [_save(fig, out / f"{stem}.png"), data_dir / f"{stem}.csv"]
 
 
-def write_plots(fits: dict[str, TargetFit], out: str | Path) -> dict[str, list[Path]]:
-    """Write every figure and its CSV into ``out``; returns the files per arch and per arch/target."""
+def write_plots(
+    fits: dict[str, TargetFit], out: str | Path, data: str | Path | None = None
+) -> dict[str, list[Path]]:
+    """Write every figure (PNG) into ``out`` and the CSV it plots into ``data`` (default: ``out``).
+
+    Returns the files per arch and per arch/target. (The DVC stage keeps the CSVs apart so that
+    ``dvc plots show`` of the figures' folder renders images only.)
+    """
     out = Path(out)
+    data = out if data is None else Path(data)
     out.mkdir(parents=True, exist_ok=True)
+    data.mkdir(parents=True, exist_ok=True)
     by_arch: dict[str, list[TargetFit]] = defaultdict(list)
     for f in fits.values():
         by_arch[f.arch].append(f)
     files: dict[str, list[Path]] = {}
     for arch, group in by_arch.items():
-        files[arch] = loss_vs_compute(group, out)
+        files[arch] = loss_vs_compute(group, out, data)
         for f in group:
-            files[f.key] = isoflop(f, out) + predicted_vs_observed(f, out)
+            files[f.key] = isoflop(f, out, data) + predicted_vs_observed(f, out, data)
     log.info("wrote %d figures to %s", sum(len(v) for v in files.values()) // 2, out)
     return files

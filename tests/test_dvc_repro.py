@@ -1,9 +1,11 @@
 """End to end: a fresh git + DVC checkout of this repo runs `dvc repro` through the grid, twice.
 
 The params are the committed params.yaml with the tiny data of tests/conftest.py and the tiny
-grid of tests/flows/tiny_params.yaml (4 points of a few seconds each).
+grid of tests/flows/tiny_params.yaml, grown to 2 sizes x 3 budgets (12 points of a few seconds
+each) so that the fit stage has a law to fit and the report something to compare.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -18,6 +20,14 @@ from tests.conftest import TINY_PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_GRID = yaml.safe_load((ROOT / "tests/flows/tiny_params.yaml").read_text())
+E2E = {
+    "grid": {"sizes": ["xxs", "xs"], "tokens": [2048, 4096, 6144]},
+    "fit": {
+        "bootstrap": 5,
+        "init": {"alpha": [0, 0.5, 2.5], "beta": [0, 0.5, 2.5], "a": [0, 5, 10], "b": [0, 5, 10]},
+    },
+}
+STAGES = ("corpus", "tokenizer", "shards", "codebook", "grid", "fit", "report")
 
 
 def _run(cmd, cwd, env):
@@ -49,9 +59,8 @@ def test_dvc_repro_in_a_fresh_checkout_runs_every_stage_then_nothing(tmp_path):
             (repo / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, repo / f)
     (repo / "dvc.lock").unlink(missing_ok=True)
-    params = _merge(
-        _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY_PARAMS), TINY_GRID
-    )
+    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY_PARAMS)
+    params = _merge(_merge(params, TINY_GRID), E2E)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(
         os.environ,
@@ -71,7 +80,7 @@ def test_dvc_repro_in_a_fresh_checkout_runs_every_stage_then_nothing(tmp_path):
     _run(["git", "commit", "-qm", "fresh"], repo, env)
 
     out = _run([*dvc, "repro"], repo, env)
-    for stage in ("corpus", "tokenizer", "shards", "codebook", "grid"):
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in out
     manifest = pq.read_table(repo / "data/shards/manifest.parquet").to_pylist()
     assert {r["kind"] for r in manifest} == {"caption", "interleaved", "text"}
@@ -79,10 +88,22 @@ def test_dvc_repro_in_a_fresh_checkout_runs_every_stage_then_nothing(tmp_path):
     ignored = (repo / "data/.gitignore").read_text().split()
     assert {"/corpus", "/tokenizer", "/shards", "/codebook"} <= set(ignored)  # kept out of git
     runs = pq.read_table(repo / "results/runs.parquet").to_pylist()
-    assert len(runs) == 4 and {r["status"] for r in runs} == {"ok"}
+    assert len(runs) == 12 and {r["status"] for r in runs} == {"ok"}
     assert "/points" in (repo / "results/.gitignore").read_text().split()  # runs.parquet: git
     assert (repo / "results/groups/.gitignore").read_text().split()[-1] == "*"  # checkpoints
     assert (repo / "mlflow.db").exists()  # the default MLflow store, beside the repo's code
+    # fit: DVC metrics; report: markdown + html from this run's fits; plots render
+    fits = json.loads((repo / "results/fits.json").read_text())
+    assert {"early/avg", "late/avg", "early/caption", "late/text"} <= set(fits)
+    metrics = _run([*dvc, "metrics", "show"], repo, env)
+    assert "early/avg.alpha" in metrics or "early/avg" in metrics
+    report = (repo / "results/report.md").read_text()
+    assert f"| early/avg | this study | {fits['early/avg']['E']:.4g}" in report
+    assert "report/figures/loss_vs_compute.png" in report
+    assert (repo / "results/report.html").stat().st_size > 50_000  # figures inline
+    _run([*dvc, "plots", "show", "-o", "dvc_plots"], repo, env)
+    html = (repo / "dvc_plots/index.html").read_text()
+    assert "loss_vs_compute.png" in html and "early_xxs.csv" in html
 
     again = _run([*dvc, "repro"], repo, env)
     assert "Running stage" not in again and "up to date" in again
@@ -95,13 +116,14 @@ def test_dvc_repro_in_a_fresh_checkout_runs_every_stage_then_nothing(tmp_path):
     assert "Running stage 'shards'" in third and "Running stage 'grid'" in third  # new data
     assert "Running stage 'corpus'" not in third and "Running stage 'tokenizer'" not in third
     trained = {r["point_id"]: r for r in pq.read_table(repo / "results/runs.parquet").to_pylist()}
-    assert len(trained) == 4 and not {r["point_id"] for r in runs} & set(trained)
+    assert len(trained) == 12 and not {r["point_id"] for r in runs} & set(trained)
+    assert "Running stage 'fit'" in third and "Running stage 'report'" in third
 
     # a new token budget reruns the grid only; it trains the new points, the others persist
-    params["grid"]["tokens"].append(6144)
+    params["grid"]["tokens"].append(8192)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     fourth = _run([*dvc, "repro"], repo, env)
     assert "Running stage 'grid'" in fourth and "Running stage 'shards'" not in fourth
     grown = {r["point_id"]: r for r in pq.read_table(repo / "results/runs.parquet").to_pylist()}
-    assert len(grown) == 6 and all(grown[k] == v for k, v in trained.items())
-    assert "'trained': 2" in fourth
+    assert len(grown) == 16 and all(grown[k] == v for k, v in trained.items())
+    assert "'trained': 4" in fourth

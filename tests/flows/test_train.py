@@ -131,3 +131,28 @@ def test_kill_9_then_rerun_gives_the_same_metrics(tiny_data, tmp_path):
         return [json.loads(line)["step"] for line in lines]
 
     assert steps(work) == steps(tmp_path / "ref")  # resumed curve: no gap, no duplicate
+
+
+def test_a_moe_point_records_which_experts_see_image_and_text_tokens(tiny_data, tmp_path):
+    params = tiny_params(tiny_data)
+    for arch in ("early-moe", "early-moe-aware"):
+        point = Point(arch, "xxs", 2048, "45-45-10", 0)
+        rec = train_point(
+            point, params, shards=tiny_data.shards, codebook=None, workdir=tmp_path / arch
+        )
+        routing = json.loads(
+            (tmp_path / arch / "points" / rec["point_id"] / "routing.json").read_text()
+        )
+        assert routing["arch"] == arch and len(routing["layers"]) == rec["depth"]
+        for layer in routing["layers"]:
+            assert len(layer["image"]) == params.model.n_experts
+            assert sum(layer["image"]) == pytest.approx(1) == sum(layer["text"])
+            assert layer["image_tokens"] > 0 and layer["text_tokens"] > 0
+            if arch == "early-moe-aware":  # image tokens only reach the image experts
+                n_img = sum(1 for x in layer["image"] if x > 0)
+                assert n_img < params.model.n_experts
+                assert all(
+                    t == 0 for x, t in zip(layer["image"], layer["text"], strict=True) if x > 0
+                )
+    dense = _train(tiny_data, params, tmp_path / "dense", 2048)
+    assert not (tmp_path / "dense" / "points" / dense["point_id"] / "routing.json").exists()

@@ -344,3 +344,25 @@ def test_mlflow_logs_and_registers_a_version_only_when_the_fit_changes(tmp_path)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.split()[-1]) == pytest.approx(changed["early/avg"].law.loss(1e9, 1e10))
+
+
+@pytest.mark.parametrize(
+    "law",
+    [
+        Law(E=0.5, A=0.0, B=1e6, alpha=-300.0, beta=1.3),  # degenerate: a term switched off
+        Law(E=0.5, A=math.inf, B=1e6, alpha=2.0, beta=1.3),  # overflowed: not finite anywhere
+    ],
+)
+def test_figures_of_degenerate_or_overflowed_laws_are_still_drawn(tmp_path, law):
+    from dataclasses import replace
+
+    from stages.fit_plots import write_plots
+
+    fit = fit_target(prepared(EARLY, n_N=3, n_D=3), "early", "avg", FAST)
+    fit = replace(fit, law=law, holdout_law=law)
+    fit.runs["pred"] = fit.runs["pred_holdout"] = law.loss(fit.runs.N, fit.runs.D)
+    files = write_plots({fit.key: fit}, tmp_path / "png", tmp_path / "csv")
+    pngs = [p for p in files["early/avg"] if p.suffix == ".png"]
+    assert len(pngs) == 2 and all(p.stat().st_size > 5000 for p in pngs)
+    iso = pd.read_csv(tmp_path / "csv" / "isoflop_early_avg.csv")
+    assert not iso.optimum.any() and len(iso) == len(fit.runs)  # the observed runs, no optimum
