@@ -10,7 +10,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install repro test lint bench clean-data serve
+.PHONY: install browser repro test lint bench clean-data serve ui screenshots
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -25,9 +25,23 @@ install: $(STAMP)
 repro: install
 	$(BIN)/dvc repro
 
-test: install
+# Debian's chromium, for the test that screenshots the MLflow and Prefect UIs (tests/flows/test_ui.py)
+browser:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+# MLflow (the project's mlflow.db) and Prefect servers on 127.0.0.1 + the grid deployment; Ctrl-C stops
+ui: install
+	$(BIN)/python -m flows.ui
+
+# Re-take the README's screenshots of both UIs (docs/screenshots/) with the UI test
+screenshots: install browser
+	SCREENSHOTS_DIR=$(CURDIR)/docs/screenshots $(BIN)/pytest tests/flows/test_ui.py
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,4 +1,4 @@
-"""MLflow records of a grid: one experiment per study, a parent run per launch, a child per point.
+"""MLflow records of a grid: one experiment per study, a run per launch, a run per point.
 
 Layout (DESIGN.md "Records"):
 
@@ -6,8 +6,9 @@ Layout (DESIGN.md "Records"):
 - a **parent run** per launch of the grid flow (tags ``nmm.kind=launch``, the Prefect flow run,
   the data fingerprint; params: the ``grid`` section; metrics at the end: points total,
   skipped, trained, failed; artifacts: params.yaml and the launch's runs.parquet);
-- a **child run** per grid point, found by its tag ``point_id`` before one is created, so a
-  retried, resumed or re-launched point keeps its one run. Params: the point, its mixture,
+- a **point run** per grid point, found by its tag ``point_id`` before one is created, so a
+  retried, resumed or re-launched point keeps its one run; tag ``nmm.launch``: the launch run
+  that last trained it (flat, not nested: the UI folds nested runs under their parent). Params: the point, its mixture,
   ``model``, ``train``, ``data.context_length``, then the schedule and model shape of its
   record; tags: arch, moe, size, tokens, mixture, seed, point_id, group_id, status (error);
   metrics: the curves of ``metrics.jsonl`` (step = optimizer step), ``final/<field>`` from the
@@ -37,9 +38,14 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 
+from stages.common import MLFLOW_EXPERIMENT_KIND
+
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 1000  # MLflow's limit of entities per log_batch call
-PARENT_TAG = "mlflow.parentRunId"
+# The launch that last ran a point. Not mlflow.parentRunId: nested runs are folded under their
+# parent in the UI's runs table, and a point outlives its launch (one run per point ever), so
+# point runs stay flat, ready to compare, group (by tags.arch) and chart in the UI.
+LAUNCH_TAG = "nmm.launch"
 LOGGED_TAG = "nmm.logged_step"  # last metrics.jsonl step already in the run
 # Record fields that are tags or params rather than final metrics.
 TAG_FIELDS = ("arch", "moe", "size", "mixture", "seed", "point_id", "group_id", "status")
@@ -132,7 +138,7 @@ class Tracker:
                 return self.client.create_experiment(
                     self.experiment,
                     artifact_location=artifact_root(self.uri),
-                    tags={"nmm.study": study},
+                    tags={"nmm.study": study, **MLFLOW_EXPERIMENT_KIND},
                 )
             except MlflowException:  # created meanwhile by another launch
                 exp = self.client.get_experiment_by_name(self.experiment)
@@ -211,7 +217,7 @@ class Tracker:
         with self.lock:
             tags = {"nmm.kind": "point", "point_id": point_id, "status": "running", **tags}
             if self.parent_id:
-                tags[PARENT_TAG] = self.parent_id
+                tags[LAUNCH_TAG] = self.parent_id
             run_id = self._runs.get(point_id)
             if run_id is None:
                 run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)

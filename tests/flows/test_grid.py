@@ -138,7 +138,7 @@ def test_a_point_keeps_one_run_across_launches_and_logs_each_step_once(tmp_path,
     got = client.get_run(run)
     assert got.info.status == "FINISHED" and got.data.tags["status"] == "ok"
     assert got.data.params["x"] == "1" and got.data.params["y"] == "3"  # params never change
-    assert got.data.tags["mlflow.parentRunId"] == second.parent_id
+    assert got.data.tags["nmm.launch"] == second.parent_id
     assert got.data.metrics["final/loss_avg"] == 2.5
     assert not Tracker("unit", mlflow_uri).needs_finish("pid1")
 
@@ -190,7 +190,7 @@ def test_grid_trains_every_point_and_records_it(reference, mlflow_uri):
     for run in points:
         row = table[run.data.tags["point_id"]]
         assert run.info.run_id == row["mlflow_run_id"] and run.info.status == "FINISHED"
-        assert run.data.tags["mlflow.parentRunId"] == launches[0].info.run_id
+        assert run.data.tags["nmm.launch"] == launches[0].info.run_id
         for tag in ("arch", "moe", "size", "tokens", "mixture", "group_id", "status"):
             assert tag in run.data.tags
         assert run.data.params["train.batch_rows_ref"] == "4"
@@ -312,6 +312,6 @@ def test_kill9_mid_point_resumes_to_the_uninterrupted_result_with_one_run(
     [run] = [r for r in points if r.data.tags["point_id"] == target]
     assert run.info.run_id == table[target]["mlflow_run_id"] and run.info.status == "FINISHED"
     assert run.data.tags["status"] == "ok" and "error" not in run.data.tags
-    assert run.data.tags["mlflow.parentRunId"] == last["parent_run_id"]
+    assert run.data.tags["nmm.launch"] == last["parent_run_id"]
     curve = MlflowClient(mlflow_uri).get_metric_history(run.info.run_id, "train_loss")
     assert [x.step for x in curve] == list(range(1, table[target]["steps"] + 1))
