@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         with servers.running():
             print(f"MLflow UI:  {servers.mlflow_url}  (experiments nmm-<study>, nmm-scaling-fits)")
             print(f"Prefect UI: {servers.prefect_url}  (Deployments -> nmm-grid/grid -> Run)")
-            print("Ctrl-C stops both.", flush=True)
+            print("Ctrl-C stops the servers and the deployment.", flush=True)
             while all(p.poll() is None for p in servers.procs.values()):
                 time.sleep(1)
             dead = [n for n, p in servers.procs.items() if p.poll() is not None]
