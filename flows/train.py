@@ -316,7 +316,9 @@ class Run:
         self.model.eval()
         out = {}
         ctx, n = self.params.data.context_length, self.params.train.eval_batches
+        # MoE: image and text tokens per expert and layer (routing_table); none for dense models
         self.routing = [{"image": 0.0, "text": 0.0} for _ in range(self.cfg.n_layers)]
+        moe = self.cfg.moe is not None
         for kind in KINDS:
             total = count = 0.0
             for b in islice(val_batches(self.shards, kind, EVAL_ROWS, ctx), n):
@@ -324,12 +326,12 @@ class Run:
                     o = self.model(b.to(self.device))
                 total += o.loss.item() * int(o.n_targets)
                 count += int(o.n_targets)
-                n_img = len(b.images) * self.cfg.image_tokens
-                for acc, layer in zip(self.routing, o.moe, strict=False):  # MoE: tokens per expert
-                    acc["image"] = acc["image"] + layer["image_frac"].float().cpu() * n_img
-                    acc["text"] = acc["text"] + layer["text_frac"].float().cpu() * (
-                        b.tokens.numel() - n_img
-                    )
+                if moe:
+                    n_img = len(b.images) * self.cfg.image_tokens
+                    n_txt = b.tokens.numel() - n_img
+                    for acc, layer in zip(self.routing, o.moe, strict=True):
+                        acc["image"] = acc["image"] + layer["image_frac"].float().cpu() * n_img
+                        acc["text"] = acc["text"] + layer["text_frac"].float().cpu() * n_txt
             if count:
                 out[f"val_{kind}"] = total / count
         if out:

@@ -9,8 +9,9 @@ highest-compute runs (Table 10). Compute is C = 6ND, or 6(N_v D_v + N D) for lat
 the table has N_v, D_v (Sec. 3.1).
 
 Input: any table of runs with columns N, D, loss and optionally arch, target, C, N_v, D_v
-(:func:`prepare_runs`). ``python -m stages.fit --runs TABLE --out fits.json [--plots DIR] [--plot-data DIR]
-[--params params.yaml] [--no-mlflow]``; a DVC stage calls :func:`run_fit` the same way.
+(:func:`prepare_runs`). ``python -m stages.fit --runs TABLE --out fits.json [--plots DIR]
+[--plot-data DIR] [--params params.yaml] [--no-mlflow]``; a DVC stage calls :func:`run_fit`
+the same way.
 Figures are in stages/fit_plots.py, MLflow logging and the registered model in
 stages/fit_mlflow.py.
 """
