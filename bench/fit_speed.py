@@ -20,9 +20,9 @@ import time
 import numpy as np
 import pandas as pd
 
-from stages.fit import fit_target
-from stages.fit_law import Points, fit_law, start_grid
-from stages.params import FitParams, FitStarts
+from stages.params import FitParams, FitStarts, study_params
+from stages.scaling.fit import fit_target
+from stages.scaling.law import Points, fit_law, start_grid
 
 PAPER = FitStarts(
     alpha=[0, 0.5, 2.5],
@@ -62,7 +62,7 @@ def main() -> None:
     print(f"cores: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f}")
 
     runs = synthetic_runs(500)
-    fit = FitParams()
+    fit = study_params().fit  # the repository's fit settings
     f, seconds = timed(fit_target, runs, "early", "avg", fit)
     print(
         f"\n500 runs, default grid ({len(start_grid(fit))} starts, {f.search.n_lbfgs} L-BFGS runs), "
@@ -72,12 +72,20 @@ def main() -> None:
     )
 
     configs = [
-        ("paper grid, 2/pair", FitParams(init=PAPER, starts_per_exponent_pair=2)),
-        ("default grid, 2/pair", FitParams()),
-        ("default grid, 8/pair", FitParams(starts_per_exponent_pair=8)),
+        (
+            "paper grid, 2/pair",
+            fit.model_copy(update={"init": PAPER, "starts_per_exponent_pair": 2}),
+        ),
+        ("default grid, 2/pair", fit),
+        ("default grid, 8/pair", fit.model_copy(update={"starts_per_exponent_pair": 8})),
     ]
     if args.paper_all:
-        configs.append(("paper grid, all", FitParams(init=PAPER, starts_per_exponent_pair=None)))
+        configs.append(
+            (
+                "paper grid, all",
+                fit.model_copy(update={"init": PAPER, "starts_per_exponent_pair": None}),
+            )
+        )
     print(
         f"\n{'runs':>5} {'starts':>22} {'grid':>6} {'L-BFGS':>6} {'search s':>9} {'100 boot s':>10}"
     )
@@ -95,7 +103,7 @@ def main() -> None:
 
 def boot_seconds(runs: pd.DataFrame, fit: FitParams, search) -> float:
     """Seconds for 100 bootstrap refits (warm start + fit.bootstrap_starts grid starts)."""
-    from stages.fit import bootstrap
+    from stages.scaling.fit import bootstrap
 
     r = runs.assign(C=6 * runs.N * runs.D)
     p = Points.of(r.N, r.D, r.loss)

@@ -7,7 +7,7 @@ in a temp dir, then prints, side by side in one run:
 2. per arch, the loss of the same initial model on the same validation batch: fp32 on CPU vs
    bf16 autocast on CUDA (relative difference);
 3. the MoE layer on CUDA bf16: grouped_mm vs padded-bmm output difference and fwd+bwd time;
-4. ``flows.train.train_point`` on CUDA (eager and torch.compile) and on CPU for the same point:
+4. ``flows.training.point.train_point`` on CUDA (eager and torch.compile) and on CPU for the same point:
    status, final losses, tokens/s and MFU;
 5. training throughput of a wider model (bf16, eager vs compile): tokens/s and MFU.
 
@@ -29,16 +29,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.train import PEAK_FLOPS, Point, model_config, train_point  # noqa: E402
+from flows.devices import PEAK_FLOPS  # noqa: E402
+from flows.plan import Point  # noqa: E402
+from flows.training.point import train_point  # noqa: E402
+from flows.training.recipe import model_config  # noqa: E402
 from model.config import MoEConfig  # noqa: E402
 from model.counting import step_flops  # noqa: E402
 from model.discrete import VisualCodebook  # noqa: E402
 from model.model import MultimodalLM  # noqa: E402
 from model.moe import MoEFFN, grouped_mm_works  # noqa: E402
-from stages.codebook import build_codebook  # noqa: E402
-from stages.loader import PackedLoader, val_batches  # noqa: E402
-from stages.params import validate_params  # noqa: E402
-from stages.shard_format import load_info  # noqa: E402
+from stages.data.codebook import build_codebook  # noqa: E402
+from stages.data.loader import PackedLoader, val_batches  # noqa: E402
+from stages.data.shard_format import load_info  # noqa: E402
+from stages.params import study_params  # noqa: E402
 from tests.conftest import TINY_PARAMS, build_data  # noqa: E402
 
 ARCHS = ("early", "late", "discrete", "early-moe", "early-moe-aware")
@@ -115,7 +118,7 @@ def check_train_point(raw: dict, shards: Path, cb: Path, work: Path) -> dict:
                 continue
             p = json.loads(json.dumps(raw))
             p["train"] |= {"device": device, "compile": compile_}
-            params = validate_params(p)
+            params = study_params(p)
             point = Point(arch, "xs", 16384, "45-45-10", 0)
             t0 = time.perf_counter()
             rec = train_point(point, params, shards=shards, codebook=cb,
@@ -184,7 +187,7 @@ def main() -> int:
     raw = json.loads(json.dumps(TINY_PARAMS))
     data = build_data(work / "data", raw)
     cb_path = work / "codebook.pt"
-    params = validate_params(raw)
+    params = study_params(raw)
     cb, _ = build_codebook(
         data.shards, params.codebook.model_copy(update={"samples": 5000, "iters": 10})
     )
@@ -208,7 +211,7 @@ def main() -> int:
     section("losses", lambda: check_losses(params, data.shards, cb_path))
     print("3. MoE layer, CUDA bf16")
     section("moe_layer", check_moe_layer)
-    print("4. flows.train.train_point")
+    print("4. flows.training.point.train_point")
     raw["train"] = {"warmup_tokens_ref": 1024, "eval_every_tokens": 8192, "eval_batches": 2,
                     "checkpoint_every_steps": 20, "batch_rows_ref": 4, "batch_exponent": 0.0}  # fmt: skip
     section("train_point", lambda: check_train_point(raw, data.shards, cb_path, work / "runs"))

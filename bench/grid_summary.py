@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-CEILING = 38e9  # fp32 256x256 matmul, one thread, this machine (STACK-NOTES; flows/train.py)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from flows.devices import PEAK_FLOPS  # noqa: E402
+
+CEILING = PEAK_FLOPS["cpu-thread"]  # fp32 256x256 matmul, one thread (flows/devices.py)
 
 
 def main() -> None:

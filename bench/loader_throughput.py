@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.tiny_model import TinyEarlyFusion  # noqa: E402
-from stages.loader import PackedLoader  # noqa: E402
-from stages.shard_format import load_info  # noqa: E402
+from stages.data.loader import PackedLoader  # noqa: E402
+from stages.data.shard_format import load_info  # noqa: E402
 
 
 def ensure_shards(shards: Path) -> Path:

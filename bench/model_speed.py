@@ -26,12 +26,13 @@ sys.path.insert(0, str(ROOT))
 
 from bench.loader_throughput import ensure_shards  # noqa: E402
 from bench.tiny_model import Block as RefBlock  # noqa: E402
-from model.config import ModelConfig, MoEConfig, size_config  # noqa: E402
+from model.config import ModelConfig, MoEConfig  # noqa: E402
 from model.counting import count_params  # noqa: E402
 from model.discrete import VisualCodebook  # noqa: E402
+from model.ladder import size_config  # noqa: E402
 from model.model import MultimodalLM  # noqa: E402
-from stages.loader import PackedLoader  # noqa: E402
-from stages.shard_format import load_info  # noqa: E402
+from stages.data.loader import PackedLoader  # noqa: E402
+from stages.data.shard_format import load_info  # noqa: E402
 
 
 class NanoGPT(nn.Module):

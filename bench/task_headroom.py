@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.tiny_model import TinyEarlyFusion  # noqa: E402
-from stages.loader import PackedLoader, val_batches  # noqa: E402
-from stages.params import KINDS  # noqa: E402
-from stages.shard_format import load_info  # noqa: E402
+from stages.data.kinds import KINDS  # noqa: E402
+from stages.data.loader import PackedLoader, val_batches  # noqa: E402
+from stages.data.shard_format import load_info  # noqa: E402
 
 SHARDS = ROOT / "data" / "shards"
 B, L, VAL_BATCHES = 16, 128, 15

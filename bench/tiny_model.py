@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stages.loader import Batch
+from stages.data.loader import Batch
 
 
 class Block(nn.Module):

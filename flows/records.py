@@ -1,7 +1,7 @@
 """The grid's records on disk: a ``record.json`` per point and ``runs.parquet``, the table.
 
-``results/points/<point_id>/record.json`` is written by flows/train.py when a point ends (ok
-or failed); the grid flow adds ``mlflow_run_id`` to it, and writes one itself for a point whose
+``results/points/<point_id>/record.json`` is written by flows/training/point.py when a point
+ends (ok or failed); the grid flow adds ``mlflow_run_id`` to it, and writes one itself for a point whose
 process crashed. ``results/runs.parquet`` has one row per finished point of the CURRENT params
 (records of points no longer in the grid stay on disk but out of the table); it is rewritten
 atomically after every finished point, so an interrupted grid still leaves a valid table.
@@ -20,11 +20,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.common.stage import atomic_write
+
 STR, INT, FLOAT, BOOL = pa.string(), pa.int64(), pa.float64(), pa.bool_()
-# The columns of runs.parquet, in order (flows/train.py's record, plus mlflow_run_id).
+# The columns of runs.parquet, in order (flows/training/point.py's record, plus mlflow_run_id).
 COLUMNS: dict[str, pa.DataType] = {
-    "point_id": STR,  # hash of everything that changes the result (flows/train.py point_id)
+    "point_id": STR,  # hash of everything that changes the result (flows/plan.py point_id)
     "group_id": STR,  # points that share one constant-lr trunk (cooldown branching)
+    "code_fingerprint": STR,  # the code that trained it (flows/plan.py)
+    "git_revision": STR,  # the checkout's commit (+dirty if the fingerprinted code differed)
     "status": STR,  # "ok" | "failed"
     "error": STR,  # why it failed (None when ok)
     "arch": STR,  # grid arch name (early, late, discrete, early-moe, ...)
@@ -83,23 +87,19 @@ def is_done(record: dict[str, Any] | None) -> bool:
     return record is not None and record.get("status") == "ok"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_record(results: Path, point_id: str, record: dict[str, Any]) -> None:
     text = json.dumps(record, indent=1, sort_keys=True)
-    _atomic_write(record_path(results, point_id), text.encode())
+    atomic_write(record_path(results, point_id), text)
 
 
-def crash_record(point: dict[str, Any], point_id: str, group_id: str, error: str) -> dict:
+def crash_record(
+    point: dict[str, Any], point_id: str, group_id: str, code: str, error: str
+) -> dict[str, Any]:
     """The record of a point whose process did not return one (crash, kill, timeout)."""
     return {
         "point_id": point_id,
         "group_id": group_id,
+        "code_fingerprint": code,
         **{k: point[k] for k in ("arch", "size", "mixture", "seed")},
         "tokens_budget": point["tokens"],
         "status": "failed",

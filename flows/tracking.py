@@ -1,16 +1,17 @@
 """MLflow records of a grid: one experiment per study, a run per launch, a run per point.
 
-Layout (DESIGN.md "Records"):
+Layout (README "The grid"):
 
 - experiment ``nmm-<grid.study>``;
-- a **parent run** per launch of the grid flow (tags ``nmm.kind=launch``, the Prefect flow run,
-  the data fingerprint; params: the ``grid`` section; metrics at the end: points total,
-  skipped, trained, failed; artifacts: params.yaml and the launch's runs.parquet);
+- a **launch run** per launch of the grid flow (tags ``nmm.kind=launch``, the Prefect flow
+  run, the git revision; params: the ``grid`` section, the data fingerprint; metrics at the
+  end: points total, skipped, trained, failed; artifacts: params.yaml and runs.parquet);
 - a **point run** per grid point, found by its tag ``point_id`` before one is created, so a
   retried, resumed or re-launched point keeps its one run; tag ``nmm.launch``: the launch run
-  that last trained it (flat, not nested: the UI folds nested runs under their parent). Params: the point, its mixture,
-  ``model``, ``train``, ``data.context_length``, then the schedule and model shape of its
-  record; tags: arch, moe, size, tokens, mixture, seed, point_id, group_id, status (error);
+  that last trained it (flat, not nested: the UI folds nested runs under their parent).
+  Params: the point, its mixture, ``model``, ``train``, ``data`` (context length, data
+  fingerprints), then the schedule and model shape of its record; tags: arch, moe, size,
+  tokens, mixture, seed, point_id, group_id, code_fingerprint, git_revision, status (error);
   metrics: the curves of ``metrics.jsonl`` (step = optimizer step), ``final/<field>`` from the
   record, and ``system/*`` samples of the point's process tree (CPU %, RSS; peak RSS and CPU
   seconds at the end), which the UI shows in its System metrics tab.
@@ -25,22 +26,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 
-from stages.common import MLFLOW_EXPERIMENT_KIND
+from flows.training.loop import read_jsonl
+from stages.common.mlflow_store import EXPERIMENT_KIND, artifact_root, tracking_uri
 
-ROOT = Path(__file__).resolve().parents[1]
 BATCH = 1000  # MLflow's limit of entities per log_batch call
 # The launch that last ran a point. Not mlflow.parentRunId: nested runs are folded under their
 # parent in the UI's runs table, and a point outlives its launch (one run per point ever), so
@@ -48,7 +47,8 @@ BATCH = 1000  # MLflow's limit of entities per log_batch call
 LAUNCH_TAG = "nmm.launch"
 LOGGED_TAG = "nmm.logged_step"  # last metrics.jsonl step already in the run
 # Record fields that are tags or params rather than final metrics.
-TAG_FIELDS = ("arch", "moe", "size", "mixture", "seed", "point_id", "group_id", "status")
+TAG_FIELDS = ("arch", "moe", "size", "mixture", "seed", "point_id", "group_id", "status",
+              "code_fingerprint", "git_revision")  # fmt: skip
 SCHEDULE_FIELDS = (
     "arch_base",
     "modality_aware",
@@ -60,20 +60,6 @@ SCHEDULE_FIELDS = (
     "branch_step",
     "device",
 )
-
-
-def default_tracking_uri(root: Path = ROOT) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the project's SQLite file (no server)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
-
-
-def artifact_root(uri: str) -> str | None:
-    """Artifacts beside a SQLite store (``<dir>/mlruns``); a server decides its own."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "sqlite":
-        return None
-    db = Path(unquote(uri.removeprefix("sqlite:///")))
-    return (db.parent / "mlruns").resolve().as_uri()
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -99,19 +85,6 @@ def _number(v: Any) -> float | None:
     return float(v)
 
 
-def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Rows of a metrics.jsonl; a half-written last line (a killed writer) is skipped."""
-    if not path.exists():
-        return
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "step" in row:
-            yield row
-
-
 def _chunks(items: list, n: int = BATCH) -> Iterable[list]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
@@ -120,8 +93,8 @@ def _chunks(items: list, n: int = BATCH) -> Iterable[list]:
 class Tracker:
     """The MLflow side of one grid launch. Thread-safe: every store call holds ``lock``."""
 
-    def __init__(self, study: str, tracking_uri: str | None = None):
-        self.uri = tracking_uri or default_tracking_uri()
+    def __init__(self, study: str, uri: str | None = None):
+        self.uri = tracking_uri(uri)
         self.client = MlflowClient(self.uri)
         self.lock = threading.RLock()
         self.experiment = f"nmm-{study}"
@@ -138,7 +111,7 @@ class Tracker:
                 return self.client.create_experiment(
                     self.experiment,
                     artifact_location=artifact_root(self.uri),
-                    tags={"nmm.study": study, **MLFLOW_EXPERIMENT_KIND},
+                    tags={"nmm.study": study, **EXPERIMENT_KIND},
                 )
             except MlflowException:  # created meanwhile by another launch
                 exp = self.client.get_experiment_by_name(self.experiment)

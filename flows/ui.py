@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stages.common.mlflow_store import local_store
+
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--mlflow-port", type=int, default=5000, help="(default %(default)s; 0: free)")
     ap.add_argument("--prefect-port", type=int, default=4200, help="(default %(default)s; 0: free)")
-    ap.add_argument("--store", default=f"sqlite:///{ROOT / 'mlflow.db'}", help="MLflow store")
+    ap.add_argument("--store", default=local_store(), help="MLflow store (default %(default)s)")
     ap.add_argument("--no-serve", action="store_true", help="do not serve the grid deployment")
     args = ap.parse_args(argv)
     servers = Servers(

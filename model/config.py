@@ -1,9 +1,10 @@
-"""One typed config for every architecture, and the size ladder that fills it from a name or N.
+"""One typed config for every architecture.
 
 ``ModelConfig.arch`` chooses how images enter the one shared decoder (paper §2, App. A):
 ``early`` (patches projected straight in), ``late`` (a ViT encoder trained from scratch + MLP
 connector), ``discrete`` (codebook ids appended to the vocabulary); ``moe`` swaps dense FFNs
-for mixture-of-experts FFNs in any of them.
+for mixture-of-experts FFNs in any of them. The named variants a study trains are in
+model/archs.py, the size ladder that fills widths and depths in model/ladder.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,14 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 Arch = Literal["early", "late", "discrete"]
+
+
+def image_tokens(image_size: int, patch_size: int) -> int:
+    """Decoder positions per image: one per patch, ``T = (S / p)²`` (model/patches.py; the
+    one place it is computed: the shards, the schema and ``ModelConfig`` call this)."""
+    if image_size % patch_size:
+        raise ValueError(f"image size {image_size} is not a multiple of patch size {patch_size}")
+    return (image_size // patch_size) ** 2
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,7 @@ class ModelConfig:
 
     @property
     def image_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return image_tokens(self.image_size, self.patch_size)
 
     @property
     def patch_dim(self) -> int:
@@ -98,57 +107,3 @@ class ModelConfig:
 
     def with_(self, **kw: Any) -> ModelConfig:
         return replace(self, **kw)
-
-
-# --------------------------------------------------------------------------- size ladder
-# The paper fixes the depth (24) and grows the width (Table 6); late fusion's encoder is about
-# half the decoder's width. We keep that rule at laptop scale: depth fixed at LADDER_DEPTH,
-# width in multiples of HEAD_DIM, so N ~ 12·depth·d² grows smoothly (each named size is ~1.5x
-# wider, ~2.2x more N) and every size has the same shape. A fixed small depth (4, not 24) keeps
-# the smallest models from being all-depth-no-width, where a width ladder is no longer smooth.
-LADDER_DEPTH = 4
-HEAD_DIM = 16
-SIZES = {"xxs": 32, "xs": 48, "s": 64, "m": 96, "l": 128, "xl": 192, "xxl": 256}
-
-
-def _round(x: float, multiple: int) -> int:
-    return max(multiple, int(round(x / multiple)) * multiple)
-
-
-def config_for_width(width: int, base: ModelConfig | None = None, **overrides: Any) -> ModelConfig:
-    """The ladder's config at decoder width ``width`` (multiple of HEAD_DIM)."""
-    base = base or ModelConfig()
-    if width % HEAD_DIM:
-        raise ValueError(f"width {width} must be a multiple of {HEAD_DIM}")
-    enc = _round(width / 2, HEAD_DIM)
-    fields_ = dict(
-        d_model=width,
-        n_layers=LADDER_DEPTH,
-        n_heads=width // HEAD_DIM,
-        ffn_hidden=_round(8 * width / 3, 8),  # SwiGLU: 2/3 of 4d, as in Llama/DCLM
-        enc_d_model=enc,
-        enc_layers=LADDER_DEPTH,
-        enc_heads=enc // HEAD_DIM,
-        enc_ffn_hidden=_round(8 * enc / 3, 8),
-    )
-    return replace(base, **(fields_ | overrides))
-
-
-def size_config(size: str | int | float, base: ModelConfig | None = None, **kw: Any) -> ModelConfig:
-    """A config from a size name (``"s"``) or a target N (``3e5``): the closest ladder width."""
-    if isinstance(size, str):
-        if size not in SIZES:
-            raise ValueError(f"unknown size {size!r}; allowed: {', '.join(SIZES)} or a number (N)")
-        return config_for_width(SIZES[size], base, **kw)
-    if size <= 0:
-        raise ValueError(f"target N must be positive, got {size}")
-    from math import log
-
-    from model.counting import count_params
-
-    widths = range(HEAD_DIM, 64 * HEAD_DIM + 1, HEAD_DIM)
-    best = min(
-        widths,
-        key=lambda w: abs(log(count_params(config_for_width(w, base, **kw)).N) - log(size)),
-    )
-    return config_for_width(best, base, **kw)

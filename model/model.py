@@ -7,7 +7,7 @@
   ids ``vocab_size + code`` are embedded by the decoder's (extended) embedding table.
 - any of them with ``cfg.moe``: MoE FFNs in the decoder (learned or modality-aware routing).
 
-The model consumes a :class:`stages.loader.Batch`-like object (``tokens``, ``targets``,
+The model consumes a :class:`stages.data.loader.Batch`-like object (``tokens``, ``targets``,
 ``loss_mask``, ``doc_ids``, ``positions``, ``images``, ``image_index``) but imports nothing from
 stages/: model/ knows nothing of the pipeline around it.
 """

@@ -41,26 +41,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils import flop_counter
 
 from model.config import MoEConfig
 
 Impl = Literal["auto", "grouped_mm", "bmm"]
 IMPLS: tuple[str, ...] = ("auto", "grouped_mm", "bmm")
-
-
-def _grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    """2*M*K*N summed over groups. 2-D x 2-D (weight grad): offs splits the contraction dim."""
-    if len(a_shape) == 2 and len(b_shape) == 2:
-        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
-    return 2 * math.prod(out_shape) * a_shape[-1]
-
-
-# torch 2.13's FlopCounterMode has no formula for _grouped_mm and would count the experts as 0
-if hasattr(torch.ops.aten, "_grouped_mm") and (
-    torch.ops.aten._grouped_mm not in flop_counter.flop_registry
-):
-    flop_counter.register_flop_formula(torch.ops.aten._grouped_mm)(_grouped_mm_flop)
 
 
 @torch.compiler.assume_constant_result  # a probe, not a graph op: torch.compile keeps its value

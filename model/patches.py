@@ -6,7 +6,7 @@ An image ``(3, S, S)`` is cut into ``T = (S / p)²`` non-overlapping ``p × p`` 
 - **patch order**: row-major over the patch grid, top-left patch first, then left to right,
   then the next row down; patch ``k`` covers rows ``(k // n) p ... + p`` and columns
   ``(k % n) p ... + p`` with ``n = S / p``. This is also the order of the ``<image>``
-  placeholders in a shard (stages/shard_format.py).
+  placeholders in a shard (stages/data/shard_format.py).
 - **values inside a patch**: channel-last, i.e. the patch as a ``(p, p, 3)`` array flattened:
   index ``(i * p + j) * 3 + c`` holds pixel row ``i``, column ``j``, channel ``c``.
 

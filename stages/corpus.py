@@ -1,8 +1,8 @@
 """Stage ``corpus``: the three data kinds of the paper, generated or ingested, into data/corpus.
 
-``corpus.source: synthetic`` (default) writes the seeded synthetic world of stages/synthetic.py;
-``corpus.source: files`` checks and copies real data (stages/ingest.py). Either way the output
-is the canonical corpus of stages/corpus_format.py plus ``report.json``: per kind, how many
+``corpus.source: synthetic`` (default) writes the seeded synthetic world of stages/data/synthetic.py;
+``corpus.source: files`` checks and copies real data (stages/data/ingest.py). Either way the output
+is the canonical corpus of stages/data/corpus_format.py plus ``report.json``: per kind, how many
 samples were read and kept, every skipped sample counted by reason, and the summed entropy
 floor of the text (synthetic only).
 """
@@ -13,65 +13,13 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
-from tqdm import tqdm
-
-from stages.common import fresh_dir, run_per_kind, setup_logging
-from stages.corpus_format import CorpusWriter, write_json
-from stages.ingest import IngestError, ingest
-from stages.params import KINDS, Params, load_params
-from stages.synthetic import generate
+from stages.common.stage import setup_logging
+from stages.data.corpus import build_corpus
+from stages.data.ingest import IngestError
+from stages.params import load_params
 
 log = logging.getLogger(__name__)
-
-
-def synthesize_kind(kind: str, params: Params, out: Path) -> dict[str, Any]:
-    w = params.corpus.synthetic
-    n = {"caption": w.n_caption, "interleaved": w.n_interleaved, "text": w.n_text}[kind]
-    entropy = images = 0.0
-    with CorpusWriter(out, kind, params.corpus.samples_per_file) as writer:
-        for doc in tqdm(
-            generate(kind, w, params.seed),
-            total=n,
-            desc=f"corpus {kind}",
-            unit="doc",
-            mininterval=2,
-        ):
-            writer.write(doc)
-            entropy += doc.meta["entropy_nats"]
-            images += doc.n_images
-    files = [str(Path(f).relative_to(out)) for f in writer.files]
-    return dict(
-        outputs=files,
-        read=n,
-        kept=n,
-        bad={},
-        bad_fraction=0.0,
-        entropy_nats=entropy,
-        images=int(images),
-    )
-
-
-def build_corpus(params: Params, out: Path, workers: int | None = None) -> dict[str, Any]:
-    """Write the corpus and return its report (also written to ``out/report.json``)."""
-    fresh_dir(out)
-    if params.corpus.source == "synthetic":
-        results = run_per_kind(synthesize_kind, [(k, params, out) for k in KINDS], workers)
-        report = {
-            "source": "synthetic",
-            "seed": params.seed,
-            "kinds": dict(zip(KINDS, results, strict=True)),
-        }
-    else:
-        try:
-            report = ingest(params.corpus.files, out, params.corpus.samples_per_file)
-        except IngestError as e:
-            if getattr(e, "report", None) is not None:
-                write_json(out / "report.json", e.report)
-            raise
-    write_json(out / "report.json", report)
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:

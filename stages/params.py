@@ -1,9 +1,16 @@
 """The typed schema of params.yaml, validated once at the edge.
 
 Every stage and flow calls :func:`load_params` before doing any work. A wrong key, a wrong type,
-a negative size or a mixture that does not sum to 1 raises :class:`ParamsError` whose message
-names the key (``corpus.synthetic.n_caption``) and the allowed values or keys. Inside the
-pipeline the typed objects are trusted.
+a negative size, a missing key or a mixture that does not sum to 1 raises :class:`ParamsError`
+whose message names the key (``corpus.synthetic.n_caption``) and the allowed values or keys.
+Inside the pipeline the typed objects are trusted.
+
+**One place for every value**: the schema has no defaults of its own. params.yaml lists every
+key (the repository's copy, :data:`REPO_PARAMS`, is the reference study and the template for a
+new one); a missing key is an error naming it. Code that needs a study without a file (tests,
+benchmarks, the fit CLI on a foreign table) starts from the repository's params.yaml and
+overrides sections (:func:`study_params`). The allowed architectures and sizes come from their
+registries in model/ (model/archs.py, model/ladder.py), the data kinds from stages/data/kinds.py.
 
 Run ``python -m stages.params [params.yaml]`` to check a file without running anything.
 """
@@ -19,10 +26,18 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-KINDS: tuple[str, ...] = ("caption", "interleaved", "text")
+from model.archs import VARIANTS
+from model.config import image_tokens
+from model.ladder import SIZES
+from stages.data.kinds import KINDS
+
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+# the rendered-scenes world (stages/data/synthetic.py)
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 COLORS = ("red", "green", "blue", "yellow", "magenta", "cyan", "white", "orange", "gray", "pink")
-SIZES = ("small", "large")
+OBJECT_SIZES = ("small", "large")
+ARCHS = tuple(VARIANTS)
+LADDER = tuple(SIZES)
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -36,21 +51,21 @@ class Strict(BaseModel):
 
 
 class SyntheticCorpus(Strict):
-    """The seeded generator of rendered scenes (stages/synthetic.py)."""
+    """The seeded generator of rendered scenes (stages/data/synthetic.py)."""
 
-    n_caption: NonNegInt = 20000
-    n_interleaved: NonNegInt = 5000
-    n_text: NonNegInt = 10000
-    image_size: Annotated[int, Field(ge=8, le=1024)] = 32
-    grid: Annotated[int, Field(ge=2, le=8)] = 3
-    max_objects: PosInt = 4
-    shapes: list[Literal[SHAPES]] = Field(default_factory=lambda: list(SHAPES[:4]), min_length=1)
-    colors: list[Literal[COLORS]] = Field(default_factory=lambda: list(COLORS[:8]), min_length=2)
-    sizes: list[Literal[SIZES]] = Field(default_factory=lambda: list(SIZES), min_length=1)
-    story_images: Annotated[int, Field(ge=2, le=16)] = 3
-    max_changes: PosInt = 3
-    jitter: Annotated[float, Field(ge=0.0, le=0.5)] = 0.12
-    noise: Annotated[float, Field(ge=0.0, le=64.0)] = 6.0
+    n_caption: NonNegInt
+    n_interleaved: NonNegInt
+    n_text: NonNegInt
+    image_size: Annotated[int, Field(ge=8, le=1024)]
+    grid: Annotated[int, Field(ge=2, le=8)]
+    max_objects: PosInt
+    shapes: list[Literal[SHAPES]] = Field(min_length=1)
+    colors: list[Literal[COLORS]] = Field(min_length=2)
+    sizes: list[Literal[OBJECT_SIZES]] = Field(min_length=1)
+    story_images: Annotated[int, Field(ge=2, le=16)]
+    max_changes: PosInt
+    jitter: Annotated[float, Field(ge=0.0, le=0.5)]
+    noise: Annotated[float, Field(ge=0.0, le=64.0)]
 
     @model_validator(mode="after")
     def _fits_grid(self) -> SyntheticCorpus:
@@ -70,19 +85,19 @@ class SyntheticCorpus(Strict):
 class FilesCorpus(Strict):
     """Real data in the formats public data comes in; each a list of paths or globs."""
 
-    caption: list[str] = Field(default_factory=list)  # img2dataset webdataset tars
-    interleaved: list[str] = Field(default_factory=list)  # OBELICS-style parquet
-    text: list[str] = Field(default_factory=list)  # DCLM-style jsonl / parquet
-    max_bad_fraction: Fraction = 0.05
-    max_image_side: PosInt = 4096
-    min_image_side: PosInt = 8
+    caption: list[str]  # img2dataset webdataset tars
+    interleaved: list[str]  # OBELICS-style parquet
+    text: list[str]  # DCLM-style jsonl / parquet
+    max_bad_fraction: Fraction
+    max_image_side: PosInt
+    min_image_side: PosInt
 
 
 class CorpusParams(Strict):
-    source: Literal["synthetic", "files"] = "synthetic"
-    samples_per_file: PosInt = 5000
-    synthetic: SyntheticCorpus = Field(default_factory=SyntheticCorpus)
-    files: FilesCorpus = Field(default_factory=FilesCorpus)
+    source: Literal["synthetic", "files"]
+    samples_per_file: PosInt
+    synthetic: SyntheticCorpus
+    files: FilesCorpus
 
     @model_validator(mode="after")
     def _files_given(self) -> CorpusParams:
@@ -96,10 +111,10 @@ class CorpusParams(Strict):
 
 
 class TokenizerParams(Strict):
-    source: Literal["train", "file"] = "train"
-    path: str | None = None  # a user's tokenizer.json when source == "file"
-    vocab_size: Annotated[int, Field(ge=300, le=1_000_000)] = 1024
-    min_frequency: PosInt = 2
+    source: Literal["train", "file"]
+    path: str | None  # a user's tokenizer.json when source == "file"
+    vocab_size: Annotated[int, Field(ge=300, le=1_000_000)]
+    min_frequency: PosInt
 
     @model_validator(mode="after")
     def _path_given(self) -> TokenizerParams:
@@ -109,10 +124,10 @@ class TokenizerParams(Strict):
 
 
 class ShardsParams(Strict):
-    image_size: Annotated[int, Field(ge=8, le=1024)] = 32
-    patch_size: PosInt = 8
-    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.05
-    samples_per_shard: PosInt = 2000
+    image_size: Annotated[int, Field(ge=8, le=1024)]
+    patch_size: PosInt
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]
+    samples_per_shard: PosInt
 
     @model_validator(mode="after")
     def _patches_tile(self) -> ShardsParams:
@@ -125,25 +140,26 @@ class ShardsParams(Strict):
     @property
     def image_tokens(self) -> int:
         """Decoder positions per image: one per patch (paper: 224 px / 14 px -> 256)."""
-        return (self.image_size // self.patch_size) ** 2
+        return image_tokens(self.image_size, self.patch_size)
 
 
 class CodebookParams(Strict):
-    """The discrete visual tokenizer: k-means codes over image patches (stages/codebook.py)."""
+    """The discrete visual tokenizer: k-means codes over image patches (stages/data/codebook.py)."""
 
-    n_codes: Annotated[int, Field(ge=2, le=65536)] = 256  # K (not "size": DVC ignores that name)
-    samples: PosInt = 50000  # training patches sampled for k-means
-    iters: PosInt = 50
-    seed: NonNegInt = 0
+    n_codes: Annotated[int, Field(ge=2, le=65536)]  # K (not "size": DVC ignores that name)
+    samples: PosInt  # training patches sampled for k-means
+    iters: PosInt
+    seed: NonNegInt
 
 
 class Mixture(Strict):
-    """Sampling probability of each data kind (paper default 45-45-10)."""
+    """Sampling probability of each data kind (paper: 45-45-10); a kind left out is not sampled
+    (0), and the kinds must sum to 1."""
 
     model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
-    caption: Fraction = 0.45
-    interleaved: Fraction = 0.45
-    text: Fraction = 0.10
+    caption: Fraction = 0.0
+    interleaved: Fraction = 0.0
+    text: Fraction = 0.0
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> Mixture:
@@ -157,23 +173,19 @@ class Mixture(Strict):
 
 
 class DataParams(Strict):
-    context_length: PosInt = 256
-    mixture: Mixture = Field(default_factory=Mixture)
+    """How training rows are built (the mixtures a point trains on are ``grid.mixtures``)."""
 
-
-# Grid architecture names -> (arch, moe, modality_aware); flows/train.py maps them to configs.
-ARCHS = ("early", "late", "discrete", "early-moe", "early-moe-aware", "late-moe", "discrete-moe")
-LADDER = ("xxs", "xs", "s", "m", "l", "xl", "xxl")  # model.config.SIZES
+    context_length: PosInt  # tokens per packed row
 
 
 class ModelParams(Strict):
-    """Settings every grid point shares (sizes come from the ladder in model/config.py)."""
+    """Settings every grid point shares (sizes come from the ladder in model/ladder.py)."""
 
-    n_experts: Annotated[int, Field(ge=2)] = 8  # paper: 8 experts, top-1
-    top_k: PosInt = 1
-    aux_loss_weight: Annotated[float, Field(ge=0.0)] = 0.01
-    z_loss_weight: Annotated[float, Field(ge=0.0)] = 0.0
-    enc_lr_mult: Annotated[float, Field(gt=0.0)] = 0.1  # late fusion encoder lr multiple
+    n_experts: Annotated[int, Field(ge=2)]  # paper: 8 experts, top-1
+    top_k: PosInt
+    aux_loss_weight: Annotated[float, Field(ge=0.0)]
+    z_loss_weight: Annotated[float, Field(ge=0.0)]
+    enc_lr_mult: Annotated[float, Field(gt=0.0)]  # late fusion encoder lr multiple
 
     @model_validator(mode="after")
     def _top_k(self) -> ModelParams:
@@ -188,14 +200,14 @@ class ModelParams(Strict):
 class GridParams(Strict):
     """The study: architectures x sizes x token budgets x mixtures x seeds."""
 
-    study: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "default"
-    archs: list[Literal[ARCHS]] = Field(default_factory=lambda: ["early"], min_length=1)
-    sizes: list[Literal[LADDER]] = Field(default_factory=lambda: ["xxs"], min_length=1)
-    tokens: list[PosInt] = Field(default_factory=lambda: [100_000], min_length=1)
-    mixtures: dict[str, Mixture] = Field(default_factory=lambda: {"45-45-10": Mixture()})
-    seeds: list[NonNegInt] = Field(default_factory=lambda: [0], min_length=1)
-    workers: PosInt = 2  # grid points trained at once (one process each)
-    retries: NonNegInt = 1
+    study: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    archs: list[Literal[ARCHS]] = Field(min_length=1)
+    sizes: list[Literal[LADDER]] = Field(min_length=1)
+    tokens: list[PosInt] = Field(min_length=1)
+    mixtures: dict[str, Mixture]
+    seeds: list[NonNegInt] = Field(min_length=1)
+    workers: PosInt  # grid points trained at once (one process each)
+    retries: NonNegInt
 
     @model_validator(mode="after")
     def _unique(self) -> GridParams:
@@ -215,86 +227,82 @@ class TrainParams(Strict):
     (rounded to a power of two); warmup = warmup_tokens_ref·(N/n_ref)^warmup_exponent tokens.
     """
 
-    lr_ref: Annotated[float, Field(gt=0.0)] = 3e-3
-    lr_exponent: float = -1 / 3
-    n_ref: Annotated[float, Field(gt=0.0)] = 1e5
-    batch_rows_ref: PosInt = 8
-    batch_exponent: float = 0.25
-    warmup_tokens_ref: PosInt = 16_384
-    warmup_exponent: float = 0.0
-    cooldown_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2  # 1-sqrt to 0
-    weight_decay: Annotated[float, Field(ge=0.0)] = 1e-4  # decoupled (scaled by lr/peak lr)
-    grad_clip: Annotated[float, Field(gt=0.0)] = 1.0
-    eval_every_tokens: PosInt = 50_000
-    eval_batches: PosInt = 8  # validation batches per kind (fixed held-out rows)
-    checkpoint_every_steps: PosInt = 50
-    divergence_loss: Annotated[float, Field(gt=0.0)] = 20.0  # train loss above this = failed
-    branch_cooldowns: bool = True  # one constant-lr trunk per (arch, size, mixture, seed)
-    threads: PosInt = 1  # torch threads per point process on CPU
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = False  # torch.compile on GPU
-
-
-_EXPONENT_STARTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.5)  # paper: 0, 0.5, 2.5
-_SCALE_STARTS = tuple(2.5 * i for i in range(13))  # 0, 2.5, ..., 30; paper: 0, 5, ..., 30
+    lr_ref: Annotated[float, Field(gt=0.0)]
+    lr_exponent: float
+    n_ref: Annotated[float, Field(gt=0.0)]
+    batch_rows_ref: PosInt
+    batch_exponent: float
+    warmup_tokens_ref: PosInt
+    warmup_exponent: float
+    cooldown_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]  # 1-sqrt to 0
+    weight_decay: Annotated[float, Field(ge=0.0)]  # decoupled (scaled by lr/peak lr)
+    grad_clip: Annotated[float, Field(gt=0.0)]
+    eval_every_tokens: PosInt
+    eval_batches: PosInt  # validation batches per kind (fixed held-out rows)
+    checkpoint_every_steps: PosInt
+    divergence_loss: Annotated[float, Field(gt=0.0)]  # train loss above this = failed
+    branch_cooldowns: bool  # one constant-lr trunk per (arch, size, mixture, seed)
+    threads: PosInt  # torch threads per point process on CPU
+    device: Literal["auto", "cpu", "cuda"]
+    compile: bool  # torch.compile on GPU
 
 
 class FitStarts(Strict):
     """Start values of the multi-start L-BFGS (paper App. C notation: A = e^a, B = e^b, E = e^e).
 
     The grid is every combination; the paper's is alpha, beta in {0, 0.5, 2.5}, a, b in
-    {0, 5, ..., 30}, e in {-1, -0.5, 0.5, 1}. The default is denser (scoring a start is cheap).
+    {0, 5, ..., 30}, e in {-1, -0.5, 0.5, 1}; params.yaml's is denser (scoring a start is cheap).
     """
 
-    alpha: list[float] = Field(default_factory=lambda: list(_EXPONENT_STARTS), min_length=1)
-    beta: list[float] = Field(default_factory=lambda: list(_EXPONENT_STARTS), min_length=1)
-    a: list[float] = Field(default_factory=lambda: list(_SCALE_STARTS), min_length=1)
-    b: list[float] = Field(default_factory=lambda: list(_SCALE_STARTS), min_length=1)
-    e: list[float] = Field(default_factory=lambda: [-1.0, -0.5, 0.0, 0.5, 1.0], min_length=1)
+    alpha: list[float] = Field(min_length=1)
+    beta: list[float] = Field(min_length=1)
+    a: list[float] = Field(min_length=1)
+    b: list[float] = Field(min_length=1)
+    e: list[float] = Field(min_length=1)
 
 
 class FitSweep(Strict):
-    """The iso-FLOP sweep behind the regression exponents (stages/fit_law.py)."""
+    """The iso-FLOP sweep behind the regression exponents (stages/scaling/law.py)."""
 
-    budgets: Annotated[int, Field(ge=2)] = 20  # compute budgets C, log-spaced over the data's
-    points: Annotated[int, Field(ge=3)] = 2001  # D values swept per budget
+    budgets: Annotated[int, Field(ge=2)]  # compute budgets C, log-spaced over the data's
+    points: Annotated[int, Field(ge=3)]  # D values swept per budget
 
 
 class FitMlflow(Strict):
-    """Where fits are logged and registered (stages/fit_mlflow.py)."""
+    """Where fits are logged and registered (stages/scaling/tracking.py)."""
 
-    experiment: str = Field(default="nmm-scaling-fits", min_length=1)
-    model_prefix: str = Field(default="scaling-law-", min_length=1)  # registered: prefix + arch
-    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = Field(min_length=1)
+    model_prefix: str = Field(min_length=1)  # registered: prefix + arch
+    tracking_uri: str | None  # null: stages/common/mlflow_store.py tracking_uri()
 
 
 class FitParams(Strict):
-    """Scaling-law fits L(N, D) = E + A/N^alpha + B/D^beta (stages/fit.py, paper App. C)."""
+    """Scaling-law fits L(N, D) = E + A/N^alpha + B/D^beta (stages/scaling/fit.py, paper App. C)."""
 
-    huber_delta: Annotated[float, Field(gt=0.0)] = 1e-3
-    init: FitStarts = Field(default_factory=FitStarts)
+    huber_delta: Annotated[float, Field(gt=0.0)]
+    init: FitStarts
     # L-BFGS runs from the best-scored k starts of each (alpha, beta) start pair; null: all starts
-    starts_per_exponent_pair: PosInt | None = 2
-    bootstrap: NonNegInt = 100  # resamples (0: no intervals)
-    bootstrap_starts: NonNegInt = 4  # grid starts per resample, besides the full-data optimum
-    ci: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95  # interval level (percentiles)
-    holdout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2  # top-compute runs held out
-    sweep: FitSweep = Field(default_factory=FitSweep)
-    on_bad_target: Literal["error", "skip"] = "error"
-    mlflow: FitMlflow = Field(default_factory=FitMlflow)
+    starts_per_exponent_pair: PosInt | None
+    bootstrap: NonNegInt  # resamples (0: no intervals)
+    bootstrap_starts: NonNegInt  # grid starts per resample, besides the full-data optimum
+    ci: Annotated[float, Field(gt=0.0, lt=1.0)]  # interval level (percentiles)
+    holdout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]  # top-compute runs held out
+    sweep: FitSweep
+    on_bad_target: Literal["error", "skip"]
+    mlflow: FitMlflow
 
 
 class Params(Strict):
-    seed: NonNegInt = 0
-    corpus: CorpusParams = Field(default_factory=CorpusParams)
-    tokenizer: TokenizerParams = Field(default_factory=TokenizerParams)
-    shards: ShardsParams = Field(default_factory=ShardsParams)
-    codebook: CodebookParams = Field(default_factory=CodebookParams)
-    data: DataParams = Field(default_factory=DataParams)
-    model: ModelParams = Field(default_factory=ModelParams)
-    grid: GridParams = Field(default_factory=GridParams)
-    train: TrainParams = Field(default_factory=TrainParams)
-    fit: FitParams = Field(default_factory=FitParams)
+    seed: NonNegInt
+    corpus: CorpusParams
+    tokenizer: TokenizerParams
+    shards: ShardsParams
+    codebook: CodebookParams
+    data: DataParams
+    model: ModelParams
+    grid: GridParams
+    train: TrainParams
+    fit: FitParams
 
     @model_validator(mode="after")
     def _image_fits_context(self) -> Params:
@@ -331,6 +339,11 @@ def _describe(err: dict[str, Any]) -> str:
         allowed = ", ".join(parent.model_fields) if parent else "?"
         where = ".".join(str(p) for p in loc[:-1]) or "the top level"
         return f"unknown key '{key}'; allowed keys in {where}: {allowed}"
+    if err["type"] == "missing":
+        return (
+            f"missing key '{key}': params.yaml lists every key (copy it from the repository's "
+            f"{REPO_PARAMS.name})"
+        )
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
     shown = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {got!r})"
@@ -363,6 +376,27 @@ _Loader.add_implicit_resolver(
 
 def read_yaml(path: str | Path) -> Any:
     return yaml.load(Path(path).read_text(), Loader=_Loader)  # noqa: S506 (a SafeLoader)
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` merged in, section by section (nested mappings merge, other
+    values replace)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def study_params(*overrides: dict[str, Any], base: str | Path = REPO_PARAMS) -> Params:
+    """The study of ``base`` (the repository's params.yaml) with ``overrides`` merged in, in
+    order, and validated: for tests, benchmarks and tools that need params without a file."""
+    raw = read_yaml(base)
+    for o in overrides:
+        raw = merge(raw, o)
+    return validate_params(raw)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -2,174 +2,23 @@
 
 Reads ``data/corpus`` and ``data/tokenizer/tokenizer.json``; writes
 ``data/shards/{train,val}/{kind}-NNNNNN.tar``, ``manifest.parquet`` and ``info.json`` (layout in
-stages/shard_format.py). Streams: memory does not grow with the corpus. Deterministic: the same
+stages/data/shard_format.py). Streams: memory does not grow with the corpus. Deterministic: the same
 corpus, tokenizer and params give byte-identical shards (fixed tar mtime, stable key-hash split).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-from itertools import islice
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import webdataset as wds
-from tokenizers import Tokenizer
-from tqdm import tqdm
-
-from stages.common import fresh_dir, run_per_kind, setup_logging
-from stages.corpus_format import iter_docs, write_json
-from stages.params import KINDS, ShardsParams, load_params
-from stages.shard_format import (
-    MANIFEST_SCHEMA,
-    SPLITS,
-    Sample,
-    encode_doc,
-    prepare_image,
-    sample_record,
-    sha256_file,
-    split_of,
-    text_target_mask,
-)
-from stages.tokenizer import special_ids
+from stages.common.stage import setup_logging
+from stages.data.shards import build_shards
+from stages.params import load_params
 
 log = logging.getLogger(__name__)
-CHUNK = 256  # docs tokenized per encode_batch call
-
-
-class _SplitWriter:
-    """Rotating tar writer for one (kind, split) that keeps the manifest row of each shard."""
-
-    def __init__(self, root: Path, kind: str, split: str, per_shard: int, image_tokens: int):
-        self.root, self.kind, self.split = root, kind, split
-        self.per_shard, self.image_tokens = per_shard, image_tokens
-        self.rows: list[dict[str, Any]] = []
-        self._tar: wds.TarWriter | None = None
-        (root / split).mkdir(parents=True, exist_ok=True)
-
-    def write(self, s: Sample) -> None:
-        if self._tar is None or self.rows[-1]["samples"] >= self.per_shard:
-            self._finish()
-            rel = f"{self.split}/{self.kind}-{len(self.rows):06d}.tar"
-            self._tar = wds.TarWriter(str(self.root / rel), mtime=0)
-            self.rows.append(
-                dict(
-                    path=rel,
-                    kind=self.kind,
-                    split=self.split,
-                    samples=0,
-                    tokens=0,
-                    text_tokens=0,
-                    images=0,
-                    image_tokens=0,
-                    entropy_nats=0.0,
-                    sha256="",
-                )
-            )
-        self._tar.write(sample_record(s))
-        row = self.rows[-1]
-        row["samples"] += 1
-        row["tokens"] += len(s.ids)
-        row["text_tokens"] += s.targets
-        row["images"] += len(s.images)
-        row["image_tokens"] += len(s.images) * self.image_tokens
-        if row["entropy_nats"] is not None:
-            row["entropy_nats"] = (
-                None if s.entropy_nats is None else row["entropy_nats"] + s.entropy_nats
-            )
-
-    def _finish(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
-            self.rows[-1]["sha256"] = sha256_file(self.root / self.rows[-1]["path"])
-
-    def close(self) -> list[dict[str, Any]]:
-        self._finish()
-        return self.rows
-
-
-def shard_kind(
-    kind: str, corpus: Path, tokenizer_path: Path, out: Path, p: ShardsParams, total: int | None
-) -> list[dict[str, Any]]:
-    """Write the shards of one kind; return their manifest rows."""
-    tok = Tokenizer.from_file(str(tokenizer_path))
-    special = special_ids(tok)
-    writers = {s: _SplitWriter(out, kind, s, p.samples_per_shard, p.image_tokens) for s in SPLITS}
-    docs = iter_docs(corpus, kind)
-    with tqdm(total=total, desc=f"shards {kind}", unit="doc", mininterval=2) as bar:
-        while chunk := list(islice(docs, CHUNK)):
-            texts = [t for d in chunk for t in d.texts if t is not None]
-            encoded = iter(tok.encode_batch(texts, add_special_tokens=False))
-            for d in chunk:
-                text_ids = [next(encoded).ids for t in d.texts if t is not None]
-                images = [prepare_image(b, p.image_size) for b in d.images if b is not None]
-                ids = encode_doc(d.texts, text_ids, images, special, p.image_tokens)
-                shape = (len(images), p.image_size, p.image_size, 3)
-                sample = Sample(
-                    key=d.key,
-                    kind=kind,
-                    ids=ids,
-                    images=np.stack(images) if images else np.zeros(shape, np.uint8),
-                    targets=int(text_target_mask(ids, special).sum()),
-                    entropy_nats=d.meta.get("entropy_nats"),
-                )
-                writers[split_of(d.key, p.val_fraction)].write(sample)
-            bar.update(len(chunk))
-    return [row for s in SPLITS for row in writers[s].close()]
-
-
-def build_shards(
-    corpus: Path, tokenizer_path: Path, out: Path, p: ShardsParams, workers: int | None = None
-) -> list[dict[str, Any]]:
-    fresh_dir(out)
-    report = corpus / "report.json"
-    kept = {}
-    if report.exists():
-        kept = {k: v.get("kept") for k, v in json.loads(report.read_text())["kinds"].items()}
-    jobs = [(k, corpus, tokenizer_path, out, p, kept.get(k)) for k in KINDS]
-    rows = [r for rows in run_per_kind(shard_kind, jobs, workers) for r in rows]
-    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), out / "manifest.parquet")
-    tok = Tokenizer.from_file(str(tokenizer_path))
-    write_json(out / "info.json", shard_info(rows, tok, p))
-    return rows
-
-
-def shard_info(rows: list[dict[str, Any]], tok: Tokenizer, p: ShardsParams) -> dict[str, Any]:
-    """Constants for readers, and per kind/split totals with the text-loss floor per token."""
-    totals: dict[str, dict[str, Any]] = {}
-    for r in rows:
-        t = totals.setdefault(
-            f"{r['split']}/{r['kind']}",
-            dict(samples=0, tokens=0, text_tokens=0, images=0, entropy_nats=0.0),
-        )
-        for k in ("samples", "tokens", "text_tokens", "images"):
-            t[k] += r[k]
-        if t["entropy_nats"] is not None:
-            t["entropy_nats"] = (
-                None if r["entropy_nats"] is None else t["entropy_nats"] + r["entropy_nats"]
-            )
-    for t in totals.values():
-        t["floor_nats_per_token"] = (
-            t["entropy_nats"] / t["text_tokens"]
-            if t["entropy_nats"] is not None and t["text_tokens"]
-            else None
-        )
-    return {
-        "special_ids": special_ids(tok),
-        "vocab_size": tok.get_vocab_size(),
-        "image_size": p.image_size,
-        "patch_size": p.patch_size,
-        "image_tokens": p.image_tokens,
-        "totals": totals,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

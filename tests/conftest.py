@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from stages.corpus import build_corpus
-from stages.params import Params, validate_params
-from stages.shards import build_shards
-from stages.tokenizer import build as build_tokenizer
+from stages.data.corpus import build_corpus
+from stages.data.shards import build_shards
+from stages.data.tokenizer import build as build_tokenizer
+from stages.params import REPO_PARAMS, Params, merge, read_yaml, study_params
 
 # One thread per test process, as training runs: tiny matmuls are slower with two (STACK-NOTES).
 torch.set_num_threads(1)
@@ -27,6 +28,15 @@ TINY_PARAMS = {
 }
 
 
+def write_study(path: Path, *overrides: dict) -> Path:
+    """A complete params.yaml at ``path``: the repository's with ``overrides`` merged in."""
+    raw = read_yaml(REPO_PARAMS)
+    for o in overrides:
+        raw = merge(raw, o)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 @dataclass
 class DataDirs:
     params: Params
@@ -36,7 +46,7 @@ class DataDirs:
 
 
 def build_data(root: Path, raw: dict = TINY_PARAMS, workers: int = 1) -> DataDirs:
-    params = validate_params(raw)
+    params = study_params(raw)  # the repository's params.yaml with the tiny overrides
     d = DataDirs(params, root / "corpus", root / "tokenizer" / "tokenizer.json", root / "shards")
     build_corpus(params, d.corpus, workers=workers)
     d.tokenizer.parent.mkdir(parents=True, exist_ok=True)

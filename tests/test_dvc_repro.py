@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from stages.params import merge, read_yaml
 from tests.conftest import TINY_PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,14 +37,6 @@ def _run(cmd, cwd, env):
     return r.stdout + r.stderr
 
 
-def _merge(base: dict, over: dict) -> dict:
-    """The committed params.yaml with the tiny overrides (DVC needs every section present)."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) else v
-    return out
-
-
 @pytest.mark.slow
 def test_dvc_repro_in_a_fresh_checkout_runs_every_stage_then_nothing(tmp_path):
     repo = tmp_path / "repo"
@@ -59,8 +52,7 @@ def test_dvc_repro_in_a_fresh_checkout_runs_every_stage_then_nothing(tmp_path):
             (repo / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, repo / f)
     (repo / "dvc.lock").unlink(missing_ok=True)
-    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY_PARAMS)
-    params = _merge(_merge(params, TINY_GRID), E2E)
+    params = merge(merge(merge(read_yaml(ROOT / "params.yaml"), TINY_PARAMS), TINY_GRID), E2E)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(
         os.environ,
@@ -127,3 +119,16 @@ def test_dvc_repro_in_a_fresh_checkout_runs_every_stage_then_nothing(tmp_path):
     grown = {r["point_id"]: r for r in pq.read_table(repo / "results/runs.parquet").to_pylist()}
     assert len(grown) == 16 and all(grown[k] == v for k, v in trained.items())
     assert "'trained': 4" in fourth
+
+    # code: a comment edit, and a change to code that early and late do not run, retrain nothing
+    # (the grid stage reruns: its deps changed); a changed constant they run retrains every point
+    layers, discrete = repo / "model/layers.py", repo / "model/discrete.py"
+    layers.write_text(layers.read_text().replace("class RMSNorm", "# normalisation\nclass RMSNorm"))
+    discrete.write_text(discrete.read_text().replace("= 1 << 20", "= 1 << 21"))
+    fifth = _run([*dvc, "repro"], repo, env)
+    assert "Running stage 'grid'" in fifth and "'trained': 0" in fifth
+    layers.write_text(layers.read_text().replace("eps: float = 1e-5", "eps: float = 1e-6"))
+    plan = _run([sys.executable, "-m", "flows.grid", "plan"], repo, env).splitlines()
+    lines = [line.split() for line in plan if len(line.split()) == 4]
+    assert len(lines) == 16 and {x[3] for x in lines} == {"train"}
+    assert not {x[0] for x in lines} & set(grown)

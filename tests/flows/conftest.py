@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages.params import REPO_PARAMS, merge, read_yaml
 from tests.conftest import TINY_PARAMS
-from tests.test_dvc_repro import _merge
 
 TINY_GRID = yaml.safe_load((Path(__file__).parent / "tiny_params.yaml").read_text())
 
 
 def grid_params(**sections: dict) -> dict:
-    """TINY_PARAMS + the tiny grid, with per-test overrides by section."""
-    return _merge(_merge(TINY_PARAMS, TINY_GRID), sections)
+    """The repository's params.yaml + TINY_PARAMS + the tiny grid, with per-test overrides by
+    section: a complete params mapping."""
+    return merge(merge(merge(read_yaml(REPO_PARAMS), TINY_PARAMS), TINY_GRID), sections)
 
 
 def write_params(path: Path, **sections: dict) -> Path:

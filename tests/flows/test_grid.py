@@ -4,6 +4,7 @@ point killed with SIGKILL resumes to the same result with its one MLflow run."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -13,8 +14,12 @@ import pytest
 from mlflow import MlflowClient
 
 from flows import records
-from flows.grid import Launch, chains, device_slots, grid_flow, main, plan
+from flows.devices import device_slots
+from flows.grid import grid_flow, main
+from flows.launch import Launch
+from flows.plan import chains, fingerprints, plan
 from flows.tracking import Tracker
+from flows.training.loop import FAULT_ENV
 from stages.params import Params, ParamsError, validate_params
 from tests.flows.conftest import grid_params, write_params
 
@@ -49,9 +54,7 @@ def by_id(table: Path) -> dict[str, dict]:
 
 def ids(params: dict, data, **point) -> list[str]:
     """Point ids of the grid points matching ``point`` (e.g. arch="early", tokens=4096)."""
-    from flows.train import data_fingerprint
-
-    jobs = plan(validate_params(params), data_fingerprint(data.shards, None))
+    jobs = plan(validate_params(params), fingerprints(data.shards, None))
     match = [j for j in jobs if all(getattr(j.point, k) == v for k, v in point.items())]
     return [j.point_id for j in match]
 
@@ -59,11 +62,11 @@ def ids(params: dict, data, **point) -> list[str]:
 # --------------------------------------------------------------------------- fast
 
 
-def test_a_groups_points_chain_in_ascending_tokens():
+def test_a_groups_points_chain_in_ascending_tokens(tiny_data):
     params = validate_params(
         grid_params(grid={"tokens": [4096, 1024, 2048], "sizes": ["xxs", "xs"]})
     )
-    jobs = plan(params, "fingerprint")
+    jobs = plan(params, fingerprints(tiny_data.shards, None))
     assert len(jobs) == 2 * 2 * 3 and len({j.point_id for j in jobs}) == 12
     groups = chains(jobs, shared_trunks=True)
     assert len(groups) == 4
@@ -77,7 +80,7 @@ def test_each_point_gets_one_gpu_or_one_pinned_cpu_thread(monkeypatch, tmp_path)
     import torch
 
     def launch(params: Params) -> Launch:
-        return Launch(params, tmp_path, tmp_path, None, tmp_path, "fp", None, {})  # type: ignore[arg-type]
+        return Launch(params, tmp_path, tmp_path, None, tmp_path, None, "rev", None)  # type: ignore[arg-type]
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5,7")
@@ -101,7 +104,11 @@ def test_each_point_gets_one_gpu_or_one_pinned_cpu_thread(monkeypatch, tmp_path)
 def test_runs_table_has_typed_columns_in_order_and_keeps_new_fields(tmp_path):
     ok = {"point_id": "a", "status": "ok", "N": 100.0, "loss_avg": 3, "moe": False, "new": 1.5}
     crash = records.crash_record(
-        {"arch": "late", "size": "xs", "tokens": 8, "mixture": "m", "seed": 0}, "b", "g", "boom"
+        {"arch": "late", "size": "xs", "tokens": 8, "mixture": "m", "seed": 0},
+        "b",
+        "g",
+        "c",
+        "boom",
     )
     records.write_table([ok, crash], tmp_path / "runs.parquet")
     rows = records.read_table(tmp_path / "runs.parquet")
@@ -143,12 +150,18 @@ def test_a_point_keeps_one_run_across_launches_and_logs_each_step_once(tmp_path,
     assert not Tracker("unit", mlflow_uri).needs_finish("pid1")
 
 
-def test_help_explains_run_and_serve(capsys):
+def test_help_explains_run_plan_and_serve(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "run" in out and "serve" in out and "grid.workers" in out
+    assert "run" in out and "plan" in out and "serve" in out and "grid.workers" in out
+
+
+def test_the_fault_hook_is_not_a_parameter_of_the_flow():
+    """Test hooks stay out of the flow's parameters (its run form in the Prefect UI)."""
+    names = set(grid_flow.parameters.properties)
+    assert names == {"params_path", "shards", "codebook", "results", "tracking_uri"}
 
 
 def test_bad_params_stop_the_cli_before_prefect_starts(tmp_path, capsys):
@@ -231,12 +244,13 @@ def test_rerun_trains_nothing_and_a_new_size_trains_only_its_points(
 
 @pytest.mark.slow
 def test_a_nan_point_is_recorded_failed_and_the_others_finish(
-    prefect_server, tiny_data, tmp_path, mlflow_uri
+    prefect_server, tiny_data, tmp_path, mlflow_uri, monkeypatch
 ):
     raw = grid_params(grid={"study": "nan", "tokens": [2048]})
     params = write_params(tmp_path / "params.yaml", grid=raw["grid"])
     [late] = ids(raw, tiny_data, arch="late")
-    summary = run_grid(params, tiny_data, tmp_path / "results", mlflow_uri, fail_at_step={late: 3})
+    monkeypatch.setenv(FAULT_ENV, json.dumps({late: 3}))  # reaches the point processes
+    summary = run_grid(params, tiny_data, tmp_path / "results", mlflow_uri)
     assert (summary["trained"], summary["ok"], summary["failed"]) == (2, 1, 1)
     table = by_id(tmp_path / "results" / "runs.parquet")
     assert table[late]["status"] == "failed" and "non-finite" in table[late]["error"]

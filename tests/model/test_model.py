@@ -8,23 +8,22 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.config import SIZES, ModelConfig, MoEConfig, config_for_width, size_config
+from model.archs import VARIANTS
+from model.config import ModelConfig, MoEConfig
 from model.counting import count_params, step_flops, training_compute
 from model.discrete import VisualCodebook
+from model.flop_formulas import register_flop_formulas
+from model.ladder import SIZES, config_for_width, size_config
 from model.model import MultimodalLM, load_model, save_model
-from stages.loader import PackedLoader
-from stages.shard_format import load_info
+from stages.data.loader import PackedLoader
+from stages.data.shard_format import load_info
 
 MIX = {"caption": 0.45, "interleaved": 0.45, "text": 0.10}
 B, L = 4, 64
-ARCHS = {
-    "early": dict(arch="early"),
-    "late": dict(arch="late"),
-    "discrete": dict(arch="discrete"),
-    "early-moe": dict(arch="early", moe=MoEConfig(n_experts=4, top_k=1)),
-    "early-moe-top2": dict(arch="early", moe=MoEConfig(n_experts=4, top_k=2, z_loss_weight=1e-3)),
-    "early-moe-modality": dict(arch="early", moe=MoEConfig(n_experts=4, modality_aware=True)),
-    "late-moe": dict(arch="late", moe=MoEConfig(n_experts=4)),
+SMALL_MOE = MoEConfig(n_experts=4, top_k=1)
+# every registered variant (model/archs.py), plus MoE settings the registry does not name
+ARCHS = {name: (name, SMALL_MOE) for name in VARIANTS} | {
+    "early-moe-top2": ("early-moe", MoEConfig(n_experts=4, top_k=2, z_loss_weight=1e-3)),
 }
 
 
@@ -33,7 +32,7 @@ def batch(tiny_data):
     return PackedLoader(tiny_data.shards, B, L, MIX, seed=0).next_batch()
 
 
-def tiny_config(tiny_data, **kw) -> ModelConfig:
+def tiny_config(tiny_data, name: str = "early") -> ModelConfig:
     info = load_info(tiny_data.shards)
     base = ModelConfig(
         vocab_size=info["vocab_size"],
@@ -43,12 +42,13 @@ def tiny_config(tiny_data, **kw) -> ModelConfig:
         codebook_size=16,
         special_ids=info["special_ids"],
     )
-    return config_for_width(32, base, **kw)
+    variant, moe = ARCHS[name]
+    return config_for_width(32, VARIANTS[variant].config(base, moe))
 
 
 def build(tiny_data, name: str, seed: int = 0) -> MultimodalLM:
     torch.manual_seed(seed)
-    cfg = tiny_config(tiny_data, **ARCHS[name])
+    cfg = tiny_config(tiny_data, name)
     codebook = None
     if cfg.arch == "discrete":
         codes = torch.randn(
@@ -151,26 +151,9 @@ def test_counted_parameters_equal_the_modules_numel(tiny_data, name):
         assert training_compute(cfg, 1000) == 6 * c.N * 1000
 
 
-def _count_cpu_attention() -> None:
-    """FlopCounterMode knows SDPA's CUDA kernels, not the CPU one: give it the same formula."""
-    from torch.utils import flop_counter as fcm
-
-    aten = torch.ops.aten
-    if aten._scaled_dot_product_flash_attention_for_cpu in fcm.flop_registry:
-        return
-
-    @fcm.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
-    def _fwd(q, k, v, *args, out_shape=None, **kwargs):
-        return fcm.sdpa_flop_count(q, k, v)
-
-    @fcm.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
-    def _bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs):
-        return fcm.sdpa_backward_flop_count(grad_out, q, k, v)
-
-
 @pytest.mark.parametrize("name", ["early", "late", "discrete", "early-moe"])
 def test_counted_flops_agree_with_flop_counter(tiny_data, batch, name):
-    _count_cpu_attention()
+    register_flop_formulas()
     model = build(tiny_data, name)
     with FlopCounterMode(display=False) as fc:
         model(batch).total.backward()

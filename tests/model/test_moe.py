@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.config import MoEConfig
+from model.flop_formulas import register_flop_formulas
 from model.layers import SwiGLU
 from model.moe import MoEFFN, grouped_mm_works
 
@@ -251,6 +252,7 @@ def test_flop_counter_sees_the_experts(impl):
     """top-1 fwd+bwd costs what the dense SwiGLU does, plus the router (bmm: plus padding)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    register_flop_formulas()
     m, x = make(impl), tokens().requires_grad_()
     with FlopCounterMode(display=False) as fc:
         m(x)[0].sum().backward()

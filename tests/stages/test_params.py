@@ -1,4 +1,5 @@
-"""params.yaml: one schema, errors that name the key and the allowed values."""
+"""params.yaml: one schema, errors that name the key and the allowed values, no defaults of
+its own (params.yaml lists every key)."""
 
 import subprocess
 import sys
@@ -7,20 +8,71 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.params import ParamsError, load_params, validate_params
+from model.archs import VARIANTS
+from model.ladder import SIZES
+from stages.params import (
+    REPO_PARAMS,
+    Params,
+    ParamsError,
+    load_params,
+    merge,
+    read_yaml,
+    study_params,
+    validate_params,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _error(raw) -> str:
+    """The error of the repository's params.yaml with ``raw`` merged in."""
     with pytest.raises(ParamsError) as e:
-        validate_params(raw)
+        validate_params(merge(read_yaml(REPO_PARAMS), raw))
     return str(e.value)
 
 
 def test_the_committed_params_are_valid():
     p = load_params(ROOT / "params.yaml")
-    assert abs(sum(p.data.mixture.as_dict().values()) - 1) < 1e-9
+    for m in p.grid.mixtures.values():
+        assert abs(sum(m.as_dict().values()) - 1) < 1e-9
+
+
+def _sections(model: type) -> list[tuple[str, type]]:
+    """Every schema class reachable from ``model``, with its dotted path."""
+    out = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, Params.__base__):
+            out += [(name, ann)] + [(f"{name}.{k}", t) for k, t in _sections(ann)]
+    return out
+
+
+def test_the_schema_has_no_defaults_of_its_own_and_params_yaml_lists_every_key():
+    raw = read_yaml(REPO_PARAMS)
+    for path, section in [("", Params), *_sections(Params)]:
+        if section.__name__ == "Mixture":  # a kind left out is not sampled: 0, not a default
+            continue
+        defaults = [k for k, f in section.model_fields.items() if not f.is_required()]
+        assert not defaults, f"{section.__name__} has defaults: {defaults}"
+        node = raw
+        for part in filter(None, path.split(".")):
+            node = node[part]
+        assert set(node) == set(section.model_fields), path  # every key, no more
+
+
+def test_a_missing_key_is_named():
+    raw = read_yaml(REPO_PARAMS)
+    del raw["train"]["lr_ref"]
+    with pytest.raises(ParamsError, match=r"missing key 'train\.lr_ref'"):
+        validate_params(raw)
+
+
+def test_allowed_archs_and_sizes_come_from_the_registries_in_model():
+    ok = study_params({"grid": {"archs": list(VARIANTS), "sizes": list(SIZES)}})
+    assert ok.grid.archs == list(VARIANTS)
+    msg = _error({"grid": {"archs": ["early", "mid"], "sizes": ["huge"]}})
+    assert "grid.archs.1" in msg and all(f"'{a}'" in msg for a in VARIANTS)
+    assert "grid.sizes.0" in msg and all(f"'{s}'" in msg for s in SIZES)
 
 
 def test_unknown_key_names_it_and_lists_allowed_keys():
@@ -42,10 +94,13 @@ def test_negative_size_names_the_key_and_bound():
 
 
 def test_mixture_must_sum_to_one():
-    msg = _error({"data": {"mixture": {"caption": 0.5, "interleaved": 0.5, "text": 0.1}}})
-    assert "data.mixture" in msg and "sum to 1" in msg and "caption, interleaved, text" in msg
-    msg = _error({"data": {"mixture": {"caption": 0.5, "interleaved": 0.5, "audio": 0.0}}})
-    assert "data.mixture.audio" in msg
+    bad = {"caption": 0.5, "interleaved": 0.5, "text": 0.1}
+    msg = _error({"grid": {"mixtures": {"m": bad}}})
+    assert "grid.mixtures.m" in msg and "sum to 1" in msg and "caption, interleaved, text" in msg
+    msg = _error({"grid": {"mixtures": {"m": {"caption": 0.5, "interleaved": 0.5, "audio": 0}}}})
+    assert "grid.mixtures.m.audio" in msg
+    only = study_params({"grid": {"mixtures": {"captions": {"caption": 1.0}}}})
+    assert only.grid.mixtures["captions"].as_dict() == {"caption": 1, "interleaved": 0, "text": 0}
 
 
 def test_literal_lists_allowed_values():
@@ -64,7 +119,9 @@ def test_cross_field_checks():
 
 def test_cli_fails_before_any_work(tmp_path):
     bad = tmp_path / "params.yaml"
-    bad.write_text(yaml.safe_dump({"corpus": {"synthetic": {"n_text": -3}}}))
+    bad.write_text(
+        yaml.safe_dump(merge(read_yaml(REPO_PARAMS), {"corpus": {"synthetic": {"n_text": -3}}}))
+    )
     for module in ("stages.params", "stages.corpus"):
         args = [str(bad)] if module == "stages.params" else ["--params", str(bad)]
         r = subprocess.run(

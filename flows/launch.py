@@ -1,0 +1,153 @@
+"""One launch of the grid: what its points share, its lock, and its records.
+
+A :class:`Launch` is what every point task of one grid run shares: the validated params, the
+paths, the fingerprints of data and code, the git revision and the MLflow tracker. It builds
+each point's command line and environment. :class:`Recorder` keeps the launch's records in step:
+``record.json`` per point, ``runs.parquet`` for the current grid, and the points' MLflow runs.
+:func:`exclusive` lets one launch at a time use a results directory. Nothing here imports
+Prefect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flows import records
+from flows.plan import Fingerprints, Job
+from flows.tracking import Tracker, flatten
+from model.archs import variant
+from stages.params import Params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Launch:
+    """What every point task of one launch shares (passed quoted: Prefect does not inspect it)."""
+
+    params: Params
+    params_path: Path
+    shards: Path
+    codebook: Path | None
+    results: Path
+    fingerprints: Fingerprints
+    git_revision: str
+    tracker: Tracker
+
+    def command(self, job: Job) -> list[str]:
+        cmd = [sys.executable, "-m", "flows.train", "--point", json.dumps(job.point.to_dict())]
+        cmd += ["--params", str(self.params_path), "--shards", str(self.shards)]
+        cmd += ["--workdir", str(self.results), "--point-id", job.point_id]
+        # a missing codebook: flows.train sees no file, as the fingerprint here did
+        cmd += ["--codebook", str(self.codebook or self.shards / "no-codebook.pt")]
+        return cmd
+
+    def env(self, gpu: str | None) -> dict[str, str]:
+        threads = str(self.params.train.threads)
+        env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        env["PYTHONUNBUFFERED"] = "1"
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        elif self.params.train.device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        return env
+
+    def point_tags(self, job: Job) -> dict[str, str]:
+        p = job.point
+        return {
+            "arch": p.arch,
+            "moe": str(variant(p.arch).moe).lower(),
+            "size": p.size,
+            "tokens": str(p.tokens),
+            "mixture": p.mixture,
+            "seed": str(p.seed),
+            "group_id": job.group_id,
+            "code_fingerprint": job.code,
+            "git_revision": self.git_revision,
+        }
+
+    def point_params(self, job: Job) -> dict[str, Any]:
+        """Everything the point's result depends on, flattened (MLflow params)."""
+        params = self.params
+        return flatten(
+            {
+                "point": job.point.to_dict(),
+                "mixture": params.grid.mixtures[job.point.mixture].as_dict(),
+                "model": params.model.model_dump(),
+                "train": params.train.model_dump(),
+                "data": {
+                    "context_length": params.data.context_length,
+                    **self.fingerprints.data_for(job.point.arch),
+                },
+            }
+        )
+
+
+class Recorder:
+    """The records of one launch: record.json, runs.parquet and the points' MLflow runs."""
+
+    def __init__(self, jobs: list[Job], launch: Launch):
+        self.jobs, self.launch = jobs, launch
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.table = launch.results / "runs.parquet"
+
+    def start(self, job: Job) -> str:
+        """The point's MLflow run (created once, reused by retries and later launches)."""
+        launch = self.launch
+        return launch.tracker.start_point(
+            job.label, job.point_id, launch.point_tags(job), launch.point_params(job)
+        )
+
+    def adopt(self, job: Job, rec: dict[str, Any]) -> None:
+        """A point trained before: its row, and its MLflow run if this store lacks it (a new
+        store) or it never ended (a grid killed between the point's end and its record)."""
+        tracker = self.launch.tracker
+        if tracker.needs_finish(job.point_id):
+            self.start(job)
+            self.finish(job, rec, {})
+            return
+        row = {**rec, "mlflow_run_id": tracker.run_id(job.point_id)}
+        if rec.get("mlflow_run_id") != row["mlflow_run_id"]:
+            records.write_record(self.launch.results, job.point_id, row)
+        self.rows[job.point_id] = row
+
+    def finish(self, job: Job, rec: dict[str, Any], system: dict[str, float]) -> None:
+        """A point that ended: record.json (+ its run id), its MLflow run ends, runs.parquet."""
+        results, tracker = self.launch.results, self.launch.tracker
+        run_id = tracker.run_id(job.point_id)
+        rec = {**rec, "mlflow_run_id": run_id}
+        records.write_record(results, job.point_id, rec)
+        if run_id is not None:
+            pdir = records.point_dir(results, job.point_id)
+            artifacts = [pdir / "record.json", pdir / "train.log"]
+            tracker.finish_point(run_id, rec, pdir / "metrics.jsonl", artifacts, system)
+        self.rows[job.point_id] = rec
+        self.write()
+
+    def write(self) -> None:
+        """runs.parquet: the finished points of the current grid, in grid order."""
+        rows = [self.rows[j.point_id] for j in self.jobs if j.point_id in self.rows]
+        records.write_table(rows, self.table)
+
+
+@contextlib.contextmanager
+def exclusive(results: Path) -> Iterator[None]:
+    """One launch at a time per results directory (two would train the same checkpoints)."""
+    groups = results / "groups"  # the trunks' checkpoints: a DVC out, not cached, not in git
+    groups.mkdir(parents=True, exist_ok=True)
+    if not (groups / ".gitignore").exists():
+        (groups / ".gitignore").write_text("# checkpoints of the grid's trunks: never in git\n*\n")
+    with (groups / ".grid.lock").open("w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another grid launch is running on {results}") from None
+        yield

@@ -1,0 +1,62 @@
+"""Cooldown branching: the points of a group share one constant-lr trunk (Hägele et al. 2024).
+
+The points of one *group* (same architecture, size, mixture and seed; different token budgets)
+share their warmup and constant-lr phase. The group's *trunk* is trained once, with a
+checkpoint ``branch-<step>.pt`` at each budget's cooldown start; each budget then branches from
+its checkpoint and gets its own cooldown. A branched point is the same computation as a
+separately trained one (tests/flows/training/test_point.py checks it), at a fraction of the cost of the
+D-sweep. A budget added after the trunk went past its cooldown start replays the trunk to it
+from the start, aside (``trunk-replay-<step>.pt``).
+
+Every checkpoint carries the fingerprint of the code that wrote it. The group's directory is
+named by its group id, which already includes that fingerprint; still, a checkpoint written by
+other code (or by a version that did not record one) is never branched from: it is deleted and
+the trunk is trained again (:func:`drop_stale`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flows.training.loop import MetricsLog, advance
+from flows.training.recipe import schedule
+from flows.training.run import Run, checkpoint_meta
+
+log = logging.getLogger(__name__)
+
+
+def drop_stale(gdir: Path, fingerprint: str) -> list[Path]:
+    """Delete the checkpoints in ``gdir`` written by code other than ``fingerprint``."""
+    stale = [p for p in sorted(gdir.glob("*.pt")) if checkpoint_meta(p)[0] != fingerprint]
+    for p in stale:
+        log.warning("%s was written by other code: not branched from, deleted", p)
+        p.unlink()
+    return stale
+
+
+def trunk(run: Run, gdir: Path, fail_at: int | None = None) -> Path:
+    """The group's trunk checkpoint at ``run``'s cooldown start, trained here if it is missing
+    (resuming the trunk from its latest checkpoint)."""
+    params = run.params
+    gdir.mkdir(parents=True, exist_ok=True)
+    drop_stale(gdir, run.code["fingerprint"])
+    cs = run.sched.cooldown_start
+    branch = gdir / f"branch-{cs:08d}.pt"
+    if branch.exists():
+        return branch
+    latest = gdir / "trunk-latest.pt"
+    if latest.exists():
+        if checkpoint_meta(latest)[1] > cs:  # a budget added after the trunk went by:
+            latest = gdir / f"trunk-replay-{cs:08d}.pt"  # replay the trunk to it, aside
+        if latest.exists():
+            run.load(latest)
+    budgets = {  # every budget of the group gets its checkpoint as the trunk passes it
+        schedule(t, run.counts.N, params.train, params.data.context_length).cooldown_start
+        for t in params.grid.tokens
+    } | {cs}
+    save_at = {s: gdir / f"branch-{s:08d}.pt" for s in budgets if s >= run.c.step}
+    metrics = MetricsLog(gdir / "metrics.jsonl", run.c.step)
+    advance(run, cs, run.sched.trunk_lr, latest, metrics, save_at, fail_at)
+    run.save(latest)
+    return branch

@@ -1,0 +1,152 @@
+"""Train one grid point to its end, or resume it, and write its record.
+
+A point trains in three segments: the group's shared trunk (flows/training/branching.py), its
+own cooldown (flows/training/loop.py), then a final evaluation. Trunk and branch save
+checkpoints every ``train.checkpoint_every_steps``; a point killed and restarted continues from
+its last checkpoint and ends with the same metrics as an uninterrupted run.
+
+Its record, ``results/points/<point_id>/record.json`` (layout: flows/records.py), holds its
+coordinates, model shape, schedule, final validation losses, token and FLOP counts, timings,
+status (``ok`` or ``failed`` with the reason), the fingerprint of the code that trained it and
+the git revision. A point whose record says ``ok`` is returned as is, never trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flows import records
+from flows.devices import peak_flops
+from flows.plan import CODE, Point, fingerprints, group_id, point_id
+from flows.training.branching import trunk
+from flows.training.loop import Diverged, MetricsLog, advance, fault_step, read_jsonl
+from flows.training.run import Run, checkpoint_meta
+from model.archs import variant
+from model.counting import training_compute
+from stages.common.provenance import git_revision
+from stages.data.kinds import KINDS
+from stages.params import Params
+
+log = logging.getLogger(__name__)
+
+
+class PlanMismatch(RuntimeError):
+    """The point's id here differs from the one its caller planned (code or data changed)."""
+
+
+def train_point(
+    point: Point,
+    params: Params,
+    *,
+    shards: Path,
+    codebook: Path | None,
+    workdir: Path,
+    expect_id: str | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) one point; return its record (see the module docstring).
+
+    ``expect_id``: the id the grid planned; a different id here (the code or the data changed
+    since) raises :class:`PlanMismatch` before any work.
+    """
+    workdir = Path(workdir)
+    fp = fingerprints(shards, codebook)
+    pid, gid = point_id(point, params, fp), group_id(point, params, fp)
+    if expect_id is not None and pid != expect_id:
+        raise PlanMismatch(
+            f"{point.label}: planned as {expect_id} but its id is now {pid}: the code or the "
+            "data changed since the grid planned it; launch the grid again"
+        )
+    done = records.read_record(workdir, pid)
+    if records.is_done(done):
+        return done
+    pdir = records.point_dir(workdir, pid)
+    pdir.mkdir(parents=True, exist_ok=True)
+    wall0 = time.perf_counter()
+    if params.train.device != "cuda" and not torch.cuda.is_available():
+        torch.set_num_threads(params.train.threads)
+    code = {"fingerprint": fp.code(point.arch), "git_revision": str(git_revision(paths=CODE))}
+    run = Run(point, params, shards, codebook, code)
+    rec: dict[str, Any] = _describe(point, run, pid, gid)
+    fail_at = fault_step(pid)
+    latest = pdir / "latest.pt"
+    if latest.exists() and checkpoint_meta(latest)[0] != code["fingerprint"]:
+        log.warning("%s was written by other code: not resumed, deleted", latest)
+        latest.unlink()
+    try:
+        if latest.exists():  # resume this point's own segment
+            run.load(latest)
+            metrics = MetricsLog(pdir / "metrics.jsonl", run.c.step)
+        else:
+            trunk_rows: list[dict] = []
+            if params.train.branch_cooldowns:
+                gdir = workdir / "groups" / gid
+                run.load(trunk(run, gdir, fail_at))
+                trunk_rows = list(read_jsonl(gdir / "metrics.jsonl"))
+            metrics = MetricsLog(pdir / "metrics.jsonl", run.c.step, trunk_rows)
+        advance(run, run.sched.steps, run.sched.lr_at, latest, metrics, fail_at=fail_at)
+        final = run.evaluate()
+        metrics.log(run.c.step, run.c.tokens, final)
+        if run.cfg.moe is not None:
+            (pdir / "routing.json").write_text(json.dumps(run.routing_table()))
+        rec |= {f"loss_{k.removeprefix('val_')}": v for k, v in final.items()}
+        rec["train_loss"] = getattr(run, "last_loss", None)
+        rec["status"], rec["error"] = "ok", None
+    except Diverged as e:
+        rec["status"], rec["error"] = "failed", str(e)
+        log.warning("point %s failed: %s", pid, e)
+    rec |= _totals(run, time.perf_counter() - wall0)
+    records.write_record(workdir, pid, rec)
+    if rec["status"] == "ok":
+        latest.unlink(missing_ok=True)
+    return rec
+
+
+def _describe(point: Point, run: Run, pid: str, gid: str) -> dict[str, Any]:
+    v, cfg, s = variant(point.arch), run.cfg, run.sched
+    return {
+        "point_id": pid,
+        "group_id": gid,
+        "code_fingerprint": run.code["fingerprint"],
+        "git_revision": run.code["git_revision"],
+        "arch": point.arch,
+        "arch_base": v.base,
+        "moe": v.moe,
+        "modality_aware": v.modality_aware,
+        "size": point.size,
+        "tokens_budget": point.tokens,
+        "mixture": point.mixture,
+        "seed": point.seed,
+        "width": cfg.d_model,
+        "depth": cfg.n_layers,
+        "N": run.counts.N,
+        "N_v": run.counts.N_v,
+        "N_total": run.counts.N_total,
+        "batch_rows": s.batch_rows,
+        "lr": s.lr,
+        "steps": s.steps,
+        "branch_step": s.cooldown_start,
+        "device": str(run.device),
+        **{f"loss_{k}": None for k in (*KINDS, "avg")},
+    }
+
+
+def _totals(run: Run, wall: float) -> dict[str, Any]:
+    c, cfg = run.c, run.cfg
+    train_s = max(c.train_seconds, 1e-9)
+    return {
+        "D": c.tokens,
+        "D_image": c.image_tokens,
+        "D_text": c.text_targets,
+        "C": training_compute(cfg, c.tokens, c.image_tokens),
+        "flops": c.flops,
+        "wall_s": wall,
+        "train_s": c.train_seconds,
+        "tokens_per_s": c.tokens / train_s,
+        "mfu": c.flops / train_s / peak_flops(run.device, run.params.train.threads),
+    }

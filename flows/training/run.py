@@ -1,0 +1,193 @@
+"""One training segment of a point: model, optimizer, loader and counters, checkpointable.
+
+fp32 with pinned threads on CPU; bf16 autocast (and optionally ``torch.compile``) on GPU.
+A checkpoint holds the model, the optimizer, the loader's state (a few integers) and the
+counters, plus the fingerprint of the code that wrote it (flows/plan.py) and the git revision;
+:meth:`Run.load` refuses a checkpoint written by other code (:class:`StaleCheckpoint`).
+Evaluation is the validation loss per data kind on fixed held-out rows, and their average.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flows.devices import choose_device
+from flows.plan import Point
+from flows.training.recipe import build_optimizer, model_config, schedule
+from model.archs import variant
+from model.counting import count_params, step_flops
+from model.model import MultimodalLM
+from stages.data.kinds import KINDS
+from stages.data.loader import PackedLoader, val_batches
+from stages.data.shard_format import load_info
+from stages.params import Params
+
+EVAL_ROWS = 8  # rows per validation batch: the same held-out rows for every point
+
+
+class StaleCheckpoint(RuntimeError):
+    """A checkpoint written by other code (or before checkpoints carried a fingerprint)."""
+
+
+@dataclass
+class Counters:
+    step: int = 0
+    tokens: int = 0  # decoder tokens
+    image_tokens: int = 0
+    text_targets: int = 0
+    flops: float = 0.0  # model FLOPs done (model/counting.py step_flops)
+    train_seconds: float = 0.0
+
+
+def checkpoint_meta(path: Path) -> tuple[str | None, int]:
+    """(code fingerprint, step) of a checkpoint, without reading its tensors (mmap); the
+    fingerprint is None for a checkpoint that did not record one."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return (state.get("code") or {}).get("fingerprint"), int(state["counters"]["step"])
+
+
+class Run:
+    """Model, optimizer, loader and counters of one training segment of ``point``."""
+
+    def __init__(
+        self,
+        point: Point,
+        params: Params,
+        shards: Path,
+        codebook: Path | None,
+        code: dict[str, str],
+    ):
+        self.point, self.params, self.shards = point, params, Path(shards)
+        self.code = code  # {"fingerprint": ..., "git_revision": ...}, saved in checkpoints
+        info = load_info(shards)
+        cb = None
+        if variant(point.arch).base == "discrete":
+            from model.discrete import VisualCodebook
+
+            if codebook is None or not Path(codebook).exists():
+                raise FileNotFoundError("arch 'discrete' needs data/codebook/codebook.pt")
+            cb = VisualCodebook.from_file(codebook)
+        self.cfg = model_config(point, params, info, cb.size if cb is not None else 256)
+        self.counts = count_params(self.cfg)
+        self.sched = schedule(point.tokens, self.counts.N, params.train, params.data.context_length)
+        self.device = choose_device(params.train.device)
+        torch.manual_seed(point.seed)
+        self.model = MultimodalLM(self.cfg, cb).to(self.device)
+        self.opt = build_optimizer(self.model, self.sched, params.train)
+        mixture = params.grid.mixtures[point.mixture].as_dict()
+        self.loader = PackedLoader(
+            shards, self.sched.batch_rows, params.data.context_length, mixture, seed=point.seed
+        )
+        self.c = Counters()
+        self.forward = self.model
+        if self.device.type == "cuda" and params.train.compile:
+            self.forward = torch.compile(self.model)
+
+    # --- checkpoints
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        state = {
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "loader": self.loader.state_dict(),
+            "counters": asdict(self.c),
+            "code": self.code,
+        }
+        torch.save(state, tmp)
+        tmp.replace(path)  # atomic: a kill never leaves half a checkpoint
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        theirs = (state.get("code") or {}).get("fingerprint")
+        if theirs != self.code["fingerprint"]:
+            raise StaleCheckpoint(
+                f"{path} was written by other code (fingerprint {theirs}, this code "
+                f"{self.code['fingerprint']})"
+            )
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.loader.load_state_dict(state["loader"])
+        self.c = Counters(**state["counters"])
+
+    # --- one optimizer step
+    def step(self, lr: float, fail: bool = False) -> float:
+        batch = self.loader.next_batch().to(self.device)
+        for g in self.opt.param_groups:
+            g["lr"] = lr * g["lr_mult"]
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.forward(batch)
+        loss = out.total
+        if fail:
+            loss = loss * float("nan")
+        value = loss.item()
+        if math.isfinite(value):
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.params.train.grad_clip)
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.c.train_seconds += time.perf_counter() - t0
+        self.c.step += 1
+        self.c.tokens += batch.tokens.numel()
+        self.c.image_tokens += len(batch.images) * self.cfg.image_tokens
+        self.c.text_targets += int(out.n_targets)
+        self.last_flops = step_flops(
+            self.cfg, *batch.tokens.shape, int(out.n_targets), len(batch.images)
+        )
+        self.c.flops += self.last_flops
+        self.last_loss = out.loss.item()
+        self.last_aux = float(out.aux_loss.detach()) if out.moe else None
+        return value
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss per kind on fixed held-out rows, and their average (paper §2.1)."""
+        self.model.eval()
+        out = {}
+        ctx, n = self.params.data.context_length, self.params.train.eval_batches
+        # MoE: image and text tokens per expert and layer (routing_table); none for dense models
+        self.routing = [{"image": 0.0, "text": 0.0} for _ in range(self.cfg.n_layers)]
+        moe = self.cfg.moe is not None
+        for kind in KINDS:
+            total = count = 0.0
+            for b in islice(val_batches(self.shards, kind, EVAL_ROWS, ctx), n):
+                with torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
+                    o = self.model(b.to(self.device))
+                total += o.loss.item() * int(o.n_targets)
+                count += int(o.n_targets)
+                if moe:
+                    n_img = len(b.images) * self.cfg.image_tokens
+                    n_txt = b.tokens.numel() - n_img
+                    for acc, layer in zip(self.routing, o.moe, strict=True):
+                        acc["image"] = acc["image"] + layer["image_frac"].float().cpu() * n_img
+                        acc["text"] = acc["text"] + layer["text_frac"].float().cpu() * n_txt
+            if count:
+                out[f"val_{kind}"] = total / count
+        if out:
+            out["val_avg"] = sum(out.values()) / len(out)
+        self.model.train()
+        return out
+
+    def routing_table(self) -> dict[str, Any]:
+        """After :meth:`evaluate` of a MoE model: per layer, the share of the validation image
+        tokens and of the text tokens that each expert received (paper Figs. 12-13)."""
+        layers = []
+        for acc in self.routing:
+            img, txt = (torch.as_tensor(acc[k], dtype=torch.float64) for k in ("image", "text"))
+            layers.append(
+                {
+                    "image": (img / img.sum().clamp(min=1e-12)).tolist(),
+                    "text": (txt / txt.sum().clamp(min=1e-12)).tolist(),
+                    "image_tokens": float(img.sum()),
+                    "text_tokens": float(txt.sum()),
+                }
+            )
+        return {"arch": self.point.arch, "size": self.point.size, "layers": layers}

@@ -1,0 +1,431 @@
+"""Ingest a user's real data into the canonical corpus, checking every sample on the way.
+
+Reads the formats public data comes in (see stages/data/corpus_format.py for the canonical ones):
+
+- caption: img2dataset-style webdataset tars (``key.jpg|jpeg|png|webp``, ``key.txt``,
+  optional ``key.json``);
+- interleaved: OBELICS-style parquet, ``texts: list<string|null>`` and ``images: list<binary|
+  null>`` aligned by position, optional ``key``/``id`` column (images may also be HF-datasets
+  ``{"bytes", "path"}`` structs);
+- text: DCLM-style JSON lines (``.jsonl``/``.json``, optionally ``.gz``/``.zst``/``.bz2``) with a
+  ``text`` field, or parquet with a ``text`` column.
+
+Every sample is checked; valid ones are written with :class:`CorpusWriter` (images keep their
+original encoded bytes: the shards stage resizes them), every skipped one is counted under one
+of :data:`REASONS`. A kind whose bad fraction exceeds ``max_bad_fraction`` raises
+:class:`IngestError` after all kinds are processed, with the report attached.
+
+Python's ``tarfile`` stops *silently* at a cut or garbled header in mid-archive, so after
+reading a tar we also check that its last member is followed by an end-of-archive block;
+a tar without one counts as ``unreadable_file`` (the samples read before are kept).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageFile
+from tqdm import tqdm
+
+from stages.data.corpus_format import (
+    IMAGE_EXTS,
+    META_EXT,
+    TEXT_EXT,
+    CorpusWriter,
+    Doc,
+    corpus_files,
+    iter_tar_groups,
+)
+from stages.data.kinds import KINDS
+from stages.params import FilesCorpus
+
+log = logging.getLogger(__name__)
+
+REASONS: tuple[str, ...] = (
+    "undecodable_image",  # PIL cannot identify it as PNG/JPEG/WebP, or cannot decode it
+    "truncated_image",  # PIL's truncated-file error on a full load
+    "oversized_image",  # a side > max_image_side (from the header), or a decompression bomb
+    "undersized_image",  # a side < min_image_side
+    "empty_text",  # empty or whitespace-only text
+    "non_utf8_text",  # bytes that are not UTF-8 (or a lone surrogate from a JSON escape)
+    "unpaired",  # caption image without .txt, or .txt without image
+    "malformed_record",  # bad JSON line, missing/non-string text, misaligned interleaved row
+    "unreadable_file",  # a file that cannot be opened or is cut short (counts 1 per file)
+)
+# Formats the canonical corpus can name (corpus_format.image_ext); others are refused.
+PIL_FORMATS = ("PNG", "JPEG", "WEBP")
+SUFFIXES: dict[str, tuple[str, ...]] = {
+    "caption": (".tar", ".tar.gz", ".tgz"),
+    "interleaved": (".parquet",),
+    "text": tuple(
+        f"{base}{comp}" for base in (".jsonl", ".json") for comp in ("", ".gz", ".zst", ".bz2")
+    )
+    + (".parquet",),
+}
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_MAX_KEY = 96
+_BATCH_ROWS = 16  # parquet rows decoded at a time (interleaved rows can hold many images)
+
+
+class IngestError(RuntimeError):
+    """Bad input: a pattern with no files, or a kind with too many bad samples.
+
+    ``report`` is the ingest report when one was made (threshold breach), else ``None``.
+    """
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+class _Unreadable(Exception):
+    """A file that opens but is not what its kind needs (no column, no end of archive)."""
+
+
+# What a cut or corrupt file raises while it is read; anything else is a bug and propagates.
+READ_ERRORS = (OSError, EOFError, zlib.error, tarfile.TarError, pa.ArrowException, _Unreadable)
+
+
+class _Bad(NamedTuple):
+    reason: str
+    where: str
+
+
+@dataclass(frozen=True)
+class _Checks:
+    min_side: int
+    max_side: int
+
+    def image(self, data: Any) -> str | None:
+        """The reason these encoded image bytes are refused, or None if they are fine."""
+        if not isinstance(data, bytes | bytearray):
+            return "malformed_record"
+        try:
+            with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
+                w, h = im.size  # header only: nothing decoded yet
+                if max(w, h) > self.max_side:
+                    return "oversized_image"
+                if min(w, h) < self.min_side:
+                    return "undersized_image"
+                im.load()
+        except Image.DecompressionBombError:
+            return "oversized_image"
+        except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+            return "truncated_image" if "truncated" in str(e).lower() else "undecodable_image"
+        return None
+
+    @staticmethod
+    def text(value: Any) -> tuple[str | None, str]:
+        """(reason, decoded text): reason is None when the text is fine."""
+        if isinstance(value, bytes | bytearray):
+            try:
+                value = bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                return "non_utf8_text", ""
+        if not isinstance(value, str):
+            return "malformed_record", ""
+        try:
+            value.encode("utf-8")  # a lone surrogate ("\ud800" in JSON) cannot be written
+        except UnicodeEncodeError:
+            return "non_utf8_text", ""
+        if not value.strip():
+            return "empty_text", ""
+        return None, value
+
+
+class _Keys:
+    """Canonical keys of one file: ``{kind}-{file:05d}-{source key}``, unique, no '.' or '/'."""
+
+    def __init__(self, kind: str, file_index: int):
+        self.prefix, self.seen = f"{kind}-{file_index:05d}-", set()
+
+    def __call__(self, source_key: str) -> str:
+        base = self.prefix + (_KEY_UNSAFE.sub("_", source_key)[:_MAX_KEY] or "_")
+        key, n = base, 1
+        while key in self.seen:  # a repeated or sanitised-alike source key
+            n += 1
+            key = f"{base}-{n}"
+        self.seen.add(key)
+        return key
+
+
+def _meta(path: str, where: Any) -> dict[str, Any]:
+    return {"source": f"{path}:{where}", "entropy_nats": None}
+
+
+# ---------------------------------------------------------------------------------- readers
+# Each yields a Doc or a _Bad per sample, and raises one of READ_ERRORS if the file is cut.
+
+
+def _read_caption(path: str, file_index: int, check: _Checks) -> Iterator[Doc | _Bad]:
+    keys = _Keys("caption", file_index)
+    for src_key, group in iter_tar_groups(path):
+        where = f"{path}:{src_key}"
+        ext = next((e for e in IMAGE_EXTS if e in group), None)
+        if ext is None or TEXT_EXT not in group:
+            yield _Bad("unpaired", where)
+            continue
+        reason, text = check.text(group[TEXT_EXT])
+        reason = reason or check.image(group[ext])
+        if reason:
+            yield _Bad(reason, where)
+            continue
+        meta = _meta(path, src_key)
+        if META_EXT in group:
+            with contextlib.suppress(ValueError, RecursionError):
+                meta["orig"] = json.loads(group[META_EXT])
+        yield Doc.caption(keys(src_key), group[ext], text, meta)
+    _check_tar_end(path)
+
+
+def _check_tar_end(path: str) -> None:
+    """Raise _Unreadable unless the last member is followed by an all-zero end block."""
+    with tarfile.open(path, mode="r:*") as tf:
+        while tf.next() is not None:
+            tf.members.clear()  # walk headers only; keep memory flat
+        tf.fileobj.seek(tf.offset)
+        end = tf.fileobj.read(tarfile.BLOCKSIZE)
+    if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
+        raise _Unreadable(f"no end-of-archive block after byte {tf.offset} (cut or garbled)")
+
+
+def _binary(t: pa.DataType) -> pa.DataType:
+    """The same type with strings as binary: we decode UTF-8 per value, not per file."""
+    if pa.types.is_string(t):
+        return pa.binary()
+    if pa.types.is_large_string(t):
+        return pa.large_binary()
+    if pa.types.is_list(t):
+        return pa.list_(_binary(t.value_type))
+    if pa.types.is_large_list(t):
+        return pa.large_list(_binary(t.value_type))
+    return t
+
+
+def _parquet_rows(path: str, need: list[str], optional: list[str]) -> Iterator[dict[str, Any]]:
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    missing = [c for c in need if c not in names]
+    if missing:
+        raise _Unreadable(f"no column {missing} (columns: {names})")
+    cols = need + [c for c in optional if c in names][:1]
+    for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=cols):
+        data = {c: batch.column(c) for c in cols}
+        data = {c: a.cast(_binary(a.type)).to_pylist() for c, a in data.items()}
+        for i in range(batch.num_rows):
+            yield {c: v[i] for c, v in data.items()}
+
+
+def _read_interleaved(path: str, file_index: int, check: _Checks) -> Iterator[Doc | _Bad]:
+    keys = _Keys("interleaved", file_index)
+    for row_index, row in enumerate(_parquet_rows(path, ["texts", "images"], ["key", "id"])):
+        key = row.get("key", row.get("id"))
+        src_key = f"{row_index:08d}" if key is None else _as_str(key)
+        where = f"{path}:{src_key}"
+        reason, texts, images = _check_row(row["texts"], row["images"], check)
+        if reason:
+            yield _Bad(reason, where)
+        else:
+            yield Doc(keys(src_key), "interleaved", texts, images, _meta(path, src_key))
+
+
+def _as_str(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _check_row(
+    texts: Any, images: Any, check: _Checks
+) -> tuple[str | None, list[str | None], list[bytes | None]]:
+    """Validate one OBELICS row; the first failure names the reason for the whole row."""
+    if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
+        return "malformed_record", [], []
+    images = [im.get("bytes") if isinstance(im, dict) else im for im in images]  # HF Image
+    if any((t is None) == (im is None) for t, im in zip(texts, images, strict=True)):
+        return "malformed_record", [], []
+    if all(t is None for t in texts) or all(im is None for im in images):
+        return "malformed_record", [], []
+    out_texts: list[str | None] = []
+    for t, im in zip(texts, images, strict=True):
+        if t is not None:
+            reason, text = check.text(t)
+            out_texts.append(text)
+        else:
+            reason = check.image(im)
+            out_texts.append(None)
+        if reason:
+            return reason, [], []
+    return None, out_texts, [None if im is None else bytes(im) for im in images]
+
+
+def _read_text(path: str, file_index: int, check: _Checks) -> Iterator[Doc | _Bad]:
+    keys = _Keys("text", file_index)
+    if path.endswith(".parquet"):  # rows numbered from 0
+        numbered = enumerate((r["text"] for r in _parquet_rows(path, ["text"], [])), 0)
+        records = ((n, value, None) for n, value in numbered)
+    else:  # lines numbered from 1
+        records = _jsonl_records(path)
+    for n, value, reason in records:
+        where = f"{path}:{n}"
+        if reason is None:
+            reason, value = check.text(value)
+        if reason:
+            yield _Bad(reason, where)
+        else:
+            yield Doc.text_only(keys(f"{n:08d}"), value, _meta(path, n))
+
+
+def _jsonl_records(path: str) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number, text value, reason) per non-blank line; decoded line by line."""
+    with pa.input_stream(path, compression="detect") as stream, io.BufferedReader(stream) as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue  # a blank line is no record
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield n, None, "non_utf8_text"
+                continue
+            try:
+                rec = json.loads(line)
+            except (ValueError, RecursionError):
+                yield n, None, "malformed_record"
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                yield n, None, "malformed_record"
+                continue
+            yield n, rec["text"], None
+
+
+READERS = {"caption": _read_caption, "interleaved": _read_interleaved, "text": _read_text}
+
+
+# ---------------------------------------------------------------------------------- driver
+
+
+def expand(patterns: list[str], kind: str) -> list[str]:
+    """Files matched by ``patterns`` (paths or recursive globs): sorted per pattern, deduped.
+
+    Raises IngestError naming a pattern that matches no file, or a file of an unknown format.
+    """
+    files: list[str] = []
+    for pattern in patterns:
+        pat = os.path.expanduser(pattern)
+        matches = sorted(p for p in glob.glob(pat, recursive=True) if os.path.isfile(p))
+        if not matches and os.path.isfile(pat):  # a literal name with glob characters
+            matches = [pat]
+        if not matches:
+            raise IngestError(f"corpus.files.{kind}: pattern {pattern!r} matches no files")
+        for m in matches:
+            if not m.lower().endswith(SUFFIXES[kind]):
+                raise IngestError(
+                    f"corpus.files.{kind}: {m!r} (from {pattern!r}) is not one of "
+                    f"{', '.join(SUFFIXES[kind])}"
+                )
+            if m not in files:
+                files.append(m)
+    return files
+
+
+@contextlib.contextmanager
+def _strict_pil() -> Iterator[None]:
+    """A truncated image must fail to load, whatever another module set globally."""
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def _ingest_kind(
+    kind: str, files: list[str], check: _Checks, out_root: Path, samples_per_file: int
+) -> dict[str, Any]:
+    bad: Counter[str] = Counter()
+    kept = 0
+    if files:
+        with CorpusWriter(out_root, kind, samples_per_file) as writer:
+            bar = tqdm(files, desc=f"ingest {kind}", unit="file", disable=None)
+            for file_index, path in enumerate(bar):
+                items = READERS[kind](path, file_index, check)
+                while True:
+                    try:
+                        item = next(items)
+                    except StopIteration:
+                        break
+                    except READ_ERRORS as e:
+                        log.warning("%s: unreadable file %s: %s", kind, path, e)
+                        bad["unreadable_file"] += 1
+                        break
+                    if isinstance(item, _Bad):
+                        log.debug("%s: skip %s: %s", kind, item.where, item.reason)
+                        bad[item.reason] += 1
+                    else:
+                        writer.write(item)
+                        kept += 1
+                bar.set_postfix(kept=kept, bad=sum(bad.values()))
+    read = kept + sum(bad.values())
+    fraction = sum(bad.values()) / read if read else 0.0
+    summary = ", ".join(f"{r}={n}" for r, n in sorted(bad.items())) or "none"
+    log.info(
+        "ingest %s: %d files, read %d, kept %d, bad %.2f%% (%s)",
+        *(kind, len(files), read, kept, 100 * fraction, summary),
+    )
+    if files and kept == 0:
+        log.warning("ingest %s: no valid sample in %d files", kind, len(files))
+    return {
+        "files": files,
+        "read": read,
+        "kept": kept,
+        "bad": dict(sorted(bad.items())),
+        "bad_fraction": round(fraction, 6),
+        "entropy_nats": None,
+        "_fraction": fraction,  # exact, for the threshold; removed before returning
+    }
+
+
+def ingest(files: FilesCorpus, out_root: Path, samples_per_file: int) -> dict:
+    """Check every sample of ``files`` and write the valid ones as the corpus in ``out_root``.
+
+    Canonical files of every kind already in ``out_root`` are removed first (a stale file from
+    an earlier, larger run would otherwise be read as corpus). Returns the report; raises
+    :class:`IngestError` (with ``.report``) if a kind's bad fraction exceeds the threshold.
+    """
+    out_root = Path(out_root)
+    inputs = {kind: expand(getattr(files, kind), kind) for kind in KINDS}  # fail before work
+    check = _Checks(min_side=files.min_image_side, max_side=files.max_image_side)
+    for kind in KINDS:
+        for stale in corpus_files(out_root, kind):
+            stale.unlink()
+    with _strict_pil():
+        kinds = {
+            kind: _ingest_kind(kind, inputs[kind], check, out_root, samples_per_file)
+            for kind in KINDS
+        }
+    fractions = {kind: k.pop("_fraction") for kind, k in kinds.items()}
+    report = {"source": "files", "max_bad_fraction": files.max_bad_fraction, "kinds": kinds}
+    breaches = [
+        f"{kind}: bad fraction {fractions[kind]:.4f} > max_bad_fraction "
+        f"{files.max_bad_fraction:g} (read {k['read']}, kept {k['kept']}; "
+        + ", ".join(f"{r}={n}" for r, n in k["bad"].items())
+        + ")"
+        for kind, k in kinds.items()
+        if fractions[kind] > files.max_bad_fraction
+    ]
+    if breaches:
+        raise IngestError("too many bad samples: " + "; ".join(breaches), report)
+    return report

@@ -1,0 +1,243 @@
+"""The training loader: streams shards, samples kinds by the mixture, packs rows, yields batches.
+
+Reads only what stages/data/shard_format.py defines. Each row of a batch is filled from ONE data
+kind, drawn with the mixture probabilities (45-45-10 by default), so the mixture is the share of
+rows, i.e. of training tokens, per kind. Documents are packed back to back; a document longer
+than the space left continues in the next row of its kind, but an image is never cut: if its
+``<boi> <image>×T <eoi>`` span would cross the end of the row, the row is padded and the span
+starts the next one. Consecutive rows of a kind overlap by one token, so no target is lost.
+
+Determinism and resume: the kinds of step ``s`` come from ``rng([seed, s])``; each kind's stream
+visits its shards in an order drawn per epoch and the samples of a shard in an order drawn per
+(epoch, shard). The loader's whole state is therefore the step and, per kind, (epoch, shard,
+sample, token offset): :meth:`PackedLoader.state_dict` saves it and ``start_step`` or
+:meth:`PackedLoader.load_state_dict` resume exactly where a run stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.data.kinds import KINDS
+from stages.data.shard_format import NON_TARGET, Sample, load_info, read_shard, shard_paths
+
+
+@dataclass
+class Batch:
+    """One training batch. B rows of L positions; M images in the whole batch."""
+
+    tokens: torch.Tensor  # (B, L) int64 input ids; image positions hold the <image> id
+    targets: torch.Tensor  # (B, L) int64 next-token ids
+    loss_mask: torch.Tensor  # (B, L) float32: 1 where the target is text of the same document
+    doc_ids: torch.Tensor  # (B, L) int64: segment of each position; attention stays inside one
+    positions: torch.Tensor  # (B, L) int64: position inside its segment (restarts at 0)
+    images: torch.Tensor  # (M, 3, S, S) uint8
+    image_index: torch.Tensor  # (M, 2) int64: (row, position of the image's first token)
+    kinds: torch.Tensor  # (B,) int64: index into KINDS of each row
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(
+            **{
+                f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                for f in fields(self)
+            }
+        )
+
+
+@dataclass
+class StreamState:
+    epoch: int = 0
+    shard: int = 0  # position in this epoch's shard order
+    sample: int = 0  # position in this shard's sample order
+    offset: int = 0  # tokens of the current document already used
+
+
+class KindStream:
+    """The documents of one kind in a seeded order, one shard in memory at a time."""
+
+    def __init__(self, shards: list[Path], seed: int, kind_index: int, repeat: bool, shuffle: bool):
+        self.shards, self.seed, self.kind_index = shards, seed, kind_index
+        self.repeat, self.shuffle = repeat, shuffle
+        self.state = StreamState()
+        self._loaded: tuple[int, int] | None = None  # (epoch, shard) held in _samples
+        self._samples: list[Sample] = []
+
+    def _order(self, n: int, *key: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, self.kind_index, *key]).permutation(n)
+
+    def current(self) -> Sample | None:
+        """The document at the stream's position (None when a non-repeating stream ends)."""
+        st = self.state
+        while True:
+            if st.shard >= len(self.shards):
+                if not self.repeat or not self.shards:
+                    return None
+                st.epoch, st.shard, st.sample, st.offset = st.epoch + 1, 0, 0, 0
+            if self._loaded != (st.epoch, st.shard):
+                path = self.shards[self._order(len(self.shards), st.epoch)[st.shard]]
+                samples = read_shard(path)
+                order = self._order(len(samples), st.epoch, st.shard)
+                self._samples = [samples[i] for i in order]
+                self._loaded = (st.epoch, st.shard)
+            if st.sample < len(self._samples):
+                return self._samples[st.sample]
+            st.shard, st.sample, st.offset = st.shard + 1, 0, 0
+
+    def next_doc(self) -> None:
+        self.state.sample += 1
+        self.state.offset = 0
+
+
+class RowPacker:
+    """Fills rows of ``context_length + 1`` tokens from a stream (see module docstring)."""
+
+    def __init__(self, info: dict[str, Any], context_length: int):
+        self.L = context_length
+        self.T = info["image_tokens"]
+        sp = info["special_ids"]
+        self.pad, self.boi = sp["pad"], sp["boi"]
+        self.non_target = np.array([sp[n] for n in NON_TARGET])
+        if self.L < self.T + 3:
+            raise ValueError(f"context_length={self.L} cannot hold an image of {self.T} tokens")
+
+    def fill(self, stream: KindStream) -> tuple[np.ndarray, np.ndarray, list] | None:
+        """One row: (ids (L+1,), segment ids (L+1,), [(image uint8 HWC, first position)])."""
+        L1 = self.L + 1
+        ids = np.full(L1, self.pad, dtype=np.int64)
+        seg = np.full(L1, -1, dtype=np.int64)
+        images: list[tuple[np.ndarray, int]] = []
+        pos = n_seg = 0
+        while pos < L1:
+            doc = stream.current()
+            if doc is None:
+                break
+            off = stream.state.offset
+            cut = min(len(doc.ids), off + L1 - pos)  # doc tokens [off, cut) would fit
+            boi = np.flatnonzero(doc.ids == self.boi)
+            spans = [(m, b) for m, b in enumerate(boi) if off <= b < cut]
+            if cut < len(doc.ids):
+                for _, b in spans:  # an image whose <eoi> would not be an input position
+                    if pos + (b + self.T + 1 - off) > self.L - 1:
+                        cut = int(b)
+                        break
+            n = cut - off
+            ids[pos : pos + n] = doc.ids[off:cut]
+            seg[pos : pos + n] = n_seg
+            images += [(doc.images[m], pos + b + 1 - off) for m, b in spans if b < cut]
+            if cut == len(doc.ids):
+                stream.next_doc()
+                pos += n
+            elif pos + n == L1:  # the row is full: the next row starts with its last token
+                stream.state.offset = cut - 1
+                pos = L1
+            else:  # an image did not fit: pad the rest, it starts the next row
+                stream.state.offset = cut
+                pos = L1
+            n_seg += 1
+        if n_seg == 0:
+            return None
+        return ids, seg, images
+
+    def collate(self, rows: list[tuple[np.ndarray, np.ndarray, list]], kinds: list[int]) -> Batch:
+        ids = np.stack([r[0] for r in rows])
+        seg = np.stack([r[1] for r in rows])
+        same_doc = (seg[:, :-1] == seg[:, 1:]) & (seg[:, :-1] >= 0)
+        mask = same_doc & ~np.isin(ids[:, 1:], self.non_target)
+        positions = np.zeros_like(seg[:, :-1])
+        for b in range(len(rows)):  # position inside each segment
+            s = seg[b, :-1]
+            starts = np.r_[0, np.flatnonzero(s[1:] != s[:-1]) + 1]
+            lengths = np.diff(np.r_[starts, len(s)])
+            positions[b] = np.arange(len(s)) - np.repeat(starts, lengths)
+        imgs = [(img, b, p) for b, r in enumerate(rows) for img, p in r[2]]
+        if imgs:
+            pixels = torch.from_numpy(np.stack([i for i, _, _ in imgs])).permute(0, 3, 1, 2)
+            index = torch.tensor([[b, p] for _, b, p in imgs], dtype=torch.int64)
+        else:
+            pixels = torch.zeros((0, 3, 1, 1), dtype=torch.uint8)
+            index = torch.zeros((0, 2), dtype=torch.int64)
+        return Batch(
+            tokens=torch.from_numpy(ids[:, :-1].copy()),
+            targets=torch.from_numpy(ids[:, 1:].copy()),
+            loss_mask=torch.from_numpy(mask.astype(np.float32)),
+            doc_ids=torch.from_numpy(seg[:, :-1].copy()),
+            positions=torch.from_numpy(positions),
+            images=pixels.contiguous(),
+            image_index=index,
+            kinds=torch.tensor(kinds, dtype=torch.int64),
+        )
+
+
+class PackedLoader:
+    """Infinite training batches mixing the kinds; deterministic given the seed; resumable."""
+
+    def __init__(
+        self,
+        shards_dir: str | Path,
+        batch_size: int,
+        context_length: int,
+        mixture: dict[str, float],
+        seed: int = 0,
+        split: str = "train",
+        start_step: int = 0,
+    ):
+        self.batch_size, self.seed = batch_size, seed
+        self.packer = RowPacker(load_info(shards_dir), context_length)
+        self.probs = np.array([mixture.get(k, 0.0) for k in KINDS], dtype=np.float64)
+        if not np.isclose(self.probs.sum(), 1.0) or (self.probs < 0).any():
+            raise ValueError(f"mixture must be non-negative and sum to 1, got {mixture}")
+        self.streams = []
+        for i, kind in enumerate(KINDS):
+            paths = shard_paths(shards_dir, split, kind)
+            if self.probs[i] > 0 and not paths:
+                raise ValueError(f"mixture gives {kind} p={self.probs[i]} but no {split} shards")
+            self.streams.append(KindStream(paths, seed, i, repeat=True, shuffle=True))
+        self.step = 0
+        for _ in range(start_step):  # replay: exactly the state an uninterrupted run had
+            self.next_batch()
+
+    def kinds_at(self, step: int) -> list[int]:
+        rng = np.random.default_rng([self.seed, step])
+        return rng.choice(len(KINDS), size=self.batch_size, p=self.probs).tolist()
+
+    def next_batch(self) -> Batch:
+        kinds = self.kinds_at(self.step)
+        rows = [self.packer.fill(self.streams[k]) for k in kinds]
+        self.step += 1
+        return self.packer.collate(rows, kinds)
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "streams": [asdict(s.state) for s in self.streams]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        for s, st in zip(self.streams, state["streams"], strict=True):
+            s.state = StreamState(**st)
+
+
+def val_batches(
+    shards_dir: str | Path, kind: str, batch_size: int, context_length: int
+) -> Iterator[Batch]:
+    """Every validation document of one kind once, in stored order, packed like training."""
+    packer = RowPacker(load_info(shards_dir), context_length)
+    stream = KindStream(shard_paths(shards_dir, "val", kind), 0, KINDS.index(kind), False, False)
+    k = KINDS.index(kind)
+    while True:
+        rows = []
+        while len(rows) < batch_size and (row := packer.fill(stream)) is not None:
+            rows.append(row)
+        if not rows:
+            return
+        yield packer.collate(rows, [k] * len(rows))

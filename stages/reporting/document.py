@@ -1,0 +1,150 @@
+"""The report as a document: results/report.md from a Jinja2 template, and its HTML rendering.
+
+The markdown's layout is templates/report.md.j2; this module turns this run's findings, fits
+and figures into the template's rows of strings, and holds the one set of constants the report
+prints that were not computed here: the paper's Table 2. :func:`to_html` renders the markdown
+(python-markdown, tables extension) as one standalone page with every figure inlined, so it can
+be mailed or opened anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+from stages.common.figures import slug
+from stages.reporting.findings import Finding
+from stages.scaling.law import fitted_law
+
+PARAMS = ("E", "alpha", "beta", "a", "b", "c", "d")
+# Shukor et al. 2025, Table 2: (E, alpha, beta, a, b, c, d) per (arch, target).
+PAPER_TABLE2 = {
+    ("early", "text"): (2.222, 0.3084, 0.3375, 0.5246, 0.4774, -0.0420, 0.9085),
+    ("early", "caption"): (1.569, 0.3111, 0.3386, 0.5203, 0.4785, -0.0610, 0.9187),
+    ("early", "interleaved"): (1.966, 0.2971, 0.338, 0.5315, 0.4680, -0.0459, 0.8791),
+    ("early", "avg"): (1.904, 0.301, 0.335, 0.5262, 0.473, -0.0492, 0.8987),
+    ("late", "avg"): (1.891, 0.2903, 0.3383, 0.6358, 0.4619, -0.0494, 0.6732),
+    ("early-moe", "avg"): (2.158, 0.710, 0.372, 0.361, 0.656, -0.047, 1.797),
+}
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+def _num(v, fmt=".4g") -> str:
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+
+
+def _with_ci(fit: dict, k: str) -> str:
+    ci = fit.get("bootstrap", {}).get(k)
+    s = _num(fit.get(k))
+    if ci and ci.get("low") is not None and ci.get("high") is not None:
+        s += f" [{_num(ci['low'], '.3g')}, {_num(ci['high'], '.3g')}]"
+    return s
+
+
+def paper_table(fits: dict) -> dict[str, Any]:
+    """Our E..d with intervals beside the paper's, per row of its Table 2."""
+    rows = []
+    for (arch, target), paper in PAPER_TABLE2.items():
+        f = fits.get(f"{arch}/{target}")
+        ours = [_with_ci(f, k) for k in PARAMS] if f else ["not run"] * len(PARAMS)
+        rows.append([f"{arch}/{target}", "this study", *ours])
+        rows.append(["", "paper", *(f"{v:g}" for v in paper)])
+    return {"header": ["fit", "source", *PARAMS], "rows": rows}
+
+
+def fits_table(fits: dict, floor: dict[str, float]) -> dict[str, Any]:
+    """Every fit, with the corpus's entropy floor beside its E."""
+    rows = []
+    for key, f in sorted(fits.items()):
+        target = key.split("/")[-1]
+        flag = "" if fitted_law(f) is not None else " (degenerate)"
+        E, fl = f.get("E"), floor.get(target)
+        below = " (below the floor: E not identified)" if E is not None and fl and fl > E else ""
+        row = [key + flag, _with_ci(f, "E") + below, _num(fl, ".3f")]
+        row += [_num(f.get(k)) for k in PARAMS[1:]]
+        row += [_num(f.get("fit_r2"), ".3f"), _num(f.get("heldout_mre"), ".2%")]
+        rows.append(row)
+    header = ["fit", "E [95% CI]", "floor", *PARAMS[1:], "R²", "held-out MRE"]
+    return {"header": header, "rows": rows}
+
+
+def equal_compute_rows(eq: pd.DataFrame) -> dict[str, Any] | None:
+    """Frontier loss per (kind, C) and arch, the best in bold."""
+    if eq.empty:
+        return None
+    t = eq.pivot_table(index=["target", "C"], columns="arch", values="loss").reset_index()
+    archs = [c for c in t.columns if c not in ("target", "C")]
+    rows = []
+    for _, r in t.iterrows():
+        best = min(r[a] for a in archs if pd.notna(r[a]))
+        cells = [(f"**{r[a]:.4f}**" if r[a] == best else f"{r[a]:.4f}") if pd.notna(r[a]) else "–"
+                 for a in archs]  # fmt: skip
+        rows.append([str(r.target), f"{r.C:.3g}", *cells])
+    return {"header": ["kind", "C", *archs], "rows": rows}
+
+
+def render_markdown(
+    results: Path,
+    runs: pd.DataFrame,
+    fits: dict,
+    floor: dict[str, float],
+    found: list[Finding],
+    figures: dict[str, Path],
+    why: dict[str, str],
+    eq: pd.DataFrame,
+) -> str:
+    """results/report.md (templates/report.md.j2) from this run's inputs and figures."""
+    archs = list(dict.fromkeys(runs.arch))
+    env = Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        undefined=StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,  # markdown, not HTML: to_html escapes nothing it did not write
+    )
+    isoflop = [
+        (a, f"plots/isoflop_{slug(a)}_avg.png")
+        for a in archs
+        if (results / "plots" / f"isoflop_{slug(a)}_avg.png").exists()
+    ]
+    return env.get_template("report.md.j2").render(
+        n_runs=len(runs),
+        archs=archs,
+        sizes=list(dict.fromkeys(runs.sort_values("N")["size"])),
+        N_range=f"{runs.N.min():,}–{runs.N.max():,}",
+        D_range=f"{runs.D.min():,}–{runs.D.max():,}",
+        C_range=f"{runs.C.min():.3g}–{runs.C.max():.3g}",
+        findings=[[f.claim, f.source, f"**{f.verdict}**", f.evidence] for f in found],
+        figures={k: Path(p).relative_to(results).as_posix() for k, p in figures.items()},
+        why=why,
+        equal_compute=equal_compute_rows(eq),
+        isoflop=isoflop,
+        paper=paper_table(fits),
+        fits_table=fits_table(fits, floor),
+    )
+
+
+def to_html(md: str, base: Path) -> str:
+    """The markdown as a standalone HTML page, every image inlined as a data URI."""
+    import markdown
+
+    body = markdown.markdown(md, extensions=["tables"])
+
+    def inline(m: re.Match) -> str:
+        path = base / m.group(1)
+        if not path.exists():
+            return m.group(0)
+        data = base64.b64encode(path.read_bytes()).decode()
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="([^"]+\.png)"', inline, body)
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+             "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;"
+             "padding:3px 6px}img{max-width:100%}")  # fmt: skip
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Scaling study report"
+            f"</title><style>{style}</style></head><body>{body}</body></html>\n")  # fmt: skip

@@ -1,0 +1,88 @@
+"""What the report reads: this run's runs and fits, the corpus's entropy floor, MoE routing,
+and the archs' fitted frontiers at shared compute budgets.
+
+Every number the report shows comes from here or from stages/reporting/findings.py; nothing
+is a constant of the paper except its own columns (stages/reporting/document.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stages.data.kinds import KINDS, TARGETS
+
+log = logging.getLogger(__name__)
+
+
+class ReportError(ValueError):
+    """An input of the report is missing or unusable; the message names it."""
+
+
+def load_inputs(results: Path) -> tuple[pd.DataFrame, dict]:
+    runs_path, fits_path = results / "runs.parquet", results / "fits.json"
+    for p in (runs_path, fits_path):
+        if not p.exists():
+            raise ReportError(f"{p} not found: run the grid and fit stages first (dvc repro)")
+    runs = pd.read_parquet(runs_path)
+    runs = runs[runs.status == "ok"].copy()
+    if runs.empty:
+        raise ReportError(f"{runs_path} has no run with status ok")
+    return runs, json.loads(fits_path.read_text())
+
+
+def entropy_floor(shards: Path) -> dict[str, float]:
+    """Nats per text token no model can beat, per kind (val split) and their mean (``avg``)."""
+    info = shards / "info.json"
+    if not info.exists():
+        return {}
+    totals = json.loads(info.read_text()).get("totals", {})
+    out = {
+        k: totals[f"val/{k}"]["floor_nats_per_token"]
+        for k in KINDS
+        if totals.get(f"val/{k}", {}).get("floor_nats_per_token") is not None
+    }
+    if len(out) == len(KINDS):
+        out["avg"] = sum(out.values()) / len(out)
+    return out
+
+
+def routings(points: Path, runs: pd.DataFrame) -> dict[str, dict]:
+    """Per MoE arch, the routing of its largest model at its largest budget (written by
+    flows/training/point.py)."""
+    out = {}
+    for arch, r in runs[runs.moe.astype(bool)].groupby("arch", sort=False):
+        top = r.sort_values(["N", "D"]).iloc[-1]
+        path = points / top.point_id / "routing.json"
+        if path.exists():
+            out[str(arch)] = json.loads(path.read_text())
+        else:
+            log.warning("%s: no routing.json for point %s (trained before it was recorded)",
+                        arch, top.point_id)  # fmt: skip
+    return out
+
+
+def equal_compute_table(fits: dict, archs: list[str], n: int = 3) -> pd.DataFrame:
+    """Loss on each arch's fitted frontier L = c_coef C^c at ``n`` shared compute budgets."""
+    rows = []
+    for target in TARGETS:
+        fs = {a: fits[f"{a}/{target}"] for a in archs if f"{a}/{target}" in fits}
+        fs = {a: f for a, f in fs.items() if f.get("c") is not None}
+        if not fs:
+            continue
+        lo = max(f["C_min"] for f in fs.values())
+        hi = min(f["C_max"] for f in fs.values())
+        if lo >= hi:  # no shared range: the middle of the union
+            lo = hi = math.sqrt(
+                min(f["C_min"] for f in fs.values()) * max(f["C_max"] for f in fs.values())
+            )
+        for C in np.geomspace(lo, hi, n):
+            for a, f in fs.items():
+                rows.append({"target": target, "C": float(C), "arch": a,
+                             "loss": f["c_coef"] * C ** f["c"]})  # fmt: skip
+    return pd.DataFrame(rows, columns=["target", "C", "arch", "loss"])

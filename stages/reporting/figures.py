@@ -1,0 +1,167 @@
+"""Figures of the report stage (stages/report.py), drawn from this run's runs, fits and points.
+
+Each function takes what stages/report.py loaded and writes one PNG; none reads a constant of
+the paper. Figures are drawn headless (stages/common/figures.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stages.common.figures import plain_log_y, save, slug, subplots
+from stages.data.kinds import TARGETS
+from stages.scaling.law import fitted_law
+
+
+def arch_color(archs: list[str]) -> dict[str, str]:
+    return {a: f"C{i % 10}" for i, a in enumerate(archs)}
+
+
+def loss_vs_compute(runs: pd.DataFrame, fits: dict, archs: list[str], out: Path) -> Path:
+    """Paper Fig. 2: validation loss vs training FLOPs per arch, with its fitted frontier."""
+    colors = arch_color(archs)
+    fig, axes = subplots(2, 2, figsize=(10, 7.5))
+    for ax, target in zip(axes.flat, TARGETS, strict=True):
+        for arch in archs:
+            r = runs[runs.arch == arch]
+            ax.scatter(r.C, r[f"loss_{target}"], s=10, alpha=0.5, color=colors[arch])
+            f = fits.get(f"{arch}/{target}")
+            if f and f.get("c") is not None and f.get("c_coef") is not None:
+                C = np.geomspace(r.C.min(), r.C.max(), 50)
+                ax.plot(C, f["c_coef"] * C ** f["c"], color=colors[arch], lw=1.5,
+                        label=f"{arch}: L ∝ C^{f['c']:.3f}")  # fmt: skip
+            else:
+                ax.plot([], [], color=colors[arch], label=f"{arch} (no fit)")
+        ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel=f"loss ({target})")
+        ax.set_title(f"{target}: loss vs compute, fitted frontier")
+        plain_log_y(ax)
+        ax.legend(fontsize=7)
+    return save(fig, out / "loss_vs_compute.png")
+
+
+def equal_compute(table: pd.DataFrame, out: Path) -> Path:
+    """Frontier loss of every arch at the same compute budgets, one panel per data kind."""
+    fig, axes = subplots(1, len(TARGETS), figsize=(13, 3.8), sharey=False)
+    budgets = sorted(table.C.unique())
+    for ax, target in zip(axes, TARGETS, strict=True):
+        t = table[table.target == target]
+        archs = list(dict.fromkeys(t.arch))
+        width = 0.8 / max(1, len(budgets))
+        for j, c in enumerate(budgets):
+            v = t[t["C"] == c].set_index("arch").reindex(archs).loss
+            ax.bar(np.arange(len(archs)) + j * width, v, width, label=f"C={c:.2g}")
+        ax.set_xticks(np.arange(len(archs)) + width * (len(budgets) - 1) / 2)
+        ax.set_xticklabels(archs, rotation=35, ha="right", fontsize=7)
+        lo = np.nanmin(t.loss) if len(t) else 0
+        ax.set_ylim(lo * 0.95 if np.isfinite(lo) else 0, None)
+        ax.set_title(f"{target}: frontier loss at equal C", fontsize=9)
+    axes[0].set_ylabel("loss on the fitted frontier")
+    axes[-1].legend(fontsize=7)
+    return save(fig, out / "equal_compute.png")
+
+
+def optimal_allocation(fits: dict, archs: list[str], out: Path) -> Path:
+    """N_opt(C) and D_opt(C) of each arch's fitted law (target avg), closed form (App. C)."""
+    colors = arch_color(archs)
+    fig, (an, ad) = subplots(1, 2, figsize=(10, 4))
+    skipped = []
+    for arch in archs:
+        f = fits.get(f"{arch}/avg")
+        law = fitted_law(f)
+        if law is None:
+            skipped.append(arch)
+            continue
+        C = np.geomspace(f["C_min"], f["C_max"] * 10, 40)
+        N, D, _ = law.optimum(C, f["compute_ratio"])
+        an.plot(C, N, color=colors[arch], label=f"{arch}: N_opt ∝ C^{f['a']:.2f}")
+        ad.plot(C, D, color=colors[arch], label=f"{arch}: D_opt ∝ C^{f['b']:.2f}")
+    for ax, what in ((an, "N_opt (parameters)"), (ad, "D_opt (tokens)")):
+        ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel=what)
+        ax.set_title(f"compute-optimal {what.split()[0]} (fitted, avg loss)", fontsize=9)
+        if skipped:
+            ax.text(0.02, 0.02, f"no optimum (degenerate fit): {', '.join(skipped)}",
+                    transform=ax.transAxes, fontsize=7)  # fmt: skip
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return save(fig, out / "optimal_allocation.png")
+
+
+def predicted_vs_observed(plot_data: Path, archs: list[str], out: Path) -> Path:
+    """Observed vs predicted avg loss of every arch; held-out (top-compute) runs highlighted."""
+    colors = arch_color(archs)
+    fig, ax = subplots(figsize=(5.4, 5))
+    lo, hi = np.inf, -np.inf
+    for arch in archs:
+        path = plot_data / f"pred_obs_{slug(arch)}_avg.csv"
+        if not path.exists():
+            continue
+        d = pd.read_csv(path)
+        d = d[np.isfinite(d.predicted)]
+        held = d.heldout.astype(bool)
+        ax.scatter(d.observed[~held], d.predicted[~held], s=12, color=colors[arch], label=arch)
+        ax.scatter(d.observed[held], d.predicted[held], s=40, color=colors[arch],
+                   marker="*", edgecolor="k", linewidth=0.5)  # fmt: skip
+        lo = min(lo, d.observed.min(), d.predicted.min())
+        hi = max(hi, d.observed.max(), d.predicted.max())
+    if np.isfinite(lo):
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.scatter([], [], marker="*", color="grey", edgecolor="k", label="held out (top C)")
+    ax.set(xlabel="observed loss (avg)", ylabel="predicted by the held-in fit")
+    ax.set_title("extrapolation to the highest-compute runs", fontsize=9)
+    ax.legend(fontsize=7)
+    return save(fig, out / "predicted_vs_observed.png")
+
+
+def moe_routing(routings: dict[str, dict], out: Path) -> Path:
+    """Paper Figs. 12-13: per layer and expert, the share of the expert's tokens that are image
+    tokens (0: text only, 1: image only), from validation batches of each MoE arch."""
+    fig, axes = subplots(1, len(routings), figsize=(5.2 * len(routings), 3.6), squeeze=False,
+                             layout="constrained")  # fmt: skip
+    im = None
+    for ax, (arch, r) in zip(axes[0], routings.items(), strict=True):
+        rows = []
+        for layer in r["layers"]:
+            img = np.asarray(layer["image"]) * layer["image_tokens"]
+            txt = np.asarray(layer["text"]) * layer["text_tokens"]
+            with np.errstate(invalid="ignore"):
+                rows.append(img / (img + txt))
+        share = np.array(rows)
+        im = ax.imshow(share, vmin=0, vmax=1, cmap="coolwarm", aspect="auto")
+        for (i, j), v in np.ndenumerate(share):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6)
+        ax.set(xlabel="expert", ylabel="layer", xticks=range(share.shape[1]),
+               yticks=range(share.shape[0]))  # fmt: skip
+        ax.set_title(f"{arch} ({r['size']}): image share per expert", fontsize=9)
+    fig.colorbar(im, ax=axes[0].tolist(), label="image tokens / tokens routed")
+    return save(fig, out / "moe_routing.png")
+
+
+def loss_curves(points: Path, runs: pd.DataFrame, archs: list[str], curves: Path, out: Path):
+    """Training loss vs tokens of the largest-budget point of every (arch, size); one panel per
+    arch. Also writes each curve as CSV into ``curves`` (what ``dvc plots show`` renders)."""
+    sizes = list(dict.fromkeys(runs.sort_values("N")["size"]))
+    fig, axes = subplots(1, len(archs), figsize=(3.6 * len(archs), 3.4), squeeze=False)
+    for ax, arch in zip(axes[0], archs, strict=True):
+        r = runs[runs.arch == arch]
+        for i, size in enumerate(sizes):
+            top = r[r["size"] == size].sort_values("D")
+            if top.empty:
+                continue
+            path = points / top.point_id.iloc[-1] / "metrics.jsonl"
+            if not path.exists():
+                continue
+            m = pd.DataFrame([json.loads(x) for x in path.read_text().splitlines()])
+            m = m.dropna(subset=["train_loss"])[["step", "tokens", "train_loss"]]
+            m["smoothed"] = m.train_loss.ewm(alpha=0.2).mean()
+            m.to_csv(curves / f"{slug(arch)}_{slug(size)}.csv", index=False)
+            ax.plot(m.tokens, m.smoothed, color=f"C{i}", lw=1.2, label=size)
+        ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="train loss (EMA)")
+        ax.set_title(arch, fontsize=9)
+        plain_log_y(ax)
+        ax.legend(fontsize=7)
+    return save(fig, out / "loss_curves.png")

@@ -1,0 +1,283 @@
+"""MLflow records of the scaling-law fits: runs, figures, and a versioned model per arch.
+
+Per arch, :func:`log_fits` makes a run ``fit-<arch>`` (fit settings, git revision, the runs
+table's md5, the arch's loss-compute figure, fits.json) with a nested run per target (every
+number of its fits.json entry as a metric, its figures as artifacts). It registers the arch's
+laws as the model ``<fit.mlflow.model_prefix><arch>`` (default ``scaling-law-early``, ...), a
+new version only when the fitted parameters changed: each version carries the tag
+``params_hash`` (:func:`stages.scaling.law.law_hash`), compared with the latest version's.
+
+The model (:class:`ScalingLawModel`, an ``mlflow.pyfunc`` model) predicts from a DataFrame:
+
+- with columns ``N``, ``D`` (and ``target``): a DataFrame with column ``L`` = E + A/N^alpha + B/D^beta;
+- with a column ``C`` (and ``target``): columns ``N_opt``, ``D_opt``, ``L_opt``, the
+  compute-optimal allocation of C = 6 ratio N D (closed form, ``ratio`` = the fit's C/6ND).
+
+Without ``target`` the model's only target is used, else ``avg``. ``unwrap_python_model()``
+also offers ``loss(N, D, target)`` and ``optimum(C, target)``. The model's code is pickled by
+value, so loading it needs mlflow, numpy and pandas, not this repository.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema
+
+import stages.scaling.law
+from stages.common.mlflow_store import EXPERIMENT_KIND, tracking_uri
+from stages.common.provenance import git_revision
+from stages.params import FitParams
+from stages.scaling.fit import TargetFit
+from stages.scaling.law import Law, law_hash
+
+log = logging.getLogger(__name__)
+MODEL_REQUIREMENTS = ("mlflow", "numpy", "pandas", "cloudpickle")
+SIGNATURE = ModelSignature(
+    inputs=Schema(
+        [
+            ColSpec("double", "N", required=False),
+            ColSpec("double", "D", required=False),
+            ColSpec("double", "C", required=False),
+            ColSpec("string", "target", required=False),
+        ]
+    )
+)
+
+
+class ScalingLawModel(mlflow.pyfunc.PythonModel):
+    """The fitted L(N, D) of every target of one arch, and its compute-optimal allocation."""
+
+    def __init__(self, laws: dict[str, dict[str, float]] | None = None):
+        self.laws: dict[str, dict[str, float]] = laws or {}
+
+    def load_context(self, context) -> None:
+        if "law" in context.artifacts:
+            self.laws = json.loads(Path(context.artifacts["law"]).read_text())
+
+    def _law(self, target: str | None) -> tuple[Law, float]:
+        if target is None:
+            if len(self.laws) == 1:
+                target = next(iter(self.laws))
+            elif "avg" in self.laws:
+                target = "avg"
+            else:
+                raise ValueError(f"say which target: the model has {', '.join(self.laws)}")
+        if target not in self.laws:
+            raise ValueError(f"unknown target {target!r}: the model has {', '.join(self.laws)}")
+        p = self.laws[target]
+        return Law(p["E"], p["A"], p["B"], p["alpha"], p["beta"]), p["compute_ratio"]
+
+    def loss(self, N: Any, D: Any, target: str | None = None) -> np.ndarray:
+        return self._law(target)[0].loss(N, D)
+
+    def optimum(
+        self, C: Any, target: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(N_opt, D_opt, L_opt) for budgets C."""
+        law, ratio = self._law(target)
+        return law.optimum(np.asarray(C, float), ratio)
+
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
+        df = pd.DataFrame(model_input).reset_index(drop=True)
+        raw = df["target"].astype(object) if "target" in df.columns else [None] * len(df)
+        rows: dict[str | None, list[int]] = {}
+        for i, t in enumerate(raw):
+            rows.setdefault(t if isinstance(t, str) and t else None, []).append(i)
+
+        def given(*cols: str) -> bool:
+            return set(cols) <= set(df.columns) and bool(df[list(cols)].notna().all().all())
+
+        if given("N", "D"):
+            N, D, L = df.N.to_numpy(float), df.D.to_numpy(float), np.empty(len(df))
+            for t, i in rows.items():
+                L[i] = self.loss(N[i], D[i], t)
+            return pd.DataFrame({"L": L})
+        if given("C"):
+            C, out = df.C.to_numpy(float), np.empty((len(df), 3))
+            for t, i in rows.items():
+                out[i] = np.column_stack(self.optimum(C[i], t))
+            return pd.DataFrame(out, columns=["N_opt", "D_opt", "L_opt"])
+        raise ValueError("predict needs columns N and D (-> L) or C (-> N_opt, D_opt, L_opt)")
+
+
+# ------------------------------------------------------------------------------ logging
+
+
+def file_md5(path: str | Path) -> str:
+    """The md5 DVC records for a file (its data revision)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
+
+
+def flat_metrics(entry: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """A fits.json entry as MLflow metrics: nested keys joined by '.', NaN/None dropped."""
+    out: dict[str, float] = {}
+    for k, v in entry.items():
+        if isinstance(v, dict):
+            out.update(flat_metrics(v, f"{prefix}{k}."))
+        elif isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    tags = EXPERIMENT_KIND
+    return client.create_experiment(name, artifact_location=artifact_location, tags=tags)
+
+
+def latest_version(client: MlflowClient, name: str):
+    versions = client.search_model_versions(f"name = '{name}'")
+    return max(versions, key=lambda v: int(v.version), default=None)
+
+
+def register(
+    client: MlflowClient, name: str, fits: list[TargetFit], tags: dict[str, str], tmp: Path
+) -> tuple[str, bool, float]:
+    """Log and register the arch's model unless its latest version has the same params_hash.
+
+    Returns (version, created, seconds spent logging and registering).
+    """
+    laws = {f.target: f.law for f in fits}
+    ratios = {f.target: f.budget.ratio for f in fits}
+    digest = law_hash(laws, ratios)
+    latest = latest_version(client, name)
+    if latest is not None and latest.tags.get("params_hash") == digest:
+        log.info(
+            "%s: fit unchanged (params_hash %s): keeping version %s", name, digest, latest.version
+        )
+        return str(latest.version), False, 0.0
+    law_json = tmp / "law.json"
+    law_json.write_text(
+        json.dumps({t: {**laws[t].as_dict(), "compute_ratio": ratios[t]} for t in laws}, indent=2)
+    )
+    t0 = time.perf_counter()
+    by_value = (
+        stages.scaling.law,
+        sys.modules[__name__],
+    )  # the model loads without this repository
+    for module in by_value:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=ScalingLawModel(),
+            artifacts={"law": str(law_json)},
+            pip_requirements=[f"{p}=={version(p)}" for p in MODEL_REQUIREMENTS],
+            signature=SIGNATURE,
+            input_example=pd.DataFrame({"N": [1e9], "D": [2e10], "target": [next(iter(laws))]}),
+        )
+    finally:
+        for module in by_value:
+            cloudpickle.unregister_pickle_by_value(module)
+    mv = mlflow.register_model(info.model_uri, name, tags={**tags, "params_hash": digest})
+    seconds = time.perf_counter() - t0
+    log.info("%s: registered version %s in %.1f s", name, mv.version, seconds)
+    return str(mv.version), True, seconds
+
+
+def log_fits(
+    fits: dict[str, TargetFit],
+    fit: FitParams,
+    plot_files: dict[str, list[Path]] | None = None,
+    runs_path: str | Path | None = None,
+    fits_path: str | Path | None = None,
+    artifact_location: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Log every fit to MLflow and register a model per arch (see the module docstring).
+
+    Returns per arch: run_id, model name, version, whether the version is new, seconds spent
+    registering. ``plot_files`` are :func:`stages.scaling.plots.write_plots`' files per arch and
+    per arch/target. ``artifact_location`` applies when the experiment is created here.
+    """
+    mlflow.set_tracking_uri(tracking_uri(fit.mlflow.tracking_uri))
+    client = MlflowClient()
+    exp = experiment_id(client, fit.mlflow.experiment, artifact_location)
+    rev = git_revision()
+    tags = {"git_commit": rev.commit, "git_dirty": str(rev.dirty).lower()}
+    if runs_path is not None and Path(runs_path).is_file():
+        tags["runs_md5"] = file_md5(runs_path)
+        tags["runs_path"] = str(runs_path)
+    settings = {
+        "huber_delta": fit.huber_delta,
+        "starts": int(np.prod([len(v) for v in fit.init.model_dump().values()])),
+        "starts_per_exponent_pair": fit.starts_per_exponent_pair,
+        "bootstrap": fit.bootstrap,
+        "bootstrap_starts": fit.bootstrap_starts,
+        "ci": fit.ci,
+        "holdout_fraction": fit.holdout_fraction,
+        "init": json.dumps(fit.init.model_dump()),
+    }
+    plot_files = plot_files or {}
+    by_arch: dict[str, list[TargetFit]] = {}
+    for f in fits.values():
+        by_arch.setdefault(f.arch, []).append(f)
+    out: dict[str, dict[str, Any]] = {}
+    now = int(time.time() * 1000)
+    for arch, group in sorted(by_arch.items()):
+        name = f"{fit.mlflow.model_prefix}{arch}"
+        with (
+            mlflow.start_run(experiment_id=exp, run_name=f"fit-{arch}") as parent,
+            tempfile.TemporaryDirectory() as tmp,
+        ):
+            run_tags = {**tags, "arch": arch, "kind": "scaling-law-fit"}
+            client.log_batch(
+                parent.info.run_id,
+                params=[Param(k, str(v)) for k, v in settings.items()],
+                tags=[RunTag(k, v) for k, v in run_tags.items()],
+            )
+            for f in group:
+                with mlflow.start_run(
+                    experiment_id=exp, run_name=f"fit-{f.key}", nested=True
+                ) as child:
+                    metrics = flat_metrics(f.metrics())
+                    client.log_batch(
+                        child.info.run_id,
+                        metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                        params=[
+                            Param("arch", arch),
+                            Param("target", f.target),
+                            Param("n_points", str(len(f.runs))),
+                        ],
+                        tags=[RunTag(k, v) for k, v in {**run_tags, "target": f.target}.items()],
+                    )
+                    for path in plot_files.get(f.key, []):
+                        mlflow.log_artifact(str(path), artifact_path="plots")
+            for path in plot_files.get(arch, []):
+                mlflow.log_artifact(str(path), artifact_path="plots")
+            if fits_path is not None and Path(fits_path).is_file():
+                mlflow.log_artifact(str(fits_path))
+            ver, created, seconds = register(
+                client, name, group, {**tags, "run_id": parent.info.run_id}, Path(tmp)
+            )
+            mlflow.set_tags(
+                {"model": name, "model_version": ver, "model_version_created": str(created).lower()}
+            )
+        out[arch] = {
+            "run_id": parent.info.run_id,
+            "model": name,
+            "version": ver,
+            "created": created,
+            "seconds": seconds,
+        }
+    return out

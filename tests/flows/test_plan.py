@@ -1,0 +1,153 @@
+"""flows/plan.py: a point's id knows its params, data and code; the dry run prints the plan.
+
+Code edits are made in a copy of the fingerprinted files (flows/plan.py CODE) under a temp root:
+a comment, docstring or formatting edit changes no id; a changed constant changes the ids of
+the variants that run the file, and only those."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flows import records
+from flows.grid import main
+from flows.plan import CODE, NOT_RESULTS, ROOT, code_files, fingerprints, group_id, plan
+from model.archs import VARIANTS
+from stages.params import load_params, study_params
+from tests import import_graph as ig
+from tests.flows.conftest import write_params
+
+ALL = {"grid": {"archs": list(VARIANTS), "sizes": ["xxs"], "tokens": [2048, 4096]}}
+
+
+def _copy_code(root: Path) -> Path:
+    for entry in CODE:
+        src = ROOT / entry
+        if src.is_dir():
+            shutil.copytree(src, root / entry, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (root / entry).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / entry)
+    return root
+
+
+def _ids(params, shards: Path, root: Path) -> dict[str, str]:
+    return {j.label: j.point_id for j in plan(params, fingerprints(shards, None, root))}
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))
+
+
+@pytest.fixture
+def code(tmp_path) -> Path:
+    return _copy_code(tmp_path / "code")
+
+
+def test_comment_docstring_and_formatting_edits_change_no_id(tiny_data, code):
+    params = study_params(ALL)
+    before = _ids(params, tiny_data.shards, code)
+    layers = code / "model" / "layers.py"
+    _edit(
+        layers,
+        '"""Dense FFN: w2(silu(w1 x) * w3 x), no biases (Shazeer 2020)."""',
+        '"""Reworded."""',
+    )
+    _edit(
+        layers,
+        "class RMSNorm(nn.Module):\n",
+        "# a comment\nclass RMSNorm(nn.Module):  # another\n\n",
+    )
+    _edit(code / "flows" / "training" / "loop.py", "    tp, save_at = ", "    tp,   save_at = ")
+    assert _ids(params, tiny_data.shards, code) == before
+
+
+def test_a_changed_constant_in_a_model_file_changes_every_id(tiny_data, code):
+    params = study_params(ALL)
+    before = _ids(params, tiny_data.shards, code)
+    _edit(code / "model" / "layers.py", "eps: float = 1e-5", "eps: float = 1e-6")
+    after = _ids(params, tiny_data.shards, code)
+    assert set(after) == set(before) and all(after[k] != before[k] for k in before)
+
+
+@pytest.mark.parametrize(
+    ("path", "old", "new", "touched"),
+    [
+        (
+            "model/moe.py",
+            "logits.dtype, torch.float32",
+            "logits.dtype, torch.float64",
+            lambda v: v.moe,
+        ),
+        ("model/discrete.py", "1 << 20", "1 << 21", lambda v: v.base == "discrete"),
+        ("flows/training/recipe.py", "betas=(0.9, 0.95)", "betas=(0.9, 0.99)", lambda v: True),
+    ],
+    ids=["moe", "discrete", "recipe"],
+)
+def test_a_change_retrains_the_variants_that_run_the_file(tiny_data, code, path, old, new, touched):
+    params = study_params(ALL)
+    before = _ids(params, tiny_data.shards, code)
+    _edit(code / path, old, new)
+    after = _ids(params, tiny_data.shards, code)
+    for label, pid in before.items():
+        arch = label.split("-xxs-")[0]
+        assert (after[label] != pid) == touched(VARIANTS[arch]), label
+
+
+def test_settings_and_data_change_the_ids_of_the_variants_that_use_them(tiny_data, tmp_path):
+    params = study_params(ALL)
+    fp = fingerprints(tiny_data.shards, None)
+    before = {j.label: j.point_id for j in plan(params, fp)}
+    moe = {j.label: j.point_id for j in plan(study_params(ALL, {"model": {"n_experts": 4}}), fp)}
+    enc = {
+        j.label: j.point_id for j in plan(study_params(ALL, {"model": {"enc_lr_mult": 0.5}}), fp)
+    }
+    codebook = tmp_path / "codebook.pt"
+    codebook.write_bytes(b"codes")
+    cb = {j.label: j.point_id for j in plan(params, fingerprints(tiny_data.shards, codebook))}
+    for label, pid in before.items():
+        v = VARIANTS[label.split("-xxs-")[0]]
+        assert (moe[label] != pid) == v.moe, label
+        assert (enc[label] != pid) == (v.base == "late"), label
+        assert (cb[label] != pid) == (v.base == "discrete"), label
+
+
+def test_a_group_is_its_points_without_the_budget(tiny_data):
+    params = study_params(ALL)
+    jobs = plan(params, fingerprints(tiny_data.shards, None))
+    by_group: dict[str, list] = {}
+    for j in jobs:
+        by_group.setdefault(j.group_id, []).append(j)
+        assert j.group_id == group_id(j.point, params, fingerprints(tiny_data.shards, None))
+    assert len(by_group) == len(VARIANTS) and all(len(g) == 2 for g in by_group.values())
+    assert len({j.point_id for j in jobs}) == len(jobs)
+
+
+def test_the_fingerprint_covers_every_module_the_point_process_runs():
+    """What flows.train imports is either fingerprinted or listed, with a reason, as unable to
+    change a point's numbers; nothing is both, and nothing listed is missing."""
+    ran = {ig.path_of(m) for m in ig.closure("flows.train")}
+    fingerprinted = set(code_files())
+    assert ran - fingerprinted - set(NOT_RESULTS) == set()
+    assert not fingerprinted & set(NOT_RESULTS)
+    assert all((ROOT / f).is_file() for f in NOT_RESULTS)
+    assert "flows/ui.py" not in fingerprinted and "stages/scaling/law.py" not in fingerprinted
+
+
+def test_the_dry_run_prints_every_point_with_its_ids_and_status(tiny_data, tmp_path, capsys):
+    params_path = write_params(tmp_path / "params.yaml")
+    jobs = plan(load_params(params_path), fingerprints(tiny_data.shards, None))
+    results = tmp_path / "results"
+    records.write_record(results, jobs[0].point_id, {"point_id": jobs[0].point_id, "status": "ok"})
+    args = ["plan", "--params", str(params_path), "--shards", str(tiny_data.shards)]
+    assert main([*args, "--codebook", str(tmp_path / "none.pt"), "--results", str(results)]) == 0
+    out, err = capsys.readouterr()
+    lines = [line.split() for line in out.splitlines()]
+    assert [(x[0], x[1], x[2]) for x in lines] == [(j.point_id, j.group_id, j.label) for j in jobs]
+    assert [x[3] for x in lines] == ["done"] + ["train"] * (len(jobs) - 1)
+    assert f"{len(jobs)} points: 1 done, {len(jobs) - 1} to train" in err
+    assert not (results / "runs.parquet").exists()  # nothing trained, nothing written

@@ -1,0 +1,200 @@
+"""flows/training/: the recipe, cooldown branching, resume after kill -9, failure records, and
+checkpoints that only the code that wrote them may resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from flows.plan import Point, fingerprints, point_id
+from flows.training.loop import FAULT_ENV
+from flows.training.point import train_point
+from flows.training.recipe import schedule
+from flows.training.run import checkpoint_meta
+from stages.params import study_params
+
+TINY_TRAIN = {
+    "grid": {"archs": ["early"], "sizes": ["xxs"], "tokens": [2048, 4096]},
+    "train": {
+        "warmup_tokens_ref": 512,
+        "eval_every_tokens": 1024,
+        "eval_batches": 2,
+        "checkpoint_every_steps": 2,
+    },
+    "data": {"context_length": 64},
+}
+
+
+def tiny_params(tiny_data, **train):
+    raw = json.loads(json.dumps(TINY_TRAIN))
+    raw["train"] |= train
+    data = json.loads(tiny_data.params.model_dump_json())
+    return study_params({k: data[k] for k in ("corpus", "tokenizer", "shards")}, raw)
+
+
+def _train(tiny_data, params, workdir, tokens, **kw):
+    point = Point("early", "xxs", tokens, "45-45-10", 0)
+    return train_point(point, params, shards=tiny_data.shards, codebook=None, workdir=workdir, **kw)
+
+
+LOSSES = ("loss_caption", "loss_interleaved", "loss_text", "loss_avg", "train_loss")
+
+
+def test_schedule_is_a_function_of_n_with_a_1_minus_sqrt_cooldown():
+    tp = study_params({"train": {"batch_rows_ref": 8, "batch_exponent": 0.25}}).train
+    small, big = schedule(400_000, 50_000, tp, 256), schedule(400_000, 2_000_000, tp, 256)
+    assert small.lr > big.lr and small.batch_rows <= big.batch_rows
+    s = schedule(100 * 8 * 256, 100_000, tp, 256)
+    assert s.cooldown_start == s.steps - round(0.2 * s.steps)
+    lrs = [s.lr_at(i) for i in range(s.steps)]
+    assert lrs[0] < lrs[s.warmup_steps] == pytest.approx(s.lr)  # warmup, then constant
+    assert lrs[s.cooldown_start] == pytest.approx(s.lr) and lrs[-1] < 0.25 * s.lr
+    mid = s.cooldown_start + (s.steps - s.cooldown_start) // 4
+    frac = (mid - s.cooldown_start) / (s.steps - s.cooldown_start)
+    assert lrs[mid] == pytest.approx(s.lr * (1 - frac**0.5))
+
+
+def test_point_id_tracks_what_changes_the_result(tiny_data):
+    p, fp = tiny_params(tiny_data), fingerprints(tiny_data.shards, None)
+    pt = Point("early", "xxs", 2048, "45-45-10", 0)
+    same = point_id(pt, tiny_params(tiny_data, threads=2, checkpoint_every_steps=7), fp)
+    assert point_id(pt, p, fp) == same
+    assert point_id(pt, tiny_params(tiny_data, lr_ref=1e-3), fp) != same
+    other = dataclasses.replace(fp, data="other-data")
+    assert point_id(pt, p, other) != same
+    assert point_id(Point("early", "xxs", 4096, "45-45-10", 0), p, fp) != same
+
+
+def test_a_branched_cooldown_equals_a_separately_trained_point(tiny_data, tmp_path):
+    branched = tiny_params(tiny_data, branch_cooldowns=True)
+    separate = tiny_params(tiny_data, branch_cooldowns=False)
+    for tokens in (2048, 4096):  # the trunk serves both budgets
+        a = _train(tiny_data, branched, tmp_path / "branched", tokens)
+        b = _train(tiny_data, separate, tmp_path / "separate", tokens)
+        assert a["status"] == b["status"] == "ok"
+        assert a["point_id"] == b["point_id"]  # branching does not change the result
+        for k in LOSSES:
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), k
+        assert a["D"] == b["D"] == tokens and a["steps"] == b["steps"]
+    trunk = list((tmp_path / "branched" / "groups").glob("*/branch-*.pt"))
+    assert len(trunk) == 2  # one checkpoint per budget's cooldown start
+
+
+def test_a_nan_loss_is_recorded_as_failed(tiny_data, tmp_path, monkeypatch):
+    params = tiny_params(tiny_data)
+    pid = point_id(
+        Point("early", "xxs", 2048, "45-45-10", 0), params, fingerprints(tiny_data.shards, None)
+    )
+    monkeypatch.setenv(FAULT_ENV, json.dumps({pid: 2}))  # the test hook: NaN at step 2
+    rec = _train(tiny_data, params, tmp_path, 2048)
+    assert rec["status"] == "failed" and "non-finite" in rec["error"] and "step 2" in rec["error"]
+    saved = json.loads(next((tmp_path / "points").glob("*/record.json")).read_text())
+    assert saved["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_gives_the_same_metrics(tiny_data, tmp_path):
+    params = tiny_params(tiny_data, checkpoint_every_steps=1)
+    ref = _train(tiny_data, params, tmp_path / "ref", 4096)
+    raw = json.loads(params.model_dump_json())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    point = json.dumps(Point("early", "xxs", 4096, "45-45-10", 0).to_dict())
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.train",
+        "--point",
+        point,
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--shards",
+        str(tiny_data.shards),
+        "--workdir",
+        str(tmp_path / "killed"),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    work = tmp_path / "killed"
+    while time.time() < deadline and not list(work.glob("groups/*/trunk-latest.pt")):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not list(work.glob("points/*/record.json"))  # it really died before the end
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    for k in LOSSES:
+        assert rec[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-7), k
+
+    def steps(root):
+        lines = next(root.glob("points/*/metrics.jsonl")).read_text().splitlines()
+        return [json.loads(line)["step"] for line in lines]
+
+    assert steps(work) == steps(tmp_path / "ref")  # resumed curve: no gap, no duplicate
+
+
+def test_a_moe_point_records_which_experts_see_image_and_text_tokens(tiny_data, tmp_path):
+    params = tiny_params(tiny_data)
+    for arch in ("early-moe", "early-moe-aware"):
+        point = Point(arch, "xxs", 2048, "45-45-10", 0)
+        rec = train_point(
+            point, params, shards=tiny_data.shards, codebook=None, workdir=tmp_path / arch
+        )
+        routing = json.loads(
+            (tmp_path / arch / "points" / rec["point_id"] / "routing.json").read_text()
+        )
+        assert routing["arch"] == arch and len(routing["layers"]) == rec["depth"]
+        for layer in routing["layers"]:
+            assert len(layer["image"]) == params.model.n_experts
+            assert sum(layer["image"]) == pytest.approx(1) == sum(layer["text"])
+            assert layer["image_tokens"] > 0 and layer["text_tokens"] > 0
+            if arch == "early-moe-aware":  # image tokens only reach the image experts
+                n_img = sum(1 for x in layer["image"] if x > 0)
+                assert n_img < params.model.n_experts
+                assert all(
+                    t == 0 for x, t in zip(layer["image"], layer["text"], strict=True) if x > 0
+                )
+    dense = _train(tiny_data, params, tmp_path / "dense", 2048)
+    assert not (tmp_path / "dense" / "points" / dense["point_id"] / "routing.json").exists()
+
+
+def _tamper(src, dst, fingerprint) -> None:
+    """A checkpoint with zeroed weights, claiming it was written by ``fingerprint``."""
+    state = torch.load(src, weights_only=True)
+    state["model"] = {k: torch.zeros_like(v) for k, v in state["model"].items()}
+    state["code"] = {"fingerprint": fingerprint, "git_revision": "elsewhere"}
+    torch.save(state, dst)
+
+
+def test_checkpoints_written_by_other_code_are_never_resumed_or_branched_from(
+    tiny_data, tmp_path, caplog
+):
+    ref = _train(tiny_data, tiny_params(tiny_data, branch_cooldowns=False), tmp_path / "ref", 4096)
+    params, work = tiny_params(tiny_data), tmp_path / "work"
+    _train(tiny_data, params, work, 2048)  # trains the group's trunk up to 2048's cooldown
+    [gdir] = (work / "groups").iterdir()
+    latest = gdir / "trunk-latest.pt"
+    _tamper(latest, latest, "other-code")  # the trunk 4096 would resume from
+    pid = point_id(
+        Point("early", "xxs", 4096, "45-45-10", 0), params, fingerprints(tiny_data.shards, None)
+    )
+    (work / "points" / pid).mkdir(parents=True)
+    _tamper(latest, work / "points" / pid / "latest.pt", "other-code")  # and its own checkpoint
+    rec = _train(tiny_data, params, work, 4096)
+    for k in LOSSES:
+        assert rec[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-7), k
+    assert caplog.text.count("written by other code") == 2
+    mine = checkpoint_meta(latest)[0]
+    assert mine == rec["code_fingerprint"] != "other-code"  # the trunk was trained again
+    assert rec["git_revision"] and rec["code_fingerprint"] == fingerprints(
+        tiny_data.shards, None
+    ).code("early")

@@ -1,0 +1,112 @@
+"""The codebook stage: real k-means, errors that agree with encode/decode, determinism, CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from model.discrete import VisualCodebook
+from model.patches import normalise, patchify
+from stages.codebook import main
+from stages.data.codebook import (
+    CodebookError,
+    build_codebook,
+    reservoir_sample,
+    update_codes,
+)
+from stages.data.shard_format import read_shard, shard_paths
+from stages.params import CodebookParams, study_params
+from tests.conftest import write_study
+
+K, ITERS = 64, 15
+ALL = 10**7  # more samples than the tiny shards hold: the sample is every train patch
+
+
+def _params(**kw) -> CodebookParams:
+    return study_params({"codebook": kw}).codebook
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_data):
+    return build_codebook(tiny_data.shards, _params(n_codes=K, samples=ALL, iters=ITERS))
+
+
+def _train_images(shards) -> torch.Tensor:
+    imgs = [
+        s.images
+        for kind in ("caption", "interleaved")
+        for path in shard_paths(shards, "train", kind)
+        for s in read_shard(path)
+        if len(s.images)
+    ]
+    return torch.from_numpy(np.concatenate(imgs)).permute(0, 3, 1, 2)  # (M, 3, S, S)
+
+
+def test_kmeans_beats_random_codes_and_never_gets_worse(fitted):
+    cb, r = fitted
+    assert cb.size == K and r["n_codes"] == K and r["samples"] == r["patches_seen"]
+    assert r["mse"] < 0.7 * r["baseline_mse"], r  # measured ~0.5
+    h = r["mse_history"]
+    assert len(h) == r["iterations"] + 1 and h[-1] < h[0]
+    assert all(b <= a * (1 + 1e-5) for a, b in zip(h, h[1:], strict=False))  # Lloyd is monotone
+    assert 1 < r["perplexity"] <= K and r["codes_used"] <= K
+    assert r["mse"] == pytest.approx(h[-1], rel=1e-4)
+
+
+def test_reported_error_is_the_encode_decode_error_on_those_patches(fitted, tiny_data):
+    cb, r = fitted
+    imgs = _train_images(tiny_data.shards)
+    assert len(imgs) * (r["image_size"] // r["patch_size"]) ** 2 == r["patches_seen"]
+    ids = cb.encode(imgs)
+    x = normalise(patchify(imgs, cb.patch_size))
+    assert ((x - cb.lookup(ids)) ** 2).double().mean().item() == pytest.approx(r["mse"], rel=1e-5)
+    # decode rounds codes to uint8 pixels: at most half a grey level (1/255 normalised) each
+    y = normalise(patchify(cb.decode(ids), cb.patch_size))
+    assert ((x - y) ** 2).double().mean().item() == pytest.approx(r["mse"], rel=2e-3)
+    assert (y - cb.lookup(ids)).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_too_large_k_names_codebook_size(tiny_data):
+    with pytest.raises(CodebookError, match=r"codebook\.n_codes=65536"):
+        build_codebook(tiny_data.shards, _params(n_codes=65536, samples=ALL, iters=1))
+
+
+def test_reservoir_is_every_row_when_it_fits_and_a_uniform_sample_otherwise():
+    rows = np.arange(10_000)[:, None]
+    chunks = lambda: (rows[s : s + 37] for s in range(0, len(rows), 37))  # noqa: E731
+    everything, seen = reservoir_sample(chunks(), 20_000, np.random.default_rng(0))
+    assert seen == 10_000 and np.array_equal(everything, rows)
+    a, _ = reservoir_sample(chunks(), 1000, np.random.default_rng(0))
+    b, _ = reservoir_sample(chunks(), 1000, np.random.default_rng(0))
+    assert np.array_equal(a, b) and len(np.unique(a)) == 1000  # deterministic, no repeats
+    # uniform over the stream: each tenth holds ~100 of the 1000 (binomial sd ~9.5)
+    assert np.all(np.abs(np.bincount(a[:, 0] // 1000, minlength=10) - 100) < 45)
+
+
+def test_empty_cluster_is_reseeded_at_the_farthest_patch():
+    x = torch.tensor([[0.0], [0.1], [5.0], [1.0]])
+    ids = torch.tensor([0, 0, 0, 1])  # code 2 has no patches
+    d2 = torch.tensor([0.1, 0.0, 20.0, 0.0])
+    codes, n_empty = update_codes(x, ids, d2, 3)
+    assert n_empty == 1 and codes[2].item() == 5.0
+    assert codes[0].item() == pytest.approx(5.1 / 3) and codes[1].item() == 1.0
+
+
+def test_stage_cli_end_to_end_and_byte_identical(tiny_data, tmp_path):
+    params = tmp_path / "params.yaml"
+    write_study(params, {"codebook": {"n_codes": K, "samples": 3000, "iters": 5}})
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        args = ["--params", str(params), "--shards", str(tiny_data.shards), "--out", str(out)]
+        assert main(args) == 0
+    a, b = ((o / "codebook.pt").read_bytes() for o in outs)
+    assert a == b
+    report = json.loads((outs[0] / "report.json").read_text())
+    assert report["samples"] == 3000 < report["patches_seen"] and report["n_codes"] == K
+    cb = VisualCodebook.from_file(outs[0] / "codebook.pt")
+    assert cb.codes.shape == (K, report["patch_dim"]) and cb.patch_size == report["patch_size"]
+    assert torch.load(outs[0] / "codebook.pt", weights_only=True)["codes"].dtype == torch.float32
+
+    write_study(params, {"codebook": {"n_codes": 65536, "samples": 3000}})
+    assert main(["--params", str(params), "--shards", str(tiny_data.shards), "--out", "x"]) == 1

@@ -1,0 +1,146 @@
+"""Tokenizer and shards: round trip, manifest, determinism."""
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from tokenizers import Tokenizer
+
+from stages.data.corpus_format import iter_docs
+from stages.data.kinds import KINDS
+from stages.data.shard_format import prepare_image, read_shard, sha256_file, text_target_mask
+from stages.data.tokenizer import SPECIAL_TOKENS, build, special_ids, train_bpe
+from stages.params import TokenizerParams, study_params
+from tests.conftest import TINY_PARAMS, build_data
+
+
+def test_tokenizer_has_the_special_tokens_and_round_trips_text(tiny_data):
+    tok = Tokenizer.from_file(str(tiny_data.tokenizer))
+    ids = special_ids(tok)
+    assert sorted(ids) == sorted(SPECIAL_TOKENS) and sorted(ids.values()) == list(range(6))
+    text = next(iter_docs(tiny_data.corpus, "text")).texts[0]
+    enc = tok.encode(text, add_special_tokens=False).ids
+    assert tok.decode(enc) == text
+    assert len(enc) < len(text.encode()) / 2  # BPE learned merges, not bytes
+
+
+def _user_tokenizer(path) -> TokenizerParams:
+    return study_params({"tokenizer": {"source": "file", "path": str(path)}}).tokenizer
+
+
+def test_a_users_tokenizer_gets_the_missing_special_tokens(tmp_path):
+    tok = train_bpe(iter(["hello world"] * 50), vocab_size=300, min_frequency=1)
+    bare = Tokenizer.from_str(tok.to_str())
+    path = tmp_path / "user.json"
+    bare.save(str(path))
+    loaded = build(_user_tokenizer(path), tmp_path)
+    assert set(special_ids(loaded)) == set(SPECIAL_TOKENS)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        build(_user_tokenizer(tmp_path / "bad.json"), tmp_path)
+
+
+def _all_samples(shards):
+    m = pq.read_table(shards / "manifest.parquet").to_pylist()
+    return m, {s.key: (r, s) for r in m for s in read_shard(shards / r["path"])}
+
+
+def test_shards_round_trip_every_corpus_sample(tiny_data):
+    tok = Tokenizer.from_file(str(tiny_data.tokenizer))
+    special = special_ids(tok)
+    manifest, samples = _all_samples(tiny_data.shards)
+    T, S = tiny_data.params.shards.image_tokens, tiny_data.params.shards.image_size
+    n_docs = 0
+    for kind in KINDS:
+        for doc in iter_docs(tiny_data.corpus, kind):
+            n_docs += 1
+            row, s = samples[doc.key]  # every sample is in exactly one shard (keys unique)
+            assert row["kind"] == s.kind == kind
+            ids = s.ids
+            assert ids[0] == special["bos"] and ids[-1] == special["eos"]
+            # images: stored at the configured resolution, in order, each with T placeholders
+            expected = [prepare_image(b, S) for b in doc.images if b is not None]
+            assert s.images.shape == (len(expected), S, S, 3)
+            assert all(np.array_equal(a, b) for a, b in zip(s.images, expected, strict=True))
+            assert (ids == special["image"]).sum() == T * len(expected)
+            # text: the non-image segments decode back to the corpus text
+            seg, texts = [], []
+            for t in ids[1:]:
+                if t in (special["boi"], special["eos"]):
+                    texts.append(seg)
+                    seg = []
+                elif t not in (special["image"], special["eoi"]):
+                    seg.append(int(t))
+            got = [tok.decode(x) for x in texts if x]
+            assert got == [t for t in doc.texts if t is not None]
+            assert s.targets == int(text_target_mask(ids, special).sum())
+            assert s.entropy_nats == pytest.approx(doc.meta["entropy_nats"])
+    assert n_docs == len(samples)
+    for r in manifest:  # manifest rows agree with the shards they describe
+        got = read_shard(tiny_data.shards / r["path"])
+        assert r["samples"] == len(got) and r["sha256"] == sha256_file(tiny_data.shards / r["path"])
+        assert r["text_tokens"] == sum(x.targets for x in got)
+        assert r["images"] == sum(len(x.images) for x in got)
+        assert r["image_tokens"] == r["images"] * T
+    splits = {r["split"] for r in manifest}
+    assert splits == {"train", "val"}
+
+
+def test_info_reports_the_entropy_floor_per_token(tiny_data):
+    info = json.loads((tiny_data.shards / "info.json").read_text())
+    for kind in KINDS:
+        t = info["totals"][f"train/{kind}"]
+        assert 0 < t["floor_nats_per_token"] < 2
+        assert t["floor_nats_per_token"] == pytest.approx(t["entropy_nats"] / t["text_tokens"])
+
+
+def test_images_are_resized_and_centre_cropped():
+    img = np.zeros((40, 80, 3), np.uint8)
+    img[:, 20:60] = 255  # the centre 40x40 square is white
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    out = prepare_image(buf.getvalue(), 16)
+    assert out.shape == (16, 16, 3) and out.min() == 255
+
+
+@pytest.mark.slow
+def test_same_params_give_byte_identical_shards(tiny_data, tmp_path):
+    """Rebuilt from scratch (corpus, tokenizer, shards), in 2 processes instead of 1."""
+    again = build_data(tmp_path, TINY_PARAMS, workers=2)
+    files = sorted(
+        p.relative_to(tiny_data.shards) for p in tiny_data.shards.rglob("*") if p.is_file()
+    )
+    assert files == sorted(
+        p.relative_to(again.shards) for p in again.shards.rglob("*") if p.is_file()
+    )
+    for f in files:
+        assert (tiny_data.shards / f).read_bytes() == (again.shards / f).read_bytes(), f
+    other = build_data(tmp_path / "seed1", {**TINY_PARAMS, "seed": 1})
+    assert (other.shards / "manifest.parquet").read_bytes() != (
+        tiny_data.shards / "manifest.parquet"
+    ).read_bytes()
+
+
+def test_fast_tar_reader_agrees_with_webdataset_and_falls_back(tiny_data, tmp_path):
+    import webdataset as wds
+
+    from stages.data.shard_format import _tar_records, sample_record
+
+    for path in sorted(tiny_data.shards.rglob("*.tar")):
+        fast = _tar_records(path.read_bytes())
+        ref = list(wds.WebDataset(str(path), shardshuffle=False))
+        assert fast is not None and len(fast) == len(ref)
+        for a, b in zip(fast, ref, strict=True):
+            assert a["__key__"] == b["__key__"]
+            assert all(a[k] == b[k] for k in ("ids.npy", "images.npy", "json"))
+    # a tar with pax headers (float mtime) is not "plain": read_shard falls back to webdataset
+    sample = read_shard(next(tiny_data.shards.rglob("*.tar")))[0]
+    pax = tmp_path / "pax.tar"
+    with wds.TarWriter(str(pax), mtime=0.5) as w:
+        w.write(sample_record(sample))
+    assert _tar_records(pax.read_bytes()) is None
+    (back,) = read_shard(pax)
+    assert back.key == sample.key and np.array_equal(back.ids, sample.ids)

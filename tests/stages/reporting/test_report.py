@@ -1,0 +1,133 @@
+"""stages/report.py: the report is built from this run's runs and fits, and its verdicts follow
+the data (a study built to reproduce each finding, and one built to contradict them)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from stages.fit import run_fit
+from stages.params import study_params
+from stages.report import main, run_report
+
+SIZES = {"xxs": 5e4, "xs": 1.2e5, "s": 2e5, "m": 4.6e5}
+TOKENS = [25_000, 50_000, 100_000]
+FIT = {
+    "bootstrap": 4,
+    "starts_per_exponent_pair": 1,
+    "init": {
+        "alpha": [0, 0.5, 2.5],
+        "beta": [0, 0.5, 2.5],
+        "a": [0, 5, 10],
+        "b": [0, 5, 10],
+        "e": [-1, 0.5],
+    },
+}
+
+
+def study(tmp_path, offsets: dict[str, float], late_A: float) -> pd.DataFrame:
+    """A grid table from a known law per arch: loss = law(N, D) * (1 + offset), where late
+    fusion's law has A = ``late_A`` (the others 300). Writes points/<id>/metrics.jsonl and, for
+    MoE archs, routing.json."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for arch, off in offsets.items():
+        for size, N in SIZES.items():
+            for tokens in TOKENS:
+                law = 0.5 + (late_A if arch == "late" else 300) / N**0.5 + 400 / tokens**0.5
+                law *= 1 + off
+                pid = f"{arch}-{size}-{tokens}"
+                kinds = {k: law * f * (1 + rng.normal(0, 0.002))
+                         for k, f in (("caption", 0.9), ("interleaved", 1.0), ("text", 1.1))}  # fmt: skip
+                rows.append({
+                    "point_id": pid, "status": "ok", "arch": arch, "moe": "moe" in arch,
+                    "size": size, "tokens_budget": tokens, "mixture": "45-45-10", "seed": 0,
+                    "N": int(N), "D": tokens, "C": 6 * N * tokens * (1.2 if arch == "late" else 1),
+                    **{f"loss_{k}": v for k, v in kinds.items()},
+                    "loss_avg": float(np.mean(list(kinds.values()))),
+                })  # fmt: skip
+                pdir = tmp_path / "results" / "points" / pid
+                pdir.mkdir(parents=True)
+                curve = [
+                    {"step": s, "tokens": 1024 * s, "train_loss": 6 / s**0.3} for s in range(1, 30)
+                ]
+                (pdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
+                if "moe" in arch:
+                    layers = [{"image": list(rng.dirichlet(np.ones(8))), "text": list(rng.dirichlet(np.ones(8))),
+                               "image_tokens": 100.0, "text_tokens": 300.0} for _ in range(4)]  # fmt: skip
+                    (pdir / "routing.json").write_text(
+                        json.dumps({"arch": arch, "size": size, "layers": layers})
+                    )
+    runs = pd.DataFrame(rows)
+    runs.to_parquet(tmp_path / "results" / "runs.parquet")
+    return runs
+
+
+def build(tmp_path, offsets, late_A):
+    study(tmp_path, offsets, late_A)
+    res = tmp_path / "results"
+    fit = study_params({"fit": FIT}).fit
+    run_fit(res / "runs.parquet", res / "fits.json", fit, plots=res / "plots",
+            use_mlflow=False, plot_data=res / "plot_data")  # fmt: skip
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    floors = {"caption": 0.16, "interleaved": 0.18, "text": 0.43}
+    info = {"totals": {f"val/{k}": {"floor_nats_per_token": v} for k, v in floors.items()}}
+    (shards / "info.json").write_text(json.dumps(info))
+    assert main(["--results", str(res), "--shards", str(shards)]) == 0
+    return res
+
+
+def verdicts(res):
+    return {f["claim"].split()[0] + " " + f["claim"].split()[1]: f["verdict"]
+            for f in json.loads((res / "report" / "findings.json").read_text())}  # fmt: skip
+
+
+def test_a_study_that_reproduces_the_findings_is_reported_as_such(tmp_path):
+    offsets = {"early": 0.0, "late": 0.01, "discrete": 0.3, "early-moe": -0.05,
+               "early-moe-aware": -0.02}  # fmt: skip
+    res = build(tmp_path, offsets, late_A=450)
+    md = (res / "report.md").read_text()
+    assert set(verdicts(res).values()) == {"reproduced"}, verdicts(res)
+    for fig in ("loss_vs_compute", "equal_compute", "optimal_allocation",
+                "predicted_vs_observed", "moe_routing", "loss_curves"):  # fmt: skip
+        assert f"report/figures/{fig}.png" in md
+        assert (res / "report" / "figures" / f"{fig}.png").stat().st_size > 5000
+    assert "plots/isoflop_early_avg.png" in md
+    fits = json.loads((res / "fits.json").read_text())
+    # the comparison table holds this run's fitted numbers beside the paper's constants
+    assert f"| early/avg | this study | {fits['early/avg']['E']:.4g}" in md
+    assert "| | paper | 1.904 |" in md
+    assert "| 0.257 |" in md  # the avg entropy floor beside E: (0.16 + 0.18 + 0.43) / 3
+    html = (res / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') >= 6 and "report/figures" not in html
+    assert len(list((res / "report" / "curves").glob("*.csv"))) == len(offsets) * len(SIZES)
+
+
+def test_a_study_that_contradicts_them_is_reported_as_not_reproduced(tmp_path):
+    offsets = {"early": 0.0, "late": -0.02, "discrete": -0.05, "early-moe": 0.05,
+               "early-moe-aware": 0.0}  # fmt: skip
+    v = verdicts(build(tmp_path, offsets, late_A=200))
+    assert set(v.values()) == {"not reproduced"}, v
+
+
+def test_missing_archs_are_not_tested_and_missing_inputs_are_named(tmp_path, caplog):
+    res = build(tmp_path, {"early": 0.0, "early-moe": -0.05}, 300)
+    v = verdicts(res)
+    assert v["Early fusion"] == v["Late fusion"] == v["Discrete visual"] == "not tested"
+    assert v["MoE beats"] == "reproduced"
+    (res / "fits.json").unlink()
+    assert main(["--results", str(res)]) == 2
+    assert "fits.json not found" in caplog.text
+
+
+def test_degenerate_fits_still_give_a_report(tmp_path):
+    res = build(tmp_path, {"early": 0.0, "late": 0.01}, 300)
+    fits = json.loads((res / "fits.json").read_text())
+    fits["early/avg"]["alpha"] = -3.0  # as a degenerate fit reports it
+    (res / "fits.json").write_text(json.dumps(fits))
+    assert run_report(res, tmp_path / "shards").exists()
+    assert "early/avg (degenerate)" in (res / "report.md").read_text()
+    assert verdicts(res)["Late fusion"] == "inconclusive"
