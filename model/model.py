@@ -34,6 +34,8 @@ class Output:
     aux_loss: torch.Tensor  # weighted MoE auxiliary losses (0 for dense models)
     n_targets: torch.Tensor  # number of text targets in the batch
     moe: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per MoE layer stats
+    # with forward(per_token=True): each text target's cross-entropy, in loss_mask order
+    token_loss: torch.Tensor | None = None
 
     @property
     def total(self) -> torch.Tensor:
@@ -141,13 +143,17 @@ class MultimodalLM(nn.Module):
         )
         return self.decoder(x, rope, mask, is_image)
 
-    def forward(self, batch: Any) -> Output:
+    def forward(self, batch: Any, per_token: bool = False) -> Output:
         h, aux = self.hidden_states(batch)
         m = batch.loss_mask.bool()
         logits = self.lm_head(h[m])  # only text-target positions: (n_targets, vocab)
         n = m.sum()
-        loss = F.cross_entropy(logits.float(), batch.targets[m], reduction="sum") / n.clamp(min=1)
         aux_loss = sum((a["aux_loss"] for a in aux), torch.zeros((), device=h.device))
+        if per_token:
+            ce = F.cross_entropy(logits.float(), batch.targets[m], reduction="none")
+            loss = ce.sum() / n.clamp(min=1)
+            return Output(loss=loss, aux_loss=aux_loss, n_targets=n, moe=aux, token_loss=ce)
+        loss = F.cross_entropy(logits.float(), batch.targets[m], reduction="sum") / n.clamp(min=1)
         return Output(loss=loss, aux_loss=aux_loss, n_targets=n, moe=aux)
 
 

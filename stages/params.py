@@ -32,10 +32,6 @@ from model.ladder import SIZES
 from stages.data.kinds import KINDS
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
-# the rendered-scenes world (stages/data/synthetic.py)
-SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
-COLORS = ("red", "green", "blue", "yellow", "magenta", "cyan", "white", "orange", "gray", "pink")
-OBJECT_SIZES = ("small", "large")
 ARCHS = tuple(VARIANTS)
 LADDER = tuple(SIZES)
 
@@ -51,34 +47,34 @@ class Strict(BaseModel):
 
 
 class SyntheticCorpus(Strict):
-    """The seeded generator of rendered scenes (stages/data/synthetic.py)."""
+    """The seeded long-tail world (stages/data/world.py) and its documents
+    (stages/data/synthetic.py)."""
 
-    n_caption: NonNegInt
+    n_caption: NonNegInt  # documents per kind
     n_interleaved: NonNegInt
     n_text: NonNegInt
-    image_size: Annotated[int, Field(ge=8, le=1024)]
-    grid: Annotated[int, Field(ge=2, le=8)]
-    max_objects: PosInt
-    shapes: list[Literal[SHAPES]] = Field(min_length=1)
-    colors: list[Literal[COLORS]] = Field(min_length=2)
-    sizes: list[Literal[OBJECT_SIZES]] = Field(min_length=1)
-    story_images: Annotated[int, Field(ge=2, le=16)]
-    max_changes: PosInt
-    jitter: Annotated[float, Field(ge=0.0, le=0.5)]
-    noise: Annotated[float, Field(ge=0.0, le=64.0)]
+    entity_bits: Annotated[int, Field(ge=1, le=22)]  # 2^entity_bits entities
+    zipf_a: Annotated[float, Field(gt=0.0, le=5.0)]  # p(rank r) ∝ r^-zipf_a
+    classes: Annotated[int, Field(ge=1, le=10)]  # coarse visual classes (colours)
+    syllable_bits: Annotated[int, Field(ge=1, le=6)]  # 2^syllable_bits name syllables
+    attributes: Annotated[int, Field(ge=1, le=32)]  # facts per entity
+    values: Annotated[int, Field(ge=2, le=512)]  # values per attribute
+    max_entities: Annotated[int, Field(ge=1, le=4)]  # entities per image (2 x 2 cells)
+    visual_bits: Annotated[int, Field(ge=0, le=16)]  # identity bits an image shows
+    caption_facts: NonNegInt  # facts per caption
+    story_images: Annotated[int, Field(ge=2, le=16)]  # images per interleaved document
+    story_facts: NonNegInt  # facts after each image of a story
+    text_facts: PosInt  # facts per text document
+    image_size: Annotated[int, Field(ge=16, le=1024, multiple_of=16)]  # rendered (px)
+    noise: Annotated[float, Field(ge=0.0, le=64.0)]  # pixel noise (std, 0-255 scale)
 
     @model_validator(mode="after")
-    def _fits_grid(self) -> SyntheticCorpus:
-        cells = self.grid * self.grid
-        if self.max_objects > cells - 1:
+    def _visible(self) -> SyntheticCorpus:
+        if self.visual_bits > self.entity_bits:
             raise ValueError(
-                f"max_objects={self.max_objects} must leave a free cell for changes: "
-                f"allowed 1..{cells - 1} for grid={self.grid}"
+                f"visual_bits={self.visual_bits} cannot exceed entity_bits={self.entity_bits}: "
+                f"allowed 0..{min(self.entity_bits, 16)}"
             )
-        for name in ("shapes", "colors", "sizes"):
-            values = getattr(self, name)
-            if len(set(values)) != len(values):
-                raise ValueError(f"{name} has duplicates: {values}")
         return self
 
 

@@ -22,7 +22,7 @@ TINY_PARAMS = {
         "samples_per_file": 100,
         "synthetic": {"n_caption": 300, "n_interleaved": 100, "n_text": 150},
     },
-    "tokenizer": {"vocab_size": 400},
+    "tokenizer": {"vocab_size": 1024},  # the BPE stops when every word is whole (~490)
     "shards": {"samples_per_shard": 60, "val_fraction": 0.2},
     "data": {"context_length": 64},
 }

@@ -8,7 +8,8 @@ its last checkpoint and ends with the same metrics as an uninterrupted run.
 Its record, ``results/points/<point_id>/record.json`` (layout: flows/records.py), holds its
 coordinates, model shape, schedule, final validation losses, token and FLOP counts, timings,
 status (``ok`` or ``failed`` with the reason), the fingerprint of the code that trained it and
-the git revision. A point whose record says ``ok`` is returned as is, never trained again.
+the git revision. Final losses per fit target are ``loss_<kind>`` and ``loss_avg``; the
+evaluation's breakdowns (images blanked, per word role, per entity rank) are ``eval_*``. A point whose record says ``ok`` is returned as is, never trained again.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from flows.training.run import Run, checkpoint_meta
 from model.archs import variant
 from model.counting import training_compute
 from stages.common.provenance import git_revision
-from stages.data.kinds import KINDS
+from stages.data.kinds import KINDS, TARGETS
 from stages.params import Params
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,9 @@ def train_point(
         metrics.log(run.c.step, run.c.tokens, final)
         if run.cfg.moe is not None:
             (pdir / "routing.json").write_text(json.dumps(run.routing_table()))
-        rec |= {f"loss_{k.removeprefix('val_')}": v for k, v in final.items()}
+        for k, v in final.items():  # the fit targets as loss_*, the breakdowns as eval_*
+            name = k.removeprefix("val_")
+            rec[f"loss_{name}" if name in TARGETS else f"eval_{name}"] = v
         rec["train_loss"] = getattr(run, "last_loss", None)
         rec["status"], rec["error"] = "ok", None
     except Diverged as e:

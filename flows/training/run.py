@@ -4,11 +4,13 @@ fp32 with pinned threads on CPU; bf16 autocast (and optionally ``torch.compile``
 A checkpoint holds the model, the optimizer, the loader's state (a few integers) and the
 counters, plus the fingerprint of the code that wrote it (flows/plan.py) and the git revision;
 :meth:`Run.load` refuses a checkpoint written by other code (:class:`StaleCheckpoint`).
-Evaluation is the validation loss per data kind on fixed held-out rows, and their average.
+Evaluation is the validation loss per data kind on fixed held-out rows and their average, with
+the images blanked, and per word role and entity rank on the synthetic world (:meth:`evaluate`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -26,7 +28,7 @@ from model.counting import count_params, step_flops
 from model.model import MultimodalLM
 from stages.data.kinds import KINDS
 from stages.data.loader import PackedLoader, val_batches
-from stages.data.shard_format import load_info
+from stages.data.shard_format import NAME, ROLES, VALUE, load_info
 from stages.params import Params
 
 EVAL_ROWS = 8  # rows per validation batch: the same held-out rows for every point
@@ -149,32 +151,58 @@ class Run:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss per kind on fixed held-out rows, and their average (paper §2.1)."""
+        """Validation loss per kind on fixed held-out rows, and their average (paper §2.1).
+
+        Also ``val_{kind}_noimage`` (the same rows with every image blanked: how much of the
+        images the model uses) and, on data with word tags (the synthetic world), the loss per
+        word role ``val_{kind}_{role}`` and per entity-rank decade of name and value tokens
+        ``val_{role}_rank1e{b}`` (ranks in (10^(b-1), 10^b], all kinds together).
+        """
         self.model.eval()
-        out = {}
+        sums: dict[str, list[float]] = {}
+
+        def add(key: str, losses: torch.Tensor) -> None:
+            acc = sums.setdefault(key, [0.0, 0])
+            acc[0] += float(losses.sum())
+            acc[1] += losses.numel()
+
         ctx, n = self.params.data.context_length, self.params.train.eval_batches
         # MoE: image and text tokens per expert and layer (routing_table); none for dense models
         self.routing = [{"image": 0.0, "text": 0.0} for _ in range(self.cfg.n_layers)]
-        moe = self.cfg.moe is not None
         for kind in KINDS:
-            total = count = 0.0
             for b in islice(val_batches(self.shards, kind, EVAL_ROWS, ctx), n):
-                with torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
-                    o = self.model(b.to(self.device))
-                total += o.loss.item() * int(o.n_targets)
-                count += int(o.n_targets)
-                if moe:
+                b = b.to(self.device)
+                o = self._forward_eval(b)
+                add(f"val_{kind}", o.token_loss)
+                if len(b.images):
+                    blank = dataclasses.replace(b, images=torch.zeros_like(b.images))
+                    add(f"val_{kind}_noimage", self._forward_eval(blank).token_loss)
+                tags = b.target_tags[b.loss_mask.bool()]
+                if bool(tags.any()):
+                    role, rank = tags % len(ROLES), tags // len(ROLES)
+                    for i, r in enumerate(ROLES):
+                        add(f"val_{kind}_{r}", o.token_loss[role == i])
+                    decade = torch.ceil(torch.log10(rank.clamp(min=1).double())).long()
+                    for i in (NAME, VALUE):
+                        for d in decade[(role == i) & (rank > 0)].unique().tolist():
+                            sel = (role == i) & (rank > 0) & (decade == d)
+                            add(f"val_{ROLES[i]}_rank1e{d}", o.token_loss[sel])
+                if self.cfg.moe is not None:
                     n_img = len(b.images) * self.cfg.image_tokens
                     n_txt = b.tokens.numel() - n_img
                     for acc, layer in zip(self.routing, o.moe, strict=True):
                         acc["image"] = acc["image"] + layer["image_frac"].float().cpu() * n_img
                         acc["text"] = acc["text"] + layer["text_frac"].float().cpu() * n_txt
-            if count:
-                out[f"val_{kind}"] = total / count
-        if out:
-            out["val_avg"] = sum(out.values()) / len(out)
+        out = {k: s / c for k, (s, c) in sums.items() if c}
+        per_kind = [out[f"val_{k}"] for k in KINDS if f"val_{k}" in out]
+        if per_kind:
+            out["val_avg"] = sum(per_kind) / len(per_kind)
         self.model.train()
         return out
+
+    def _forward_eval(self, batch):
+        with torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
+            return self.model(batch, per_token=True)
 
     def routing_table(self) -> dict[str, Any]:
         """After :meth:`evaluate` of a MoE model: per layer, the share of the validation image

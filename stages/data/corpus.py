@@ -1,8 +1,8 @@
 """Build the corpus (stage ``corpus``, entry point stages/corpus.py): the paper's three data
 kinds, generated or ingested, into data/corpus.
 
-``corpus.source: synthetic`` (default) writes the seeded synthetic world of
-stages/data/synthetic.py; ``corpus.source: files`` checks and copies real data
+``corpus.source: synthetic`` (default) writes documents about the seeded long-tail world of
+stages/data/world.py (stages/data/synthetic.py); ``corpus.source: files`` checks and copies real data
 (stages/data/ingest.py). Either way the output is the canonical corpus of
 stages/data/corpus_format.py plus ``report.json``: per kind, how many samples were read and
 kept, every skipped sample counted by reason, and the summed entropy floor of the text
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 def synthesize_kind(kind: str, params: Params, out: Path) -> dict[str, Any]:
     w = params.corpus.synthetic
     n = {"caption": w.n_caption, "interleaved": w.n_interleaved, "text": w.n_text}[kind]
-    entropy = images = 0.0
+    entropy = blind = images = 0.0
     with CorpusWriter(out, kind, params.corpus.samples_per_file) as writer:
         for doc in tqdm(
             generate(kind, w, params.seed),
@@ -41,6 +41,7 @@ def synthesize_kind(kind: str, params: Params, out: Path) -> dict[str, Any]:
         ):
             writer.write(doc)
             entropy += doc.meta["entropy_nats"]
+            blind += doc.meta["entropy_nats_blind"]
             images += doc.n_images
     files = [str(Path(f).relative_to(out)) for f in writer.files]
     return dict(
@@ -50,6 +51,7 @@ def synthesize_kind(kind: str, params: Params, out: Path) -> dict[str, Any]:
         bad={},
         bad_fraction=0.0,
         entropy_nats=entropy,
+        entropy_nats_blind=blind,
         images=int(images),
     )
 

@@ -40,6 +40,7 @@ class Batch:
     images: torch.Tensor  # (M, 3, S, S) uint8
     image_index: torch.Tensor  # (M, 2) int64: (row, position of the image's first token)
     kinds: torch.Tensor  # (B,) int64: index into KINDS of each row
+    target_tags: torch.Tensor  # (B, L) int64: word tag of each target (rank * 4 + role; 0: none)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(
@@ -108,11 +109,13 @@ class RowPacker:
         if self.L < self.T + 3:
             raise ValueError(f"context_length={self.L} cannot hold an image of {self.T} tokens")
 
-    def fill(self, stream: KindStream) -> tuple[np.ndarray, np.ndarray, list] | None:
-        """One row: (ids (L+1,), segment ids (L+1,), [(image uint8 HWC, first position)])."""
+    def fill(self, stream: KindStream) -> tuple[np.ndarray, np.ndarray, list, np.ndarray] | None:
+        """One row: (ids (L+1,), segment ids (L+1,), [(image uint8 HWC, first position)],
+        word tags (L+1,))."""
         L1 = self.L + 1
         ids = np.full(L1, self.pad, dtype=np.int64)
         seg = np.full(L1, -1, dtype=np.int64)
+        tags = np.zeros(L1, dtype=np.int64)
         images: list[tuple[np.ndarray, int]] = []
         pos = n_seg = 0
         while pos < L1:
@@ -130,6 +133,8 @@ class RowPacker:
                         break
             n = cut - off
             ids[pos : pos + n] = doc.ids[off:cut]
+            if doc.tags is not None:
+                tags[pos : pos + n] = doc.tags[off:cut]
             seg[pos : pos + n] = n_seg
             images += [(doc.images[m], pos + b + 1 - off) for m, b in spans if b < cut]
             if cut == len(doc.ids):
@@ -144,9 +149,9 @@ class RowPacker:
             n_seg += 1
         if n_seg == 0:
             return None
-        return ids, seg, images
+        return ids, seg, images, tags
 
-    def collate(self, rows: list[tuple[np.ndarray, np.ndarray, list]], kinds: list[int]) -> Batch:
+    def collate(self, rows: list[tuple], kinds: list[int]) -> Batch:
         ids = np.stack([r[0] for r in rows])
         seg = np.stack([r[1] for r in rows])
         same_doc = (seg[:, :-1] == seg[:, 1:]) & (seg[:, :-1] >= 0)
@@ -173,6 +178,7 @@ class RowPacker:
             images=pixels.contiguous(),
             image_index=index,
             kinds=torch.tensor(kinds, dtype=torch.int64),
+            target_tags=torch.from_numpy(np.stack([r[3][1:] for r in rows])),
         )
 
 

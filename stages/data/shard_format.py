@@ -13,8 +13,12 @@ A shard is a webdataset tar ``data/shards/{split}/{kind}-NNNNNN.tar``; each samp
   document's reading order (caption: the image, then its caption);
 - ``KEY.images.npy``: uint8 ``(n_images, image_size, image_size, 3)``, the images in order,
   centre-cropped and resized to the configured resolution;
-- ``KEY.json``: ``kind``, ``targets`` (loss targets: text tokens + ``<eos>``) and
-  ``entropy_nats`` (the synthetic world's floor for this document, or null).
+- ``KEY.tags.npy`` (synthetic data only): int32 per position, ``rank * 4 + role`` of the word
+  a text token belongs to (roles: template, name, attribute, value; rank 0: no entity;
+  stages/data/synthetic.py), 0 at specials and image positions;
+- ``KEY.json``: ``kind``, ``targets`` (loss targets: text tokens + ``<eos>``),
+  ``entropy_nats`` and ``entropy_nats_blind`` (the synthetic world's floor for this document
+  with and without its images, or null).
 
 ``data/shards/manifest.parquet`` has one row per shard (:data:`MANIFEST_SCHEMA`) and
 ``data/shards/info.json`` the constants a reader needs (special ids, T, image size).
@@ -48,10 +52,18 @@ MANIFEST_SCHEMA = pa.schema(
         ("images", pa.int64()),
         ("image_tokens", pa.int64()),
         ("entropy_nats", pa.float64()),  # sum over samples; null when unknown (real data)
+        ("entropy_nats_blind", pa.float64()),  # the same without the images
         ("sha256", pa.string()),
     ]
 )
 NON_TARGET = ("pad", "bos", "image", "boi", "eoi")  # specials that are never loss targets
+# word tags (tags.npy): tag = rank * 4 + role; rank 0 when the word is about no entity
+ROLES = ("template", "name", "attribute", "value")
+TEMPLATE, NAME, ATTRIBUTE, VALUE = range(len(ROLES))
+
+
+def tag(rank: int, role: int) -> int:
+    return rank * len(ROLES) + role
 
 
 @dataclass
@@ -62,6 +74,8 @@ class Sample:
     images: np.ndarray  # (n, S, S, 3) uint8
     targets: int
     entropy_nats: float | None
+    entropy_nats_blind: float | None = None
+    tags: np.ndarray | None = None  # (L,) int32 word tags, synthetic data only
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -99,6 +113,13 @@ def prepare_image(data: bytes, size: int) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)
 
 
+def token_tags(text: str, word_tags: list[int], offsets: list[tuple[int, int]]) -> list[int]:
+    """The tag of each token of ``text`` (words joined by single spaces): the tag of the word
+    its last character belongs to (``offsets``: the tokenizer's character spans)."""
+    spaces = np.cumsum([c == " " for c in text])  # words started before each character
+    return [word_tags[int(spaces[max(a, b - 1)])] if b > a else 0 for a, b in offsets]
+
+
 def text_target_mask(ids: np.ndarray, special: dict[str, int]) -> np.ndarray:
     """True where a token is a text target (text tokens and ``<eos>``)."""
     return ~np.isin(ids, [special[n] for n in NON_TARGET])
@@ -110,29 +131,43 @@ def encode_doc(
     images: list[np.ndarray],
     special: dict[str, int],
     image_tokens: int,
-) -> np.ndarray:
-    """Lay out one document; ``text_ids`` are the tokenized non-null ``texts`` in order."""
+    text_tags: list[list[int]] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Lay out one document: (ids, tags). ``text_ids`` (and ``text_tags``, one per token) are
+    the tokenized non-null ``texts`` in order; tags are None without ``text_tags``."""
     parts: list[list[int]] = [[special["bos"]]]
-    it_text, n_img = iter(text_ids), 0
+    tags: list[list[int]] = [[0]]
+    it_text, it_tags, n_img = iter(text_ids), iter(text_tags or []), 0
     for t in texts:
         if t is None:
             parts.append([special["boi"]] + [special["image"]] * image_tokens + [special["eoi"]])
+            tags.append([0] * (image_tokens + 2))
             n_img += 1
         else:
             parts.append(next(it_text))
+            tags.append(next(it_tags) if text_tags is not None else [])
     parts.append([special["eos"]])
+    tags.append([0])
     assert n_img == len(images), (n_img, len(images))
-    return np.fromiter((i for p in parts for i in p), dtype=np.int32)
+    ids = np.fromiter((i for p in parts for i in p), dtype=np.int32)
+    if text_tags is None:
+        return ids, None
+    out = np.fromiter((i for p in tags for i in p), dtype=np.int32)
+    assert len(out) == len(ids), (len(out), len(ids))
+    return ids, out
 
 
 def sample_record(s: Sample) -> dict[str, Any]:
-    meta = {"kind": s.kind, "targets": s.targets, "entropy_nats": s.entropy_nats}
-    return {
-        "__key__": s.key,
-        "ids.npy": _npy(s.ids),
-        "images.npy": _npy(s.images),
-        "json": json.dumps(meta, sort_keys=True),
+    meta = {
+        "kind": s.kind,
+        "targets": s.targets,
+        "entropy_nats": s.entropy_nats,
+        "entropy_nats_blind": s.entropy_nats_blind,
     }
+    rec = {"__key__": s.key, "ids.npy": _npy(s.ids), "images.npy": _npy(s.images)}
+    if s.tags is not None:
+        rec["tags.npy"] = _npy(s.tags)
+    return rec | {"json": json.dumps(meta, sort_keys=True)}
 
 
 def decode_record(rec: dict[str, Any]) -> Sample:
@@ -144,6 +179,8 @@ def decode_record(rec: dict[str, Any]) -> Sample:
         images=_from_npy(rec["images.npy"]),
         targets=meta["targets"],
         entropy_nats=meta["entropy_nats"],
+        entropy_nats_blind=meta.get("entropy_nats_blind"),
+        tags=_from_npy(rec["tags.npy"]) if "tags.npy" in rec else None,
     )
 
 

@@ -35,6 +35,7 @@ from stages.data.shard_format import (
     sha256_file,
     split_of,
     text_target_mask,
+    token_tags,
 )
 from stages.data.tokenizer import special_ids
 from stages.params import ShardsParams
@@ -69,6 +70,7 @@ class _SplitWriter:
                     images=0,
                     image_tokens=0,
                     entropy_nats=0.0,
+                    entropy_nats_blind=0.0,
                     sha256="",
                 )
             )
@@ -79,10 +81,9 @@ class _SplitWriter:
         row["text_tokens"] += s.targets
         row["images"] += len(s.images)
         row["image_tokens"] += len(s.images) * self.image_tokens
-        if row["entropy_nats"] is not None:
-            row["entropy_nats"] = (
-                None if s.entropy_nats is None else row["entropy_nats"] + s.entropy_nats
-            )
+        for k in ("entropy_nats", "entropy_nats_blind"):  # unknown (None) once one is unknown
+            x = getattr(s, k)
+            row[k] = None if row[k] is None or x is None else row[k] + x
 
     def _finish(self) -> None:
         if self._tar is not None:
@@ -108,9 +109,16 @@ def shard_kind(
             texts = [t for d in chunk for t in d.texts if t is not None]
             encoded = iter(tok.encode_batch(texts, add_special_tokens=False))
             for d in chunk:
-                text_ids = [next(encoded).ids for t in d.texts if t is not None]
+                enc = [next(encoded) for t in d.texts if t is not None]
+                text_ids = [e.ids for e in enc]
+                text_tags = None
+                if d.meta.get("word_tags") is not None:  # synthetic: roles and entity ranks
+                    words = [(t, w) for t, w in zip(d.texts, d.meta["word_tags"], strict=True) if t]
+                    text_tags = [token_tags(t, w, e.offsets) for (t, w), e in zip(words, enc, strict=True)]
                 images = [prepare_image(b, p.image_size) for b in d.images if b is not None]
-                ids = encode_doc(d.texts, text_ids, images, special, p.image_tokens)
+                ids, tags = encode_doc(
+                    d.texts, text_ids, images, special, p.image_tokens, text_tags
+                )
                 shape = (len(images), p.image_size, p.image_size, 3)
                 sample = Sample(
                     key=d.key,
@@ -119,6 +127,8 @@ def shard_kind(
                     images=np.stack(images) if images else np.zeros(shape, np.uint8),
                     targets=int(text_target_mask(ids, special).sum()),
                     entropy_nats=d.meta.get("entropy_nats"),
+                    entropy_nats_blind=d.meta.get("entropy_nats_blind"),
+                    tags=tags,
                 )
                 writers[split_of(d.key, p.val_fraction)].write(sample)
             bar.update(len(chunk))
@@ -142,23 +152,28 @@ def build_shards(
 
 
 def shard_info(rows: list[dict[str, Any]], tok: Tokenizer, p: ShardsParams) -> dict[str, Any]:
-    """Constants for readers, and per kind/split totals with the text-loss floor per token."""
+    """Constants for readers, and per kind/split totals with the text-loss floors per token:
+    ``floor_nats_per_token`` (with the images), ``floor_blind_nats_per_token`` (without them)
+    and ``image_value_nats_per_token`` (their difference: what the images are worth)."""
     totals: dict[str, dict[str, Any]] = {}
     for r in rows:
         t = totals.setdefault(
             f"{r['split']}/{r['kind']}",
-            dict(samples=0, tokens=0, text_tokens=0, images=0, entropy_nats=0.0),
-        )
+            dict(samples=0, tokens=0, text_tokens=0, images=0, entropy_nats=0.0,
+                 entropy_nats_blind=0.0),
+        )  # fmt: skip
         for k in ("samples", "tokens", "text_tokens", "images"):
             t[k] += r[k]
-        if t["entropy_nats"] is not None:
-            t["entropy_nats"] = (
-                None if r["entropy_nats"] is None else t["entropy_nats"] + r["entropy_nats"]
-            )
+        for k in ("entropy_nats", "entropy_nats_blind"):
+            t[k] = None if t[k] is None or r[k] is None else t[k] + r[k]
     for t in totals.values():
-        t["floor_nats_per_token"] = (
-            t["entropy_nats"] / t["text_tokens"]
-            if t["entropy_nats"] is not None and t["text_tokens"]
+        n = t["text_tokens"]
+        t["floor_nats_per_token"] = t["entropy_nats"] / n if t["entropy_nats"] is not None and n else None
+        blind = t["entropy_nats_blind"]
+        t["floor_blind_nats_per_token"] = blind / n if blind is not None and n else None
+        t["image_value_nats_per_token"] = (
+            t["floor_blind_nats_per_token"] - t["floor_nats_per_token"]
+            if t["floor_blind_nats_per_token"] is not None and t["floor_nats_per_token"] is not None
             else None
         )
     return {

@@ -40,8 +40,10 @@ def corpus_texts(corpus: Path) -> Iterator[str]:
 
 def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int) -> Tokenizer:
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    # a space before every text: a word is the same token at the start of a text as inside it
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    # ... which decoding removes again: decode(encode(text)) == text
+    tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,

@@ -78,7 +78,7 @@ def test_allowed_archs_and_sizes_come_from_the_registries_in_model():
 def test_unknown_key_names_it_and_lists_allowed_keys():
     msg = _error({"corpus": {"synthetic": {"n_captions": 10}}})
     assert "corpus.synthetic.n_captions" in msg
-    assert "n_caption" in msg and "n_interleaved" in msg and "max_objects" in msg
+    assert "n_caption" in msg and "n_interleaved" in msg and "zipf_a" in msg
     assert "'seed'" not in _error({"sed": 1}) and "seed, corpus" in _error({"sed": 1})
 
 
@@ -106,14 +106,23 @@ def test_mixture_must_sum_to_one():
 def test_literal_lists_allowed_values():
     msg = _error({"corpus": {"source": "web"}})
     assert "corpus.source" in msg and "'synthetic'" in msg and "'files'" in msg
-    msg = _error({"corpus": {"synthetic": {"shapes": ["circle", "hexagon"]}}})
-    assert "corpus.synthetic.shapes.1" in msg and "'triangle'" in msg
+    msg = _error({"tokenizer": {"source": "hub"}})
+    assert "tokenizer.source" in msg and "'train'" in msg and "'file'" in msg
+
+
+def test_bad_world_knobs_name_the_key_and_the_bound():
+    bad = {"entity_bits": 30, "zipf_a": 0, "classes": 11, "max_entities": 5, "image_size": 40}
+    msg = _error({"corpus": {"synthetic": bad}})
+    for key in bad:
+        assert f"corpus.synthetic.{key}" in msg, key
+    assert "less than or equal to 22" in msg and "multiple of 16" in msg
 
 
 def test_cross_field_checks():
     assert "patch_size" in _error({"shards": {"image_size": 30, "patch_size": 8}})
     assert "data.context_length" in _error({"data": {"context_length": 10}})
-    assert "max_objects" in _error({"corpus": {"synthetic": {"grid": 2, "max_objects": 4}}})
+    msg = _error({"corpus": {"synthetic": {"entity_bits": 8, "visual_bits": 12}}})
+    assert "visual_bits=12" in msg and "allowed 0..8" in msg
     assert "corpus.files" in _error({"corpus": {"source": "files"}})
 
 

@@ -20,6 +20,7 @@ from flows.training.loop import FAULT_ENV
 from flows.training.point import train_point
 from flows.training.recipe import schedule
 from flows.training.run import checkpoint_meta
+from stages.data.kinds import TARGETS
 from stages.params import study_params
 
 TINY_TRAIN = {
@@ -198,3 +199,15 @@ def test_checkpoints_written_by_other_code_are_never_resumed_or_branched_from(
     assert rec["git_revision"] and rec["code_fingerprint"] == fingerprints(
         tiny_data.shards, None
     ).code("early")
+
+
+def test_the_evaluation_splits_the_loss_by_role_rank_and_blanked_images(tiny_data, tmp_path):
+    rec = _train(tiny_data, tiny_params(tiny_data), tmp_path, 2048)
+    assert set(TARGETS) <= {k.removeprefix("loss_") for k in rec if k.startswith("loss_")}
+    for kind in ("caption", "interleaved", "text"):
+        for role in ("template", "name", "attribute", "value"):
+            assert rec[f"eval_{kind}_{role}"] > 0, (kind, role)
+    assert "eval_caption_noimage" in rec and "eval_text_noimage" not in rec  # no images there
+    ranks = sorted(k for k in rec if k.startswith("eval_value_rank1e"))
+    assert ranks[0] == "eval_value_rank1e0" and len(ranks) >= 3  # rank 1, 2-10, 11-100, ...
+    assert not any(k.startswith("loss_") and "rank" in k for k in rec)  # not fit targets

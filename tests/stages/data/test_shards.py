@@ -78,6 +78,15 @@ def test_shards_round_trip_every_corpus_sample(tiny_data):
             assert got == [t for t in doc.texts if t is not None]
             assert s.targets == int(text_target_mask(ids, special).sum())
             assert s.entropy_nats == pytest.approx(doc.meta["entropy_nats"])
+            assert s.entropy_nats_blind == pytest.approx(doc.meta["entropy_nats_blind"])
+            # word tags: one per position, 0 outside text, each text token tagged by its word
+            assert s.tags.shape == ids.shape and not s.tags[ids == special["image"]].any()
+            words = [w for t in doc.texts if t for w in t.split(" ")]
+            word_tags = [x for t in doc.meta["word_tags"] if t for x in t]
+            text_pos = [i for i, t in enumerate(ids) if t not in special.values()]
+            assert len(text_pos) == len(words)  # every word is one token (kept whole)
+            for i, word, tag in zip(text_pos, words, word_tags, strict=True):
+                assert tok.decode([int(ids[i])]) == word and s.tags[i] == tag
     assert n_docs == len(samples)
     for r in manifest:  # manifest rows agree with the shards they describe
         got = read_shard(tiny_data.shards / r["path"])
@@ -89,12 +98,17 @@ def test_shards_round_trip_every_corpus_sample(tiny_data):
     assert splits == {"train", "val"}
 
 
-def test_info_reports_the_entropy_floor_per_token(tiny_data):
+def test_info_reports_the_floors_and_the_images_value_per_token(tiny_data):
     info = json.loads((tiny_data.shards / "info.json").read_text())
     for kind in KINDS:
         t = info["totals"][f"train/{kind}"]
-        assert 0 < t["floor_nats_per_token"] < 2
+        assert 0 < t["floor_nats_per_token"] < 3
         assert t["floor_nats_per_token"] == pytest.approx(t["entropy_nats"] / t["text_tokens"])
+        blind = t["entropy_nats_blind"] / t["text_tokens"]
+        assert t["floor_blind_nats_per_token"] == pytest.approx(blind)
+        value = t["image_value_nats_per_token"]
+        assert value == pytest.approx(blind - t["floor_nats_per_token"])
+        assert value > 0.1 if kind != "text" else value == 0
 
 
 def test_images_are_resized_and_centre_cropped():
