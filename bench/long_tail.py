@@ -44,7 +44,7 @@ from stages.data.corpus import build_corpus  # noqa: E402
 from stages.data.shards import build_shards  # noqa: E402
 from stages.data.tokenizer import build as build_tokenizer  # noqa: E402
 from stages.data.world import Zipf  # noqa: E402
-from stages.params import merge, read_yaml, study_params  # noqa: E402
+from stages.params import merge, study_params  # noqa: E402
 from stages.scaling.fit import fit_target  # noqa: E402
 from tests.conftest import write_study  # noqa: E402
 
@@ -91,8 +91,10 @@ def oracle(args) -> dict:
                    "beta": f.law.beta, "beta_planted": 1 - 1 / a, "E": f.law.E,
                    "fit_mean_rel_error": m["fit_mre"]}  # fmt: skip
             out.append(row)
-            print(f"{a:>4} {regime:>17} {f.law.alpha:6.3f} ({a - 1:.3f}) {f.law.beta:6.3f} "
-                  f"({1 - 1 / a:.3f}) {f.law.E:7.4f} {row['fit_mean_rel_error']:12.2e}")
+            print(
+                f"{a:>4} {regime:>17} {f.law.alpha:6.3f} ({a - 1:.3f}) {f.law.beta:6.3f} "
+                f"({1 - 1 / a:.3f}) {f.law.E:7.4f} {row['fit_mean_rel_error']:12.2e}"
+            )
             runs.to_csv(args.out / f"oracle_a{a}_{regime}.csv", index=False)
     return {"runs": out}
 
@@ -133,8 +135,15 @@ def grid(root: Path, params_path: Path, shards: Path) -> pd.DataFrame:
 def probe(args) -> dict:
     root = args.out / "probe"
     over = merge(
-        {"grid": {"study": "probe", "archs": ["early"], "sizes": args.sizes,
-                  "tokens": args.tokens}, "train": RECIPE},  # fmt: skip
+        {
+            "grid": {
+                "study": "probe",
+                "archs": ["early"],
+                "sizes": args.sizes,
+                "tokens": args.tokens,
+            },
+            "train": RECIPE,
+        },  # fmt: skip
         json.loads(args.world),
     )
     params_path, shards = prepare(root, over)
@@ -145,13 +154,17 @@ def probe(args) -> dict:
     print("probe: validation loss (avg of kinds) per size (rows) and budget (columns)")
     print(table.round(4).to_string())
     info = json.loads((shards / "info.json").read_text())["totals"]
-    floors = {k: info[f"val/{k}"]["floor_nats_per_token"] for k in ("caption", "interleaved", "text")}
+    floors = {
+        k: info[f"val/{k}"]["floor_nats_per_token"] for k in ("caption", "interleaved", "text")
+    }
     floor = sum(floors.values()) / 3
     top = table.columns.max()
     gap = table[top].iloc[0] - table[top].iloc[-1]
     falling = {s: bool((np.diff(table.loc[s].to_numpy()) < 0).all()) for s in table.index}
-    print(f"floor (avg) {floor:.4f}; at D={top}: smallest - largest = {gap:.4f} nats; "
-          f"falling at every budget: {falling}")
+    print(
+        f"floor (avg) {floor:.4f}; at D={top}: smallest - largest = {gap:.4f} nats; "
+        f"falling at every budget: {falling}"
+    )
     return {"table": table.round(5).to_dict(), "floor": floor, "gap_at_max": gap,
             "falling": falling}  # fmt: skip
 
@@ -170,12 +183,16 @@ def planted(args) -> dict:
         }  # fmt: skip
         params_path, shards = prepare(root, over)
         runs = grid(root, params_path, shards)
-        f = fit_target(runs.assign(loss=runs.loss_text)[["N", "D", "C", "loss"]], "early", "text", fit)
+        f = fit_target(
+            runs.assign(loss=runs.loss_text)[["N", "D", "C", "loss"]], "early", "text", fit
+        )
         lo, hi = np.percentile(f.boot["beta"], [2.5, 97.5]) if f.boot else (math.nan,) * 2
         out[a] = {"beta": f.law.beta, "beta_ci": [lo, hi], "alpha": f.law.alpha,
                   "theory_beta": 1 - 1 / a, "E": f.law.E}  # fmt: skip
-        print(f"a={a}: fitted beta {f.law.beta:.3f} [{lo:.3f}, {hi:.3f}] (memoriser theory "
-              f"{1 - 1 / a:.3f}), alpha {f.law.alpha:.3f}, E {f.law.E:.3f}")
+        print(
+            f"a={a}: fitted beta {f.law.beta:.3f} [{lo:.3f}, {hi:.3f}] (memoriser theory "
+            f"{1 - 1 / a:.3f}), alpha {f.law.alpha:.3f}, E {f.law.E:.3f}"
+        )
     return out
 
 
@@ -184,7 +201,9 @@ def emergence(args) -> dict:
     cols = sorted(c for c in runs.columns if c.startswith("eval_value_rank1e"))
     fig, axes = subplots(1, 2, figsize=(10, 4))
     for ax, role in zip(axes, ("name", "value"), strict=True):
-        for size in sorted(runs["size"].unique(), key=lambda s: runs[runs["size"] == s].N.iloc[0])[::2]:
+        for size in sorted(runs["size"].unique(), key=lambda s: runs[runs["size"] == s].N.iloc[0])[
+            ::2
+        ]:
             r = runs[runs["size"] == size].sort_values("D")
             for i, c in enumerate(cols):
                 col = c.replace("value", role)

@@ -114,7 +114,9 @@ def shard_kind(
                 text_tags = None
                 if d.meta.get("word_tags") is not None:  # synthetic: roles and entity ranks
                     words = [(t, w) for t, w in zip(d.texts, d.meta["word_tags"], strict=True) if t]
-                    text_tags = [token_tags(t, w, e.offsets) for (t, w), e in zip(words, enc, strict=True)]
+                    text_tags = [
+                        token_tags(t, w, e.offsets) for (t, w), e in zip(words, enc, strict=True)
+                    ]
                 images = [prepare_image(b, p.image_size) for b in d.images if b is not None]
                 ids, tags = encode_doc(
                     d.texts, text_ids, images, special, p.image_tokens, text_tags
@@ -168,7 +170,9 @@ def shard_info(rows: list[dict[str, Any]], tok: Tokenizer, p: ShardsParams) -> d
             t[k] = None if t[k] is None or r[k] is None else t[k] + r[k]
     for t in totals.values():
         n = t["text_tokens"]
-        t["floor_nats_per_token"] = t["entropy_nats"] / n if t["entropy_nats"] is not None and n else None
+        t["floor_nats_per_token"] = (
+            t["entropy_nats"] / n if t["entropy_nats"] is not None and n else None
+        )
         blind = t["entropy_nats_blind"]
         t["floor_blind_nats_per_token"] = blind / n if blind is not None and n else None
         t["image_value_nats_per_token"] = (
