@@ -34,19 +34,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from scipy.stats import poisson
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.common.figures import plain_log_y, save, subplots  # noqa: E402
 from stages.data.corpus import build_corpus  # noqa: E402
 from stages.data.shards import build_shards  # noqa: E402
 from stages.data.tokenizer import build as build_tokenizer  # noqa: E402
 from stages.data.world import Zipf  # noqa: E402
-from stages.params import merge, study_params  # noqa: E402
+from stages.params import REPO_PARAMS, merge, read_yaml, study_params, validate_params  # noqa: E402
+from stages.reporting.figures import emergence_by_rank  # noqa: E402
 from stages.scaling.fit import fit_target  # noqa: E402
-from tests.conftest import write_study  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "long_tail"
 # the fixed recipe of the probes: 2 rows of 256 tokens per step (LONG-TAIL.md: small batches
@@ -102,13 +102,19 @@ def oracle(args) -> dict:
 # --------------------------------------------------------------------------- pipeline runs
 
 
-def prepare(root: Path, overrides: dict) -> tuple[Path, Path]:
-    """Corpus, tokenizer and shards of the default params with ``overrides`` under ``root``
-    (reused when already there); returns (params.yaml, shards)."""
-    params_path = write_study(root / "params.yaml", overrides)
+def prepare(root: Path, overrides: dict, mixtures: dict | None = None) -> tuple[Path, Path]:
+    """Corpus, tokenizer and shards of the default params with ``overrides`` (and, replacing
+    the default's, ``mixtures``) under ``root``, reused when already there; returns
+    (params.yaml, shards)."""
+    root.mkdir(parents=True, exist_ok=True)
+    raw = merge(read_yaml(REPO_PARAMS), overrides)
+    if mixtures is not None:
+        raw["grid"]["mixtures"] = mixtures
+    params_path = root / "params.yaml"
+    params_path.write_text(yaml.safe_dump(raw))
     shards = root / "data" / "shards"
     if not (shards / "info.json").exists():
-        params = study_params(overrides)
+        params = validate_params(raw)
         t0 = time.perf_counter()
         build_corpus(params, root / "data" / "corpus")
         tok = root / "data" / "tokenizer" / "tokenizer.json"
@@ -127,7 +133,13 @@ def grid(root: Path, params_path: Path, shards: Path) -> pd.DataFrame:
            "--results", str(root / "results"),
            "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}"]  # fmt: skip
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+    with (root / "grid.log").open("w") as log:
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        tail = (root / "grid.log").read_text().splitlines()[-30:]
+        raise RuntimeError(
+            f"the grid failed (exit {rc}); {root / 'grid.log'} ends:\n" + "\n".join(tail)
+        )
     print(f"  grid {root.name}: {time.perf_counter() - t0:.0f} s", flush=True)
     return pd.read_parquet(root / "results" / "runs.parquet")
 
@@ -178,46 +190,44 @@ def planted(args) -> dict:
         over = {
             "corpus": {"synthetic": {"zipf_a": a}},
             "grid": {"study": f"planted-{a}", "archs": ["early"], "sizes": args.sizes,
-                     "tokens": args.tokens, "mixtures": {"text": {"text": 1.0}}},
+                     "tokens": args.tokens},
             "train": RECIPE,
         }  # fmt: skip
-        params_path, shards = prepare(root, over)
+        params_path, shards = prepare(root, over, mixtures={"text": {"text": 1.0}})
         runs = grid(root, params_path, shards)
-        f = fit_target(
-            runs.assign(loss=runs.loss_text)[["N", "D", "C", "loss"]], "early", "text", fit
-        )
+        runs = runs[runs.mixture == "text"].assign(loss=lambda r: r.loss_text)
+        runs.to_csv(root / "runs.csv", index=False)
+        f = fit_target(runs[["N", "D", "C", "loss"]], "early", "text", fit)
         lo, hi = np.percentile(f.boot["beta"], [2.5, 97.5]) if f.boot else (math.nan,) * 2
+        # with E at the world's exact floor: the data exponent of each size, from the slope of
+        # log(L - floor) on log D (all budgets, and without the smallest: the transient)
+        info = json.loads((shards / "info.json").read_text())["totals"]["val/text"]
+        floor = info["floor_nats_per_token"]
+        slopes = {}
+        for size, g in runs.sort_values("D").groupby("size"):
+            x, y = np.log(g.D.to_numpy()), np.log(g.loss.to_numpy() - floor)
+            slopes[size] = (-np.polyfit(x, y, 1)[0], -np.polyfit(x[1:], y[1:], 1)[0])
         out[a] = {"beta": f.law.beta, "beta_ci": [lo, hi], "alpha": f.law.alpha,
-                  "theory_beta": 1 - 1 / a, "E": f.law.E}  # fmt: skip
+                  "theory_beta": 1 - 1 / a, "E": f.law.E, "floor": floor,
+                  "beta_per_size_floor_anchored": slopes}  # fmt: skip
         print(
             f"a={a}: fitted beta {f.law.beta:.3f} [{lo:.3f}, {hi:.3f}] (memoriser theory "
-            f"{1 - 1 / a:.3f}), alpha {f.law.alpha:.3f}, E {f.law.E:.3f}"
+            f"{1 - 1 / a:.3f}), alpha {f.law.alpha:.3f}, E {f.law.E:.3f} (floor {floor:.3f}); "
+            "beta per size with E at the floor (all budgets / without the smallest): "
+            + ", ".join(f"{s} {b:.3f}/{b2:.3f}" for s, (b, b2) in slopes.items())
         )
     return out
 
 
 def emergence(args) -> dict:
+    """The report's figure of loss by entity-rank decade, from the probe's records."""
     runs = pd.read_parquet(args.out / "probe" / "results" / "runs.parquet")
-    cols = sorted(c for c in runs.columns if c.startswith("eval_value_rank1e"))
-    fig, axes = subplots(1, 2, figsize=(10, 4))
-    for ax, role in zip(axes, ("name", "value"), strict=True):
-        for size in sorted(runs["size"].unique(), key=lambda s: runs[runs["size"] == s].N.iloc[0])[
-            ::2
-        ]:
-            r = runs[runs["size"] == size].sort_values("D")
-            for i, c in enumerate(cols):
-                col = c.replace("value", role)
-                if col in r:
-                    ax.plot(r.D, r[col], marker="o", ms=3, color=f"C{i}",
-                            ls="-" if size == runs["size"].iloc[0] else "--",
-                            label=f"ranks ≤ 1e{c[-1]} ({size})")  # fmt: skip
-        ax.set(xscale="log", yscale="log", xlabel="tokens seen D", ylabel=f"loss on {role} tokens")
-        plain_log_y(ax)
-        ax.set_title(f"{role} tokens by entity-rank decade")
-        ax.legend(fontsize=6)
-    path = save(fig, args.out / "emergence.png")
+    path = emergence_by_rank(runs, args.out)
     print(f"emergence: {path}")
-    return {"figure": str(path)}
+    cols = sorted(c for c in runs.columns if c.startswith("eval_value_rank1e"))
+    table = runs.sort_values(["N", "D"]).set_index(["size", "tokens_budget"])[cols]
+    print(table.round(3).to_string())
+    return {"figure": str(path), "value_loss_by_rank": table.round(4).to_dict()}
 
 
 def main() -> None:

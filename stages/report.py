@@ -6,7 +6,8 @@ figures and their data) and points (results/points: loss curves, MoE routing), i
 - figures (results/report/figures): loss vs training FLOPs per arch with its fitted frontier
   (paper Fig. 2); the archs at equal compute per data kind; N_opt(C), D_opt(C) per arch beside
   the fit stage's iso-FLOP figures (Fig. 3); predicted vs observed with the held-out runs
-  (Table 10); the MoE experts' image/text share per layer (Figs. 12-13); training curves;
+  (Table 10); the MoE experts' image/text share per layer (Figs. 12-13); training curves; the
+  loss on name and value tokens by entity-rank decade against tokens seen (synthetic world);
 - a table of the fitted E, alpha, beta, a, b, c, d with bootstrap intervals beside the paper's
   Table 2, every fit with the synthetic corpus's entropy floor beside its E;
 - the paper's qualitative findings (and the brief's claim about discrete tokens), each marked
@@ -60,6 +61,11 @@ def run_report(results: str | Path = "results", shards: str | Path = "data/shard
     why: dict[str, str] = {}
     if not eq.empty:
         figures["equal_compute"] = figs.equal_compute(eq, fig_dir)
+    emergence = figs.emergence_by_rank(runs, fig_dir)
+    if emergence is not None:
+        figures["emergence_by_rank"] = emergence
+    else:
+        why["emergence_by_rank"] = "the runs have no per-rank evaluation (real data)"
     routing = routings(results / "points", runs)
     if routing:
         figures["moe_routing"] = figs.moe_routing(routing, fig_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 
@@ -165,3 +166,38 @@ def loss_curves(points: Path, runs: pd.DataFrame, archs: list[str], curves: Path
         plain_log_y(ax)
         ax.legend(fontsize=7)
     return save(fig, out / "loss_curves.png")
+
+
+def emergence_by_rank(runs: pd.DataFrame, out: Path, arch: str | None = None) -> Path | None:
+    """Loss on name and value tokens per entity-rank decade against tokens seen, for the
+    smallest and largest size of one arch (the synthetic world's ``eval_*_rank1e*`` columns):
+    frequent entities are learned first, rarer ones as D (and N) grow. None without them."""
+    decades = sorted(
+        {int(c.rsplit("1e", 1)[1]) for c in runs.columns if c.startswith("eval_value_rank1e")}
+    )
+    if not decades:
+        return None
+    arch = arch or str(runs.arch.iloc[0])
+    r = runs[runs.arch == arch]
+    by_n = sorted(r["size"].unique(), key=lambda s: r[r["size"] == s].N.iloc[0])
+    sizes = [by_n[0], by_n[-1]] if len(by_n) > 1 else by_n
+    fig, axes = subplots(1, 2, figsize=(10, 3.8))
+    for ax, role in zip(axes, ("name", "value"), strict=True):
+        for d in decades:
+            col = f"eval_{role}_rank1e{d}"
+            if col not in r:
+                continue
+            label = "rank 1" if d == 0 else f"ranks {10 ** (d - 1) + 1:,}–{10**d:,}"
+            for size, ls in zip(sizes, ("-", "--"), strict=False):
+                s = r[r["size"] == size].sort_values("D")
+                ax.plot(s.D, s[col], ls=ls, marker="o", ms=3, color=f"C{d}",
+                        label=label if size == sizes[0] else None)  # fmt: skip
+        for size, ls in zip(sizes, ("-", "--"), strict=False):
+            ax.plot([], [], ls=ls, color="gray", label=f"size {size}")
+        ax.set(xscale="log", yscale="log", xlabel="tokens seen D", ylabel=f"loss on {role} tokens")
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(f"{arch}: {role} tokens by entity-rank decade", fontsize=9)
+        ax.legend(fontsize=6, ncol=2)
+    return save(fig, out / "emergence_by_rank.png")
