@@ -1,9 +1,11 @@
-"""Speed of the scaling-law fit (stages/fit.py): one study, then how it grows.
+"""Speed of the scaling-law fit (stages/scaling/): one study per law family, then how it grows.
 
 First the headline: 500 runs (10 sizes x 50 token budgets, paper-like law with 1% noise) fitted
-with the default params `fit` section: multi-start search, extrapolation refit and 100 bootstrap
-resamples (target <= 30 s on a 2-core machine). Then a table of the multi-start search alone and
-of 100 bootstrap refits, over the number of runs and the start grid / selection.
+with the default params `fit` section, one law family at a time and then all of them: the
+multi-start search, the top-compute hold-out refit, the leave-one-size-out refits and 100
+bootstrap resamples (targets: <= 5 s per family, <= 20 s for all, on one core). Then a table
+of the paper's multi-start search alone and of 100 bootstrap refits, over the number of runs
+and the start grid / selection.
 
     python bench/fit_speed.py [--points 50 100 250 500 1000] [--paper-all]
 
@@ -21,8 +23,9 @@ import numpy as np
 import pandas as pd
 
 from stages.params import FitParams, FitStarts, study_params
+from stages.scaling.families import Points
 from stages.scaling.fit import fit_target
-from stages.scaling.law import Points, fit_law, start_grid
+from stages.scaling.search import fit_law, start_grid
 
 PAPER = FitStarts(
     alpha=[0, 0.5, 2.5],
@@ -62,14 +65,22 @@ def main() -> None:
     print(f"cores: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f}")
 
     runs = synthetic_runs(500)
-    fit = study_params().fit  # the repository's fit settings
-    f, seconds = timed(fit_target, runs, "early", "avg", fit)
-    print(
-        f"\n500 runs, default grid ({len(start_grid(fit))} starts, {f.search.n_lbfgs} L-BFGS runs), "
-        f"extrapolation refit + {fit.bootstrap} bootstrap resamples: {seconds:.1f} s "
-        f"(alpha={f.law.alpha:.4f} [{np.percentile(f.boot['alpha'], 2.5):.4f}, "
-        f"{np.percentile(f.boot['alpha'], 97.5):.4f}], true {LAW['alpha']})"
-    )
+    base = study_params().fit  # the repository's fit settings
+    floor = LAW["E"]  # the floor family's known floor: the true E here
+    print(f"\n500 runs ({runs.N.nunique()} sizes), default grid, hold-out + leave-one-size-out "
+          f"refits + {base.bootstrap} bootstrap resamples:")  # fmt: skip
+    for family in [*base.families, "all"]:
+        names = base.families if family == "all" else [family]
+        fit = base.model_copy(
+            update={"families": names, "law": "auto" if family == "all" else family}
+        )
+        f, seconds = timed(fit_target, runs, "early", "avg", fit, 0, floor)
+        ff = f.families[f.choice]
+        print(
+            f"  {family:>10}: {seconds:5.1f} s  (chosen {f.choice}: alpha={ff.law.alpha:.4f} "
+            f"[{np.percentile(ff.boot['alpha'], 2.5):.4f}, {np.percentile(ff.boot['alpha'], 97.5):.4f}]"
+            f", true {LAW['alpha']}; {ff.search.n_lbfgs} local searches)"
+        )
 
     configs = [
         (

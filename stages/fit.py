@@ -12,13 +12,16 @@ runs and the registered model).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
 from stages.common.stage import setup_logging
-from stages.params import REPO_PARAMS, FitParams, ParamsError, load_params
+from stages.data.shard_format import text_floors
+from stages.params import FAMILY_NAMES, REPO_PARAMS, FitParams, ParamsError, load_params
 from stages.scaling.fit import FitError, TargetFit, fit_table, load_runs, write_metrics
+from stages.scaling.law import law_from_entry
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +34,11 @@ def run_fit(
     plots: str | Path | None = None,
     use_mlflow: bool = True,
     plot_data: str | Path | None = None,
+    floors: dict[str, float] | None = None,
+    mixtures: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, TargetFit]:
     """The whole stage: read runs, fit every target, write fits.json, figures, MLflow records."""
-    fits = fit_table(load_runs(runs_path), fit, seed)
+    fits = fit_table(load_runs(runs_path), fit, seed, floors, mixtures)
     write_metrics(fits, out)
     log.info("wrote %s (%d fits)", out, len(fits))
     files = None
@@ -48,8 +53,55 @@ def run_fit(
     return fits
 
 
+def predict(fits_path: str | Path, N: float, D: float, arch: str | None, target: str | None) -> str:
+    """The loss the chosen law of ``arch/target`` in a fits.json predicts at (N, D), as a line
+    whose last token is the number."""
+    fits = json.loads(Path(fits_path).read_text())
+    archs = sorted({k.split("/")[0] for k in fits})
+    if arch is None:
+        if len(archs) != 1:
+            raise FitError(f"{fits_path} has archs {', '.join(archs)}: say which with --arch")
+        arch = archs[0]
+    targets = sorted(k.split("/", 1)[1] for k in fits if k.split("/")[0] == arch)
+    if target is None:
+        target = "avg" if "avg" in targets else targets[0] if len(targets) == 1 else None
+        if target is None:
+            raise FitError(f"{arch} has targets {', '.join(targets)}: say which with --target")
+    entry = fits.get(f"{arch}/{target}")
+    if entry is None:
+        raise FitError(f"no fit {arch}/{target} in {fits_path}; it has {', '.join(sorted(fits))}")
+    law = law_from_entry(entry)
+    if law is None:
+        raise FitError(f"{arch}/{target}: the fitted law has a missing or infinite parameter")
+    L = float(law.loss(N, D))
+    return f"{arch}/{target} ({entry.get('law', 'paper')} law) at N={N:g}, D={D:g}: L = {L:.6g}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    argv = sys.argv[1:] if argv is None else argv
+    setup_logging()
+    if argv[:1] == ["predict"]:
+        pp = argparse.ArgumentParser(
+            prog="python -m stages.fit predict",
+            description="Print the loss a fitted law predicts at (N, D): for planning a run. "
+            "The last token of the output is the number.",
+        )
+        pp.add_argument("--fits", default="results/fits.json")
+        pp.add_argument("--N", type=float, required=True, help="parameters (the table's N)")
+        pp.add_argument("--D", type=float, required=True, help="tokens (the table's D)")
+        pp.add_argument("--arch", default=None, help="default: the only arch")
+        pp.add_argument("--target", default=None, help="default: avg, or the only target")
+        a = pp.parse_args(argv[1:])
+        try:
+            print(predict(a.fits, a.N, a.D, a.arch, a.target))
+        except (FitError, FileNotFoundError) as e:
+            log.error("%s", e)
+            return 2
+        return 0
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="`python -m stages.fit predict --help`: the loss a fitted law predicts.",
+    )
     ap.add_argument("--runs", default="results/runs.parquet", help="table of runs (.csv/.parquet)")
     ap.add_argument("--out", default="results/fits.json")
     ap.add_argument("--plots", default=None, help="directory for the figures (PNG)")
@@ -61,18 +113,37 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="params.yaml for the fit settings (default: ./params.yaml, else the repository's)",
     )
+    ap.add_argument(
+        "--law",
+        default=None,
+        choices=["auto", *FAMILY_NAMES],
+        help="the law family to report (default: fit.law; auto: chosen by extrapolation)",
+    )
+    ap.add_argument(
+        "--floors",
+        default=None,
+        help="the shards' info.json (or its directory): the corpus's floor per target, for the "
+        "floor family",
+    )
     ap.add_argument("--no-mlflow", action="store_true", help="do not log or register in MLflow")
     args = ap.parse_args(argv)
-    setup_logging()
     try:
         if args.params is None and not Path("params.yaml").exists():
             log.info("no params.yaml here: the fit settings of %s", REPO_PARAMS)
             params = load_params(REPO_PARAMS)
         else:
             params = load_params(args.params or "params.yaml")
+        fit = params.fit
+        if args.law is not None:
+            families = list(
+                dict.fromkeys([*fit.families, args.law] if args.law != "auto" else fit.families)
+            )
+            fit = fit.model_copy(update={"law": args.law, "families": families})
+        floors = text_floors(args.floors) if args.floors else None
+        mixtures = {k: m.as_dict() for k, m in params.grid.mixtures.items()}
         run_fit(
-            args.runs, args.out, params.fit, params.seed, args.plots, not args.no_mlflow,
-            args.plot_data,
+            args.runs, args.out, fit, params.seed, args.plots, not args.no_mlflow,
+            args.plot_data, floors, mixtures,
         )  # fmt: skip
     except (ParamsError, FitError) as e:
         log.error("%s", e)

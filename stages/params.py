@@ -272,9 +272,18 @@ class FitMlflow(Strict):
     tracking_uri: str | None  # null: stages/common/mlflow_store.py tracking_uri()
 
 
-class FitParams(Strict):
-    """Scaling-law fits L(N, D) = E + A/N^alpha + B/D^beta (stages/scaling/fit.py, paper App. C)."""
+FAMILY_NAMES = ("paper", "shared", "floor", "smooth_min")  # stages/scaling/families.py
 
+
+class FitParams(Strict):
+    """Scaling-law fits, per (arch, target), of every law family in ``families`` the paper's way
+    (App. C); ``law`` chooses the one reported (``auto``: by extrapolation; stages/scaling/)."""
+
+    law: Literal["auto", *FAMILY_NAMES]
+    families: list[Literal[FAMILY_NAMES]] = Field(min_length=1)
+    parsimony: Annotated[
+        float, Field(ge=0.0)
+    ]  # auto: paired standard errors more params must win by
     huber_delta: Annotated[float, Field(gt=0.0)]
     init: FitStarts
     # L-BFGS runs from the best-scored k starts of each (alpha, beta) start pair; null: all starts
@@ -286,6 +295,16 @@ class FitParams(Strict):
     sweep: FitSweep
     on_bad_target: Literal["error", "skip"]
     mlflow: FitMlflow
+
+    @model_validator(mode="after")
+    def _law_fitted(self) -> FitParams:
+        if len(set(self.families)) != len(self.families):
+            raise ValueError(f"families has duplicates: {self.families}")
+        if self.law != "auto" and self.law not in self.families:
+            raise ValueError(
+                f"law is {self.law!r} but families are {self.families}: add it, or law: auto"
+            )
+        return self
 
 
 class Params(Strict):

@@ -28,15 +28,10 @@ import sys
 from pathlib import Path
 
 from stages.common.stage import fresh_dir, setup_logging
+from stages.data.shard_format import text_floors
 from stages.reporting import figures as figs
 from stages.reporting.document import render_markdown, to_html
-from stages.reporting.evidence import (
-    ReportError,
-    entropy_floor,
-    equal_compute_table,
-    load_inputs,
-    routings,
-)
+from stages.reporting.evidence import ReportError, equal_compute_table, load_inputs, routings
 from stages.reporting.findings import findings
 
 log = logging.getLogger(__name__)
@@ -50,7 +45,7 @@ def run_report(results: str | Path = "results", shards: str | Path = "data/shard
     fig_dir, curves = out / "figures", out / "curves"
     fig_dir.mkdir()
     curves.mkdir()
-    floor = entropy_floor(shards)
+    floor = text_floors(shards)
     eq = equal_compute_table(fits, archs)
     figures: dict[str, Path] = {
         "loss_vs_compute": figs.loss_vs_compute(runs, fits, archs, fig_dir),
@@ -61,6 +56,9 @@ def run_report(results: str | Path = "results", shards: str | Path = "data/shard
     why: dict[str, str] = {}
     if not eq.empty:
         figures["equal_compute"] = figs.equal_compute(eq, fig_dir)
+    mix = figs.mixture_exponents(fits, fig_dir)
+    if mix is not None:
+        figures["mixture_exponents"] = mix
     emergence = figs.emergence_by_rank(runs, fig_dir)
     if emergence is not None:
         figures["emergence_by_rank"] = emergence

@@ -40,6 +40,8 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
+from stages.data.kinds import KINDS
+
 SPLITS = ("train", "val")
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -237,3 +239,22 @@ def shard_paths(shards_dir: str | Path, split: str, kind: str) -> list[Path]:
 
 def load_info(shards: str | Path) -> dict[str, Any]:
     return json.loads((Path(shards) / "info.json").read_text())
+
+
+def text_floors(info_path: str | Path) -> dict[str, float]:
+    """The loss floor per text token of each kind (validation split, with the images) and their
+    mean ``avg``, from an info.json; empty when the data's floor is unknown (real data)."""
+    path = Path(info_path)
+    if path.is_dir():
+        path = path / "info.json"
+    if not path.exists():
+        return {}
+    totals = json.loads(path.read_text()).get("totals", {})
+    out = {
+        k: totals[f"val/{k}"]["floor_nats_per_token"]
+        for k in KINDS
+        if totals.get(f"val/{k}", {}).get("floor_nats_per_token") is not None
+    }
+    if len(out) == len(KINDS):
+        out["avg"] = sum(out.values()) / len(out)
+    return out

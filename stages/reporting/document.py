@@ -32,6 +32,13 @@ PAPER_TABLE2 = {
     ("late", "avg"): (1.891, 0.2903, 0.3383, 0.6358, 0.4619, -0.0494, 0.6732),
     ("early-moe", "avg"): (2.158, 0.710, 0.372, 0.361, 0.656, -0.047, 1.797),
 }
+# Shukor et al. 2025, Table 3 (early fusion, avg loss): mixture -> (E, a, b)
+PAPER_TABLE3 = {
+    "45-45-10": (1.906, 0.527, 0.474),
+    "40-20-40": (1.965, 0.518, 0.486),
+    "30-30-40": (1.847, 0.572, 0.428),
+    "20-40-40": (1.836, 0.582, 0.423),
+}
 TEMPLATES = Path(__file__).parent / "templates"
 
 
@@ -47,31 +54,77 @@ def _with_ci(fit: dict, k: str) -> str:
     return s
 
 
+def paper_form(entry: dict) -> dict:
+    """A fits.json entry as the paper's form fitted it (its ``families.paper``), whichever law
+    the fit chose; the frontier exponent c is the data's."""
+    fam = (entry.get("families") or {}).get("paper")
+    return {**entry, **fam, "law": "paper"} if fam else entry
+
+
 def paper_table(fits: dict) -> dict[str, Any]:
-    """Our E..d with intervals beside the paper's, per row of its Table 2."""
+    """Our E..d (the paper's form, with intervals) beside the paper's, per row of its Table 2."""
     rows = []
     for (arch, target), paper in PAPER_TABLE2.items():
         f = fits.get(f"{arch}/{target}")
-        ours = [_with_ci(f, k) for k in PARAMS] if f else ["not run"] * len(PARAMS)
+        ours = [_with_ci(paper_form(f), k) for k in PARAMS] if f else ["not run"] * len(PARAMS)
         rows.append([f"{arch}/{target}", "this study", *ours])
         rows.append(["", "paper", *(f"{v:g}" for v in paper)])
     return {"header": ["fit", "source", *PARAMS], "rows": rows}
 
 
 def fits_table(fits: dict, floor: dict[str, float]) -> dict[str, Any]:
-    """Every fit, with the corpus's entropy floor beside its E."""
+    """Every fit (its chosen law), with the corpus's entropy floor beside its E."""
     rows = []
     for key, f in sorted(fits.items()):
         target = key.split("/")[-1]
         flag = "" if fitted_law(f) is not None else " (degenerate)"
         E, fl = f.get("E"), floor.get(target)
         below = " (below the floor: E not identified)" if E is not None and fl and fl > E else ""
-        row = [key + flag, _with_ci(f, "E") + below, _num(fl, ".3f")]
+        row = [key + flag, f.get("law", "paper"), _with_ci(f, "E") + below, _num(fl, ".3f")]
         row += [_num(f.get(k)) for k in PARAMS[1:]]
         row += [_num(f.get("fit_r2"), ".3f"), _num(f.get("heldout_mre"), ".2%")]
         rows.append(row)
-    header = ["fit", "E [95% CI]", "floor", *PARAMS[1:], "R²", "held-out MRE"]
+    header = ["fit", "law", "E [95% CI]", "floor", *PARAMS[1:], "R²", "held-out MRE"]
     return {"header": header, "rows": rows}
+
+
+def mixtures_table(fits: dict) -> dict[str, Any] | None:
+    """E, a, b of the paper's form per mixture (avg loss), by caption share, beside the paper's
+    Table 3 where a mixture has its name; None unless the grid had several mixtures."""
+    rows = []
+    entries = [f for k, f in fits.items() if k.endswith("/avg") and f.get("mixture")]
+    for f in sorted(entries, key=lambda f: (f["mixture"]["base_arch"],
+                                           (f["mixture"].get("shares") or {}).get("caption", 0))):  # fmt: skip
+        m, pf = f["mixture"], paper_form(f)
+        share = (m.get("shares") or {}).get("caption")
+        paper = PAPER_TABLE3.get(m["name"]) if m["base_arch"] == "early" else None
+        rows.append([m["base_arch"], m["name"], _num(share, ".2f"),
+                     *(_with_ci(pf, k) for k in ("E", "a", "b")),
+                     " / ".join(f"{v:g}" for v in paper) if paper else "–"])  # fmt: skip
+    if not rows:
+        return None
+    return {"header": ["arch", "mixture", "caption share", "E", "a", "b", "paper E / a / b"],
+            "rows": rows}  # fmt: skip
+
+
+def families_table(fits: dict) -> dict[str, Any] | None:
+    """Each law family's out-of-sample error per fit (top-compute hold-out / leave-one-size-out
+    relative error), the chosen one in bold."""
+    names = list(dict.fromkeys(n for f in fits.values() for n in f.get("families") or {}))
+    if not names:
+        return None
+    rows = []
+    for key, f in sorted(fits.items()):
+        cells = []
+        for n in names:
+            fam = (f.get("families") or {}).get(n)
+            if fam is None:
+                cells.append("–")
+                continue
+            cell = f"{_num(fam.get('heldout_mre'), '.2%')} / {_num(fam.get('loso_mre'), '.2%')}"
+            cells.append(f"**{cell}**" if n == f.get("law") else cell)
+        rows.append([key, *cells])
+    return {"header": ["fit", *names], "rows": rows}
 
 
 def equal_compute_rows(eq: pd.DataFrame) -> dict[str, Any] | None:
@@ -126,6 +179,8 @@ def render_markdown(
         isoflop=isoflop,
         paper=paper_table(fits),
         fits_table=fits_table(fits, floor),
+        families=families_table(fits),
+        mixtures=mixtures_table(fits),
     )
 
 

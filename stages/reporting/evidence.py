@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.data.kinds import KINDS, TARGETS
+from stages.data.kinds import TARGETS
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +34,6 @@ def load_inputs(results: Path) -> tuple[pd.DataFrame, dict]:
     if runs.empty:
         raise ReportError(f"{runs_path} has no run with status ok")
     return runs, json.loads(fits_path.read_text())
-
-
-def entropy_floor(shards: Path) -> dict[str, float]:
-    """Nats per text token no model can beat, per kind (val split) and their mean (``avg``)."""
-    info = shards / "info.json"
-    if not info.exists():
-        return {}
-    totals = json.loads(info.read_text()).get("totals", {})
-    out = {
-        k: totals[f"val/{k}"]["floor_nats_per_token"]
-        for k in KINDS
-        if totals.get(f"val/{k}", {}).get("floor_nats_per_token") is not None
-    }
-    if len(out) == len(KINDS):
-        out["avg"] = sum(out.values()) / len(out)
-    return out
 
 
 def routings(points: Path, runs: pd.DataFrame) -> dict[str, dict]:

@@ -201,3 +201,30 @@ def emergence_by_rank(runs: pd.DataFrame, out: Path, arch: str | None = None) ->
         ax.set_title(f"{arch}: {role} tokens by entity-rank decade", fontsize=9)
         ax.legend(fontsize=6, ncol=2)
     return save(fig, out / "emergence_by_rank.png")
+
+
+def mixture_exponents(fits: dict, out: Path) -> Path | None:
+    """Paper Table 3 as a figure: a and b of the paper's form (avg loss) against each mixture's
+    caption share, per base arch; None unless the fits have several mixtures."""
+    from stages.reporting.document import paper_form
+
+    pts: dict[str, list[tuple[float, float, float]]] = {}
+    for key, f in fits.items():
+        m = f.get("mixture")
+        share = ((m or {}).get("shares") or {}).get("caption")
+        if not key.endswith("/avg") or share is None:
+            continue
+        pf = paper_form(f)
+        pts.setdefault(m["base_arch"], []).append((share, pf.get("a"), pf.get("b")))
+    if not pts:
+        return None
+    fig, ax = subplots(figsize=(5.4, 3.8))
+    for i, (arch, rows) in enumerate(sorted(pts.items())):
+        rows.sort()
+        x = [r[0] for r in rows]
+        ax.plot(x, [r[1] for r in rows], "o-", color=f"C{i}", label=f"{arch}: a (N_opt)")
+        ax.plot(x, [r[2] for r in rows], "s--", color=f"C{i}", label=f"{arch}: b (D_opt)")
+    ax.set(xlabel="caption share of the mixture", ylabel="exponent")
+    ax.set_title("compute-optimal exponents per mixture (paper Table 3)", fontsize=9)
+    ax.legend(fontsize=7)
+    return save(fig, out / "mixture_exponents.png")

@@ -27,30 +27,27 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from stages.params import FitParams
+from stages.scaling.families import FAMILIES, Points
 from stages.scaling.law import (
     Budget,
     Law,
-    Points,
-    SearchResult,
-    best_of,
+    SmoothMinLaw,
     enough_points,
     errors,
     exponents,
-    fit_law,
     holdout_mask,
     loss_frontier,
-    start_grid,
 )
+from stages.scaling.search import SearchResult, fit_family, refit
 
 log = logging.getLogger(__name__)
 
 REQUIRED = ("N", "D", "loss")
 DEFAULT_ARCH = DEFAULT_TARGET = "all"
-BOOT_KEYS = ("E", "A", "B", "alpha", "beta", "a", "b", "d")
-BOOT_KEYS += ("a_regression", "b_regression", "d_regression", "c")
+# bootstrapped besides the law's parameters (E, A, B, alpha, beta or E, N_c, D_c, alpha, beta)
+BOOT_KEYS = ("a", "b", "d", "a_regression", "b_regression", "d_regression", "c")
 
 
 class FitError(ValueError):
@@ -58,28 +55,111 @@ class FitError(ValueError):
 
 
 @dataclass
+class FamilyFit:
+    """One law family fitted to one (arch, target): the law, its exponents, how well it
+    extrapolates (refitted without the top-compute runs; without each model size in turn), and
+    its bootstrap."""
+
+    family: str
+    law: Law | SmoothMinLaw
+    search: SearchResult
+    exponents: dict[str, float]
+    pred: np.ndarray  # the law's loss at every run
+    pred_holdout: np.ndarray  # the law refitted without the held-out runs (NaN: no refit)
+    pred_loso: np.ndarray  # each run predicted by the law refitted without its model size
+    holdout_law: Law | SmoothMinLaw | None
+    boot: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def out_of_sample(self, obs: np.ndarray, held: np.ndarray) -> np.ndarray:
+        """Relative errors of the hold-out refit on the held-out runs, then of the
+        leave-one-size-out refits on every run (NaN where a refit was not possible)."""
+        e_held = np.abs(self.pred_holdout[held] - obs[held]) / obs[held]
+        return np.concatenate([e_held, np.abs(self.pred_loso - obs) / obs])
+
+    def errors(self, obs: np.ndarray, held: np.ndarray, floor: float | None) -> dict[str, float]:
+        """Relative errors on L, and on the reducible loss L - E (E: the floor if known, else
+        this law's), of the fit, the top-compute hold-out and the leave-one-size-out refits."""
+        E = floor if floor is not None else self.law.E
+        red = np.where(obs - E > 0, obs - E, np.nan)
+        out = {"fit_mre": _mre(self.pred, obs)}
+        for name, pred, mask in (("heldout", self.pred_holdout, held),
+                                 ("loso", self.pred_loso, np.ones_like(held))):  # fmt: skip
+            out[f"{name}_mre"] = _mre(pred[mask], obs[mask])
+            with np.errstate(invalid="ignore"):
+                out[f"{name}_mre_reducible"] = _nanmean(np.abs(pred - obs)[mask] / red[mask])
+        out["out_of_sample_mre"] = _nanmean(self.out_of_sample(obs, held))
+        return out
+
+
+def _nanmean(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if len(x) else math.nan
+
+
+def _mre(pred: np.ndarray, obs: np.ndarray) -> float:
+    return _nanmean(np.abs(pred - obs) / obs)
+
+
+@dataclass
 class TargetFit:
-    """Everything fitted for one (arch, target); :meth:`metrics` is its fits.json entry."""
+    """Everything fitted for one (arch, target); :meth:`metrics` is its fits.json entry.
+
+    ``law``, ``search``, ``exponents``, ``holdout_law``, ``boot`` and the ``pred*`` columns of
+    ``runs`` are the chosen family's (``choice``); every family's fit is in ``families``."""
 
     arch: str
     target: str
-    runs: pd.DataFrame  # N, D, loss, C, pred, pred_holdout, heldout, on_frontier
-    law: Law
+    runs: pd.DataFrame  # N, D, loss, C, pred, pred_holdout, pred_loso, heldout, on_frontier
     budget: Budget
-    search: SearchResult
-    exponents: dict[str, float]
     frontier: dict[str, Any]
-    holdout_law: Law | None
-    boot: dict[str, np.ndarray] = field(default_factory=dict)
+    families: dict[str, FamilyFit]
+    choice: str
+    why: str
+    floor: float | None = None
     ci: float = 0.95
+    mixture: dict[str, Any] | None = None  # base_arch, name and shares when a grid has several
+
+    @property
+    def chosen(self) -> FamilyFit:
+        return self.families[self.choice]
+
+    @property
+    def law(self) -> Law | SmoothMinLaw:
+        return self.chosen.law
+
+    @property
+    def search(self) -> SearchResult:
+        return self.chosen.search
+
+    @property
+    def exponents(self) -> dict[str, float]:
+        return self.chosen.exponents
+
+    @property
+    def holdout_law(self) -> Law | SmoothMinLaw | None:
+        return self.chosen.holdout_law
+
+    @property
+    def boot(self) -> dict[str, np.ndarray]:
+        return self.chosen.boot
 
     @property
     def key(self) -> str:
         return f"{self.arch}/{self.target}"
 
+    def _bootstrap(self, boot: dict[str, np.ndarray]) -> dict[str, Any]:
+        some = next(iter(boot.values()))
+        return {"resamples": len(some), "level": self.ci,
+                **{k: interval(v, self.ci) for k, v in boot.items()}}  # fmt: skip
+
     def metrics(self) -> dict[str, Any]:
         r = self.runs
+        obs, held = r.loss.to_numpy(), r.heldout.to_numpy()
         out: dict[str, Any] = {
+            "law": self.choice,
+            "law_why": self.why,
+            "floor": self.floor,
+            **({"mixture": self.mixture} if self.mixture else {}),
             "n_points": len(r),
             "n_N": int(r.N.nunique()),
             "n_D": int(r.D.nunique()),
@@ -94,19 +174,26 @@ class TargetFit:
             "lbfgs_runs": self.search.n_lbfgs,
             "lbfgs_at_best": self.search.n_at_best,
         }
-        out.update({f"fit_{k}": v for k, v in errors(r.pred.values, r.loss.values).items()})
-        held = r.heldout.values
+        out.update({f"fit_{k}": v for k, v in errors(r.pred.values, obs).items()})
         out["heldout_points"] = int(held.sum())
         if self.holdout_law is not None:
-            p, obs = r.pred_holdout.values, r.loss.values
+            p = r.pred_holdout.values
             out.update({f"heldin_{k}": v for k, v in errors(p[~held], obs[~held]).items()})
             out.update({f"heldout_{k}": v for k, v in errors(p[held], obs[held]).items()})
+        out.update({f"loso_{k}": v for k, v in errors(r.pred_loso.values, obs).items()})
         if self.boot:
-            out["bootstrap"] = {
-                "resamples": len(self.boot["E"]),
-                "level": self.ci,
-                **{k: interval(v, self.ci) for k, v in self.boot.items()},
+            out["bootstrap"] = self._bootstrap(self.boot)
+        out["families"] = {
+            name: {
+                **f.law.as_dict(),
+                "n_params": FAMILIES[name].n_params,
+                "degenerate": f.law.degenerate,
+                **f.exponents,
+                **f.errors(obs, held, self.floor),
+                **({"bootstrap": self._bootstrap(f.boot)} if f.boot else {}),
             }
+            for name, f in self.families.items()
+        }
         return out
 
 
@@ -142,6 +229,48 @@ def check_runs(runs: pd.DataFrame, key: str) -> None:
         raise FitError(f"{key}: cannot fit the law: {why}")
 
 
+def choose(
+    families: dict[str, FamilyFit], obs: np.ndarray, held: np.ndarray, floor, fit: FitParams
+) -> tuple[str, str]:
+    """The family to report (``fit.law``, or by extrapolation for ``auto``) and why.
+
+    ``auto`` compares the families' out-of-sample relative errors, run by run: the top-compute
+    runs predicted by each family refitted without them, and every run predicted by the family
+    refitted without its model size. The best is the lowest mean error; a family whose errors
+    are not worse than the best's by more than ``fit.parsimony`` standard errors of the paired
+    difference (the same runs, so the shared noise cancels) extrapolates as well; of those the
+    one with the fewest parameters is chosen (the lower error between equals). Degenerate laws
+    (an exponent <= 0) are chosen only when every family is degenerate.
+    """
+    err = {n: f.out_of_sample(obs, held) for n, f in families.items()}
+    scores = {n: _nanmean(e) for n, e in err.items()}
+    table = ", ".join(f"{n} {v:.2%}" for n, v in scores.items())
+    if fit.law != "auto":
+        if fit.law not in families:
+            raise FitError(f"fit.law is {fit.law!r} but that family could not be fitted here")
+        return fit.law, f"forced by fit.law (out-of-sample error: {table})"
+    ok = [n for n in families if not families[n].law.degenerate and math.isfinite(scores[n])]
+    ok = ok or [n for n in families if math.isfinite(scores[n])] or list(families)
+    best = min(ok, key=lambda n: scores[n])
+
+    def as_good(n: str) -> bool:
+        both = np.isfinite(err[n]) & np.isfinite(err[best])
+        d = err[n][both] - err[best][both]
+        if n == best or d.size < 2:
+            return n == best
+        return d.mean() <= fit.parsimony * d.std(ddof=1) / math.sqrt(d.size)
+
+    choice = min((n for n in ok if as_good(n)), key=lambda n: (FAMILIES[n].n_params, scores[n]))
+    why = f"out-of-sample error {scores[choice]:.2%}"
+    why += (
+        f", the fewest parameters among the families not significantly worse than the best "
+        f"({best} {scores[best]:.2%}; {fit.parsimony:g} paired standard errors)"
+        if choice != best
+        else ", the lowest"
+    )
+    return choice, f"{why}; every family: {table}"
+
+
 def bootstrap(
     runs: pd.DataFrame,
     p: Points,
@@ -155,15 +284,12 @@ def bootstrap(
     A resample is a multiplicity per run (a weighted objective: the same as duplicating rows);
     one that cannot identify the law (fewer than 5 distinct runs, a single N or D) is redrawn.
     Each refit starts from the full-data optimum and the ``fit.bootstrap_starts`` best-scored
-    grid starts. Returns per quantity an array over resamples.
+    grid starts, every resample in one batch. Returns per quantity an array over resamples.
     """
     N, D, C, L = (runs[c].to_numpy(float) for c in ("N", "D", "C", "loss"))
     n = len(runs)
-    starts = np.vstack([search.theta, search.top_starts])
-    out: dict[str, list[float]] = {k: [] for k in BOOT_KEYS}
-    for _ in tqdm(
-        range(fit.bootstrap), desc=desc, unit="fit", mininterval=1, leave=False, disable=None
-    ):
+    W = np.zeros((fit.bootstrap, n))
+    for k in range(fit.bootstrap):
         for _try in range(1000):
             counts = rng.multinomial(n, np.full(n, 1.0 / n))
             idx = np.flatnonzero(counts)
@@ -171,17 +297,46 @@ def bootstrap(
                 break
         else:
             raise FitError(f"{desc}: no bootstrap resample can identify the law")
-        theta = best_of(starts, p.subset(idx, counts[idx].astype(float)), fit.huber_delta)[0]
-        law = Law.from_theta(theta)
+        W[k] = counts
+    family = FAMILIES[search.family]
+    thetas, _ = refit(family, p, fit, W, search)
+    out: dict[str, list[float]] = {k: [] for k in (*search.law.as_dict(), *BOOT_KEYS)}
+    for k, theta in enumerate(thetas):
+        law = family.law(theta, search.log_floor)
+        idx = np.flatnonzero(W[k])
         budget = Budget.of(N[idx], D[idx], C[idx])
-        values = {
-            **law.as_dict(),
-            **exponents(law, budget, fit),
-            "c": loss_frontier(C[idx], L[idx])["c"],
-        }
-        for k in BOOT_KEYS:
-            out[k].append(values[k])
+        values = {**law.as_dict(), **exponents(law, budget, fit),
+                  "c": loss_frontier(C[idx], L[idx])["c"]}  # fmt: skip
+        for key in out:
+            out[key].append(values[key])
     return {k: np.array(v, float) for k, v in out.items()}
+
+
+def _fit_one_family(
+    name: str, runs: pd.DataFrame, p: Points, fit: FitParams, held: np.ndarray, log_floor,
+    budget: Budget, rng: np.random.Generator, key: str,
+) -> FamilyFit:  # fmt: skip
+    family = FAMILIES[name]
+    N, D = runs.N.to_numpy(), runs.D.to_numpy()
+    sizes = np.unique(N)
+    rows = [np.ones(len(N))]
+    if enough_points(N[~held], D[~held]) is None:
+        rows.append((~held).astype(float))
+    searches = fit_family(family, p, fit, np.array(rows), log_floor)
+    search = searches[0]
+    law = search.law
+    holdout_law = searches[1].law if len(searches) > 1 else None
+    pred_holdout = holdout_law.loss(N, D) if holdout_law is not None else np.full(len(N), np.nan)
+    pred_loso = np.full(len(N), np.nan)
+    folds = [s for s in sizes if enough_points(N[s != N], D[s != N]) is None and len(sizes) > 2]
+    if folds:
+        W = np.array([(s != N).astype(float) for s in folds])
+        thetas, _ = refit(family, p, fit, W, search)
+        for s, theta in zip(folds, thetas, strict=True):
+            pred_loso[s == N] = family.law(theta, log_floor).loss(N[s == N], D[s == N])
+    boot = bootstrap(runs, p, search, fit, rng, f"bootstrap {key} {name}") if fit.bootstrap else {}
+    return FamilyFit(name, law, search, exponents(law, budget, fit), law.loss(N, D),
+                     pred_holdout, pred_loso, holdout_law, boot)  # fmt: skip
 
 
 def fit_target(
@@ -190,50 +345,58 @@ def fit_target(
     target: str,
     fit: FitParams,
     seed: int = 0,
-    grid: np.ndarray | None = None,
+    floor: float | None = None,
 ) -> TargetFit:
-    """Fit one (arch, target): the law, its exponents, frontier, extrapolation check, bootstrap."""
+    """Fit one (arch, target): every family of ``fit.families`` (``floor`` only with a known
+    floor), each with its exponents, extrapolation checks and bootstrap; choose one
+    (:func:`choose`); the frontier."""
     key = f"{arch}/{target}"
     check_runs(runs, key)
     runs = runs[["N", "D", "loss", "C"]].astype(float).reset_index(drop=True)
     N, D, C, L = (runs[c].to_numpy() for c in ("N", "D", "C", "loss"))
-    grid = start_grid(fit) if grid is None else grid
     p = Points.of(N, D, L)
-    search = fit_law(p, fit, grid)
-    law = search.law
     budget = Budget.of(N, D, C)
     frontier = loss_frontier(C, L)
-    runs["pred"] = law.loss(N, D)
+    held = holdout_mask(C, fit.holdout_fraction)
+    if enough_points(N[~held], D[~held]):
+        log.warning("%s: no extrapolation check: the held-in runs have %s", key,
+                    enough_points(N[~held], D[~held]))  # fmt: skip
+    names = [n for n in fit.families if not (FAMILIES[n].needs_floor and floor is None)]
+    if fit.law not in ("auto", *names):
+        raise FitError(
+            f"{key}: fit.law is {fit.law!r} but the fitted families are {', '.join(names)}"
+            + (
+                " (the floor family needs a known floor: --floors info.json)"
+                if fit.law == "floor"
+                else ""
+            )
+        )
+    log_floor = math.log(floor) if floor is not None else None
+    families = {}
+    for name in names:
+        rng = np.random.default_rng(
+            [seed, int(hashlib.sha256(f"{key}/{name}".encode()).hexdigest()[:8], 16)]
+        )
+        families[name] = _fit_one_family(name, runs, p, fit, held, log_floor, budget, rng, key)
+    choice, why = choose(families, L, held, floor, fit)
+    chosen = families[choice]
+    law = chosen.law
+    if law.degenerate or law.E / L.min() <= 1e-3:
+        log.warning(
+            "%s: degenerate fit (%s: E=%.3g, alpha=%.3g, beta=%.3g): a term of the law is "
+            "switched off; the runs do not pin the law down (too few, too noisy or too narrow "
+            "a range)", key, choice, law.E, law.alpha, law.beta,
+        )  # fmt: skip
+    runs["pred"], runs["pred_holdout"], runs["pred_loso"] = (
+        chosen.pred, chosen.pred_holdout, chosen.pred_loso
+    )  # fmt: skip
+    runs["heldout"] = held
     runs["on_frontier"] = False
     runs.loc[frontier["hull"], "on_frontier"] = True
-
-    held = holdout_mask(C, fit.holdout_fraction)
-    runs["heldout"] = held
-    runs["pred_holdout"] = np.nan
-    holdout_law = None
-    why = enough_points(N[~held], D[~held])
-    if why:
-        log.warning("%s: no extrapolation check: the held-in runs have %s", key, why)
-    else:
-        holdout_law = fit_law(p.subset(~held), fit, grid).law
-        runs["pred_holdout"] = holdout_law.loss(N, D)
-
-    if not (law.alpha > 0 and law.beta > 0 and law.E / L.min() > 1e-3):
-        log.warning(
-            "%s: degenerate fit (E=%.3g, alpha=%.3g, beta=%.3g): a term of the law is switched "
-            "off; the runs do not pin the law down (too few, too noisy or too narrow a range)",
-            key, law.E, law.alpha, law.beta,
-        )  # fmt: skip
-    rng = np.random.default_rng([seed, int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)])
-    boot = bootstrap(runs, p, search, fit, rng, f"bootstrap {key}") if fit.bootstrap else {}
-    log.info(
-        "%s: E=%.4g A=%.4g B=%.4g alpha=%.4f beta=%.4f (%d runs, %d/%d L-BFGS runs at the best)",
-        key, law.E, law.A, law.B, law.alpha, law.beta, len(runs), search.n_at_best, search.n_lbfgs,
-    )  # fmt: skip
-    return TargetFit(
-        arch, target, runs, law, budget, search, exponents(law, budget, fit), frontier,
-        holdout_law, boot, fit.ci,
-    )  # fmt: skip
+    log.info("%s: %s law, E=%.4g alpha=%.4f beta=%.4f (%d runs, %d/%d local searches at the "
+             "best); %s", key, choice, law.E, law.alpha, law.beta, len(runs),
+             chosen.search.n_at_best, chosen.search.n_lbfgs, why)  # fmt: skip
+    return TargetFit(arch, target, runs, budget, frontier, families, choice, why, floor, fit.ci)
 
 
 # ------------------------------------------------------------------------- the table
@@ -256,9 +419,12 @@ def prepare_runs(df: pd.DataFrame) -> pd.DataFrame:
         if (~ok).any():
             log.warning("dropped %d run(s) whose status is not ok", int((~ok).sum()))
         df = df[ok]
+    columns = ["arch", "target", "N", "D", "loss", "C"]
     if "mixture" in df.columns and df["mixture"].nunique() > 1:
         arch = df["arch"].astype(str) if "arch" in df.columns else DEFAULT_ARCH
+        df["base_arch"] = arch
         df["arch"] = arch + "-" + df["mixture"].astype(str)
+        columns += ["base_arch", "mixture"]
     wide = [c for c in df.columns if isinstance(c, str) and c.startswith("loss_")]
     if "loss" not in df.columns and wide:
         if "target" in df.columns:
@@ -288,7 +454,7 @@ def prepare_runs(df: pd.DataFrame) -> pd.DataFrame:
             )
         extra = df.N_v.fillna(0) * df.D_v.fillna(0) if vision else 0.0
         df["C"] = 6 * (df.N * df.D + extra)
-    return df[["arch", "target", "N", "D", "loss", "C"]]
+    return df[columns]
 
 
 def load_runs(path: str | Path) -> pd.DataFrame:
@@ -309,17 +475,31 @@ def load_runs(path: str | Path) -> pd.DataFrame:
     return prepare_runs(df)
 
 
-def fit_table(df: pd.DataFrame, fit: FitParams, seed: int = 0) -> dict[str, TargetFit]:
-    """Fit every (arch, target) of a prepared runs table; keys are ``arch/target``.
+def fit_table(
+    df: pd.DataFrame,
+    fit: FitParams,
+    seed: int = 0,
+    floors: dict[str, float] | None = None,
+    mixtures: dict[str, dict[str, float]] | None = None,
+) -> dict[str, TargetFit]:
+    """Fit every (arch, target) of a prepared runs table; keys are ``arch/target``. ``floors``:
+    the known floor of each target (for the ``floor`` family), e.g. from the shards' info.json;
+    ``mixtures``: each mixture's share per kind (params ``grid.mixtures``), recorded with the
+    fits of a table with several mixtures (paper Table 3).
 
     A target that cannot be fitted raises :class:`FitError` (``fit.on_bad_target: error``) or is
     skipped with a warning (``skip``).
     """
-    grid = start_grid(fit)
     fits: dict[str, TargetFit] = {}
     for (arch, target), runs in df.groupby(["arch", "target"], sort=True):
+        floor = (floors or {}).get(str(target))
         try:
-            fits[f"{arch}/{target}"] = fit_target(runs, str(arch), str(target), fit, seed, grid)
+            f = fit_target(runs, str(arch), str(target), fit, seed, floor)
+            if "mixture" in runs.columns:
+                name = str(runs["mixture"].iloc[0])
+                f.mixture = {"base_arch": str(runs["base_arch"].iloc[0]), "name": name,
+                             "shares": (mixtures or {}).get(name)}  # fmt: skip
+            fits[f"{arch}/{target}"] = f
         except FitError as e:
             if fit.on_bad_target == "error":
                 raise

@@ -2,14 +2,17 @@
 
 Per arch, :func:`log_fits` makes a run ``fit-<arch>`` (fit settings, git revision, the runs
 table's md5, the arch's loss-compute figure, fits.json) with a nested run per target (every
-number of its fits.json entry as a metric, its figures as artifacts). It registers the arch's
+number of its fits.json entry as a metric, among them every law family's held-out errors
+``families.<family>.heldout_mre``; tags ``law`` and ``law_why``: the family chosen and why; its
+figures as artifacts). It registers the arch's
 laws as the model ``<fit.mlflow.model_prefix><arch>`` (default ``scaling-law-early``, ...), a
 new version only when the fitted parameters changed: each version carries the tag
 ``params_hash`` (:func:`stages.scaling.law.law_hash`), compared with the latest version's.
 
 The model (:class:`ScalingLawModel`, an ``mlflow.pyfunc`` model) predicts from a DataFrame:
 
-- with columns ``N``, ``D`` (and ``target``): a DataFrame with column ``L`` = E + A/N^alpha + B/D^beta;
+- with columns ``N``, ``D`` (and ``target``): a DataFrame with column ``L``, the loss the
+  target's chosen law (its fits.json ``law``: paper, shared, floor or smooth_min) predicts;
 - with a column ``C`` (and ``target``): columns ``N_opt``, ``D_opt``, ``L_opt``, the
   compute-optimal allocation of C = 6 ratio N D (closed form, ``ratio`` = the fit's C/6ND).
 
@@ -44,7 +47,7 @@ from stages.common.mlflow_store import EXPERIMENT_KIND, tracking_uri
 from stages.common.provenance import git_revision
 from stages.params import FitParams
 from stages.scaling.fit import TargetFit
-from stages.scaling.law import Law, law_hash
+from stages.scaling.law import law_from_entry, law_hash
 
 log = logging.getLogger(__name__)
 MODEL_REQUIREMENTS = ("mlflow", "numpy", "pandas", "cloudpickle")
@@ -70,7 +73,7 @@ class ScalingLawModel(mlflow.pyfunc.PythonModel):
         if "law" in context.artifacts:
             self.laws = json.loads(Path(context.artifacts["law"]).read_text())
 
-    def _law(self, target: str | None) -> tuple[Law, float]:
+    def _law(self, target: str | None) -> tuple[Any, float]:
         if target is None:
             if len(self.laws) == 1:
                 target = next(iter(self.laws))
@@ -81,7 +84,10 @@ class ScalingLawModel(mlflow.pyfunc.PythonModel):
         if target not in self.laws:
             raise ValueError(f"unknown target {target!r}: the model has {', '.join(self.laws)}")
         p = self.laws[target]
-        return Law(p["E"], p["A"], p["B"], p["alpha"], p["beta"]), p["compute_ratio"]
+        law = law_from_entry(p)
+        if law is None:
+            raise ValueError(f"target {target!r}: the law has a missing or infinite parameter")
+        return law, p["compute_ratio"]
 
     def loss(self, N: Any, D: Any, target: str | None = None) -> np.ndarray:
         return self._law(target)[0].loss(N, D)
@@ -169,7 +175,13 @@ def register(
         return str(latest.version), False, 0.0
     law_json = tmp / "law.json"
     law_json.write_text(
-        json.dumps({t: {**laws[t].as_dict(), "compute_ratio": ratios[t]} for t in laws}, indent=2)
+        json.dumps(
+            {
+                t: {"law": laws[t].family, **laws[t].as_dict(), "compute_ratio": ratios[t]}
+                for t in laws
+            },
+            indent=2,
+        )  # fmt: skip
     )
     t0 = time.perf_counter()
     by_value = (
@@ -219,6 +231,9 @@ def log_fits(
         tags["runs_md5"] = file_md5(runs_path)
         tags["runs_path"] = str(runs_path)
     settings = {
+        "law": fit.law,
+        "families": ",".join(fit.families),
+        "parsimony": fit.parsimony,
         "huber_delta": fit.huber_delta,
         "starts": int(np.prod([len(v) for v in fit.init.model_dump().values()])),
         "starts_per_exponent_pair": fit.starts_per_exponent_pair,
@@ -250,7 +265,8 @@ def log_fits(
                 with mlflow.start_run(
                     experiment_id=exp, run_name=f"fit-{f.key}", nested=True
                 ) as child:
-                    metrics = flat_metrics(f.metrics())
+                    entry = f.metrics()
+                    metrics = flat_metrics(entry)
                     client.log_batch(
                         child.info.run_id,
                         metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
@@ -259,7 +275,15 @@ def log_fits(
                             Param("target", f.target),
                             Param("n_points", str(len(f.runs))),
                         ],
-                        tags=[RunTag(k, v) for k, v in {**run_tags, "target": f.target}.items()],
+                        tags=[
+                            RunTag(k, v)
+                            for k, v in {
+                                **run_tags,
+                                "target": f.target,
+                                "law": f.choice,
+                                "law_why": f.why[:5000],
+                            }.items()
+                        ],  # fmt: skip
                     )
                     for path in plot_files.get(f.key, []):
                         mlflow.log_artifact(str(path), artifact_path="plots")
@@ -267,8 +291,9 @@ def log_fits(
                 mlflow.log_artifact(str(path), artifact_path="plots")
             if fits_path is not None and Path(fits_path).is_file():
                 mlflow.log_artifact(str(fits_path))
+            laws = {f"law.{f.target}": f.choice for f in group}  # the version says which law
             ver, created, seconds = register(
-                client, name, group, {**tags, "run_id": parent.info.run_id}, Path(tmp)
+                client, name, group, {**tags, **laws, "run_id": parent.info.run_id}, Path(tmp)
             )
             mlflow.set_tags(
                 {"model": name, "model_version": ver, "model_version_created": str(created).lower()}

@@ -98,7 +98,8 @@ def test_a_study_that_reproduces_the_findings_is_reported_as_such(tmp_path):
     assert "plots/isoflop_early_avg.png" in md
     fits = json.loads((res / "fits.json").read_text())
     # the comparison table holds this run's fitted numbers beside the paper's constants
-    assert f"| early/avg | this study | {fits['early/avg']['E']:.4g}" in md
+    paper = fits["early/avg"]["families"]["paper"]  # Table 2 compares the paper's form
+    assert f"| early/avg | this study | {paper['E']:.4g}" in md
     assert "| | paper | 1.904 |" in md
     assert "| 0.257 |" in md  # the avg entropy floor beside E: (0.16 + 0.18 + 0.43) / 3
     html = (res / "report.html").read_text()
@@ -131,3 +132,33 @@ def test_degenerate_fits_still_give_a_report(tmp_path):
     assert run_report(res, tmp_path / "shards").exists()
     assert "early/avg (degenerate)" in (res / "report.md").read_text()
     assert verdicts(res)["Late fusion"] == "inconclusive"
+
+
+def test_several_mixtures_give_the_table_3_comparison(tmp_path):
+    """Two mixtures of one arch: each fitted as its own arch, and the report's table and figure
+    of E, a, b against the caption share (paper Table 3)."""
+    from stages.scaling.fit import fit_table, prepare_runs
+
+    rows = []
+    for mix, share, b_scale in (("45-45-10", 0.45, 1.0), ("20-40-40", 0.20, 1.5)):
+        for size, N in SIZES.items():
+            for D in TOKENS:
+                L = 1.0 + 40 / N**0.3 + b_scale * 300 / D**0.4
+                rows.append({"arch": "early", "mixture": mix, "size": size, "N": N, "D": D,
+                             "loss_avg": L, "share": share})  # fmt: skip
+    df = prepare_runs(pd.DataFrame(rows).drop(columns=["share", "size"]))
+    fit = study_params({"fit": FIT}).fit
+    mixtures = {"45-45-10": {"caption": 0.45, "interleaved": 0.45, "text": 0.1},
+                "20-40-40": {"caption": 0.2, "interleaved": 0.4, "text": 0.4}}  # fmt: skip
+    fits = fit_table(df, fit, mixtures=mixtures)
+    assert set(fits) == {"early-45-45-10/avg", "early-20-40-40/avg"}
+    m = fits["early-20-40-40/avg"].metrics()["mixture"]
+    assert m == {"base_arch": "early", "name": "20-40-40", "shares": mixtures["20-40-40"]}
+    from stages.reporting.document import mixtures_table
+    from stages.reporting.figures import mixture_exponents
+
+    entries = {k: f.metrics() for k, f in fits.items()}
+    table = mixtures_table(entries)
+    assert [r[1] for r in table["rows"]] == ["20-40-40", "45-45-10"]  # by caption share
+    assert table["rows"][0][-1] == "1.836 / 0.582 / 0.423"  # the paper's row beside ours
+    assert mixture_exponents(entries, tmp_path).stat().st_size > 5000

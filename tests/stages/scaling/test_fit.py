@@ -16,8 +16,10 @@ import pytest
 from stages.common.stage import run_per_kind
 from stages.fit import main
 from stages.params import FitParams, FitStarts, study_params
+from stages.scaling.families import FAMILIES, Points
 from stages.scaling.fit import FitError, bootstrap, fit_table, fit_target, prepare_runs
-from stages.scaling.law import Law, Points, fit_law, lbfgs, loss_frontier, start_grid
+from stages.scaling.law import Law, loss_frontier
+from stages.scaling.search import fit_law, lbfgs, start_grid
 from tests.conftest import write_study
 
 PAPER_STARTS = FitStarts(
@@ -27,7 +29,9 @@ PAPER_STARTS = FitStarts(
 EARLY = Law(E=1.9, A=400.0, B=1200.0, alpha=0.30, beta=0.34)  # paper-like (Table 2, early AVG)
 CHINCHILLA = Law(E=1.693, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # Hoffmann et al.
 MOE = Law(E=2.158, A=1.0e6, B=2500.0, alpha=0.71, beta=0.372)  # paper Table 2, MoE AVG exponents
-BASE = study_params().fit  # the repository's fit settings
+# the repository's fit settings, the paper's form only (law families: tests/stages/scaling/
+# test_families.py)
+BASE = study_params().fit.model_copy(update={"law": "paper", "families": ["paper"]})
 FAST = BASE.model_copy(update={"init": PAPER_STARTS, "bootstrap": 0})  # search not under test
 
 
@@ -77,7 +81,7 @@ def test_a_single_start_lands_in_a_wrong_basin_and_the_multistart_fit_does_not()
     runs = study(EARLY)
     p = Points.of(runs.N, runs.D, runs.loss)
     theta, single = lbfgs(np.array([0.0, 10.0, -0.5, 0.0, 0.0]), p, 1e-3)
-    wrong = Law.from_theta(theta)
+    wrong = FAMILIES["paper"].law(theta, None)
     multi = fit_law(p, BASE)
     assert single > 3 * multi.objective
     assert abs(wrong.beta - EARLY.beta) > 0.2
@@ -364,7 +368,7 @@ def test_figures_of_degenerate_or_overflowed_laws_are_still_drawn(tmp_path, law)
     from stages.scaling.plots import write_plots
 
     fit = fit_target(prepared(EARLY, n_N=3, n_D=3), "early", "avg", FAST)
-    fit = replace(fit, law=law, holdout_law=law)
+    fit.families["paper"] = replace(fit.chosen, law=law, holdout_law=law)
     fit.runs["pred"] = fit.runs["pred_holdout"] = law.loss(fit.runs.N, fit.runs.D)
     files = write_plots({fit.key: fit}, tmp_path / "png", tmp_path / "csv")
     pngs = [p for p in files["early/avg"] if p.suffix == ".png"]
