@@ -62,10 +62,13 @@ def train_point_task(label: str, job: Job, recorder: Recorder, gpu: str | None) 
     launch = recorder.launch
     ctx = TaskRunContext.get()
     attempt = ctx.task_run.run_count if ctx else 1
+    t0 = time.monotonic()
     run_id = recorder.start(job)
+    started = time.monotonic() - t0
     where = f"GPU {gpu}" if gpu is not None else f"CPU, {launch.params.train.threads} thread(s)"
     logger.info("%s (%s): start, attempt %d, on %s", label, job.point_id, attempt, where)
     out = train_process(job, launch, gpu, run_id)
+    out["system"]["mlflow_start_seconds"] = started
     rec = out["record"]
     if rec.get("status") == "ok":
         logger.info(
@@ -202,12 +205,15 @@ def grid_flow(
             return task_.submit(job.label, quote(job), quote(recorder), slot)
 
         trained = failed = 0
+        finish_s = 0.0  # the grid's MLflow and record writing after each point
         bar = tqdm(total=len(jobs), initial=len(done), desc="grid", unit="point")
         ok = False
         try:
             for job, future in run_chains(ready, slots, submit):
                 rec, system = _outcome(job, future, 1 + params.grid.retries)
+                t1 = time.monotonic()
                 recorder.finish(job, rec, system)
+                finish_s += time.monotonic() - t1
                 trained += 1
                 failed += rec.get("status") != "ok"
                 bar.update(1)
@@ -222,6 +228,9 @@ def grid_flow(
                 "ok": sum(r.get("status") == "ok" for r in recorder.rows.values()),
                 "failed": failed,
                 "wall_s": round(time.monotonic() - t0, 3),
+                "workers": len(slots),
+                "finish_s": round(finish_s, 3),
+                "cpu_s": round(sum(os.times()[:2]), 3),  # this (the grid) process's CPU
             }
             metrics = {f"launch/{k}": float(v) for k, v in summary.items()}
             tracker.end_launch(metrics, [recorder.table], ok)

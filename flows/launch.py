@@ -124,6 +124,9 @@ class Recorder:
         results, tracker = self.launch.results, self.launch.tracker
         run_id = tracker.run_id(job.point_id)
         rec = {**rec, "mlflow_run_id": run_id}
+        for key in ("process", "mlflow_start", "mlflow_stream"):  # the grid's side of it
+            if f"{key}_seconds" in system:
+                rec[f"time_{key}_s"] = system[f"{key}_seconds"]
         records.write_record(results, job.point_id, rec)
         if run_id is not None:
             pdir = records.point_dir(results, job.point_id)

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from model.archs import Variant, variant
+from model.ladder import SIZES
 from stages.params import Params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +69,8 @@ NOT_RESULTS = {
 }
 MOE_KEYS = ("n_experts", "top_k", "aux_loss_weight", "z_loss_weight")
 # train params that do not change a point's numbers (kept out of its id)
-NOT_IN_ID = ("threads", "eval_every_tokens", "checkpoint_every_steps", "branch_cooldowns")
+NOT_IN_ID = ("threads", "eval_every_tokens", "checkpoint_every_steps", "branch_cooldowns",
+             "log_every_steps")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,11 @@ class Fingerprints:
     data: str  # sha256 of the shards' manifest (which lists every shard's sha256)
     codebook: str | None  # sha256 of the visual codebook, if there is one
     files: dict[str, str] = field(repr=False)  # code file -> source_digest
+
+    @property
+    def all_code(self) -> str:
+        """One hash of every file of :data:`CODE`."""
+        return _hash(self.files)
 
     def code(self, arch: str) -> str:
         """The fingerprint of the code that trains ``arch``."""
@@ -230,10 +237,23 @@ def plan(params: Params, fp: Fingerprints) -> list[Job]:
 
 def chains(jobs: list[Job], shared_trunks: bool) -> list[deque[Job]]:
     """Jobs that must run one after another: a group's points in ascending tokens (they share
-    the group's trunk checkpoints), or every point alone without cooldown branching."""
+    the group's trunk checkpoints), or every point alone without cooldown branching; the
+    longest chains first (:func:`chain_cost`), so the grid does not end on one long chain
+    while the other slots idle."""
     if not shared_trunks:
-        return [deque([j]) for j in jobs]
-    groups: dict[str, list[Job]] = {}
-    for j in jobs:
-        groups.setdefault(j.group_id, []).append(j)
-    return [deque(sorted(g, key=lambda j: j.point.tokens)) for g in groups.values()]
+        out = [deque([j]) for j in jobs]
+    else:
+        groups: dict[str, list[Job]] = {}
+        for j in jobs:
+            groups.setdefault(j.group_id, []).append(j)
+        out = [deque(sorted(g, key=lambda j: j.point.tokens)) for g in groups.values()]
+    return sorted(out, key=chain_cost, reverse=True)  # stable: ties keep the plan's order
+
+
+def chain_cost(chain: deque[Job]) -> float:
+    """Rough CPU time of a chain, for ordering only: its largest budget (a group's trunk runs
+    to it; its cooldowns are a fraction) times (width + 6), the measured shape of a tiny
+    model's step time on one thread (overheads make it grow like the width, not like N:
+    bench/grid_summary.py)."""
+    p = max(chain, key=lambda j: j.point.tokens).point
+    return p.tokens * (SIZES[p.size] + 6)

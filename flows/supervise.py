@@ -1,21 +1,32 @@
 """Process supervision: one grid point runs in its own process, watched until it ends.
 
-:func:`train_process` starts ``python -m flows.train`` for a point (its output appended to
+:func:`train_process` starts the point's process (its output appended to
 ``results/points/<id>/train.log``), samples the process tree's CPU and memory twice a second,
 streams the point's new metrics and those samples to its MLflow run every few seconds, and
 returns the point's record. A process that ends without a record (non-zero exit, a signal)
 raises :class:`PointCrashed` with the last lines of its log; the grid task retries it, and the
 point resumes from its checkpoints. On Linux the child dies with the grid process
 (``PR_SET_PDEATHSIG``), so no orphan trains on to race a relaunch for the same checkpoints.
+
+On Linux a point's process is forked from a server that has imported the training code, torch
+and torch._dynamo once (multiprocessing's forkserver, started at the first point): a fresh
+``python -m flows.train`` spends ~3.5 s per point importing them. Each point still gets its own
+process (its memory, its crash, its kill -9). The server is used only while the training code
+the launch planned with is the code it imported (:func:`_server`); otherwise, and off Linux, each point runs
+``python -m flows.train`` (the same ``main``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
+import os
+import runpy
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -69,6 +80,95 @@ def _die_with_parent() -> None:  # pragma: no cover (runs in the child)
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+# imported once by the fork server: everything a point imports (torch._dynamo: AdamW's first
+# construction imports it, ~1.4 s)
+PRELOAD = ["flows.train", "torch._dynamo"]
+_started: dict[str, str] = {}  # "code": the hash of the training code the server imported
+
+
+def _server(code: str) -> multiprocessing.context.BaseContext | None:
+    """The fork-server context while it runs ``code`` (the hash of the training code a launch
+    planned with), else None: the code changed since this process started the server (a
+    long-lived process, a test session), so each point gets a fresh process."""
+    if sys.platform != "linux":
+        return None
+    if _started.setdefault("code", code) != code:
+        return None
+    ctx = multiprocessing.get_context("forkserver")
+    # a child also runs this process's main module as __mp_main__ (multiprocessing's rule);
+    # for ``python -m flows.grid`` that imports Prefect (~1.9 s per point) unless preloaded
+    main = getattr(sys.modules["__main__"].__spec__, "name", None)
+    ctx.set_forkserver_preload(PRELOAD + ([main] if main else []))  # (once: at the first start)
+    return ctx
+
+
+def _forked(module: str, argv: list[str], env: dict[str, str], log_path: str) -> None:
+    """In a process forked from the server: ``python -m module *argv`` with ``env``, its output
+    appended to ``log_path`` (the module's imports are loaded already)."""
+    with contextlib.suppress(Exception):  # Linux: named in ps/top; dies with the server
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(15, b"nmm-point", 0, 0, 0)  # PR_SET_NAME
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG (the server dies with the grid)
+    os.environ.clear()
+    os.environ.update(env)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout.reconfigure(line_buffering=True)  # a kill loses no finished line
+    sys.argv = [module, *argv]
+    with warnings.catch_warnings():  # "found in sys.modules": preloaded, on purpose
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")
+        runpy.run_module(module, run_name="__main__", alter_sys=True)  # exits via sys.exit
+
+
+class _Child:
+    """A point's process: forked from the server (Linux) or ``python -m flows.train``."""
+
+    def __init__(self, job: Job, launch: Launch, gpu: str | None, log_path: Path):
+        cmd, env = launch.command(job), launch.env(gpu)
+        ctx = _server(launch.fingerprints.all_code)
+        self.popen: subprocess.Popen | None = None
+        if ctx is not None:
+            assert cmd[1] == "-m"  # [python, -m, module, args...]: run the same in the fork
+            args = (cmd[2], cmd[3:], env, str(log_path))
+            self.proc = ctx.Process(target=_forked, args=args, name=job.label)
+            self.proc.start()
+            self.pid = self.proc.pid
+            return
+        with log_path.open("a") as log_file:
+            self.popen = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        self.pid = self.popen.pid
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit code (negative: the signal) once ended, else None after ``timeout``."""
+        if self.popen is not None:
+            try:
+                return self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return None
+        self.proc.join(timeout)
+        return self.proc.exitcode
+
+    def kill(self) -> None:
+        if self.wait(0) is None:
+            if self.popen is not None:
+                self.popen.kill()
+            else:
+                self.proc.kill()
+        self.wait(60)
+
+
 def train_process(job: Job, launch: Launch, gpu: str | None, run_id: str) -> dict[str, Any]:
     """Run the point's process to its end, streaming its curve and system samples to MLflow.
 
@@ -80,25 +180,13 @@ def train_process(job: Job, launch: Launch, gpu: str | None, run_id: str) -> dic
     log_path, metrics_path = pdir / "train.log", pdir / "metrics.jsonl"
     with log_path.open("a") as log_file:
         log_file.write(f"=== {datetime.now().isoformat(timespec='seconds')} {job.label}\n")
-        log_file.flush()
-        proc = subprocess.Popen(
-            launch.command(job),
-            cwd=ROOT,
-            env=launch.env(gpu),
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
+    proc = _Child(job, launch, gpu, log_path)
     ps = psutil.Process(proc.pid)
     t0 = last_log = last_t = time.monotonic()
-    last_cpu, peak_rss, cpu_s, samples = 0.0, 0.0, 0.0, []
+    last_cpu, peak_rss, cpu_s, samples, mlflow_s = 0.0, 0.0, 0.0, [], 0.0
     try:
         while True:
-            try:
-                rc: int | None = proc.wait(timeout=POLL_S)
-            except subprocess.TimeoutExpired:
-                rc = None
+            rc = proc.wait(POLL_S)
             now = time.monotonic()
             if rc is None:  # sample the process tree (MLflow's system metrics, per point)
                 rss, cpu_s = _tree(ps)
@@ -111,17 +199,21 @@ def train_process(job: Job, launch: Launch, gpu: str | None, run_id: str) -> dic
                 samples.append((int(time.time() * 1000), int(now - t0), sample))
             if rc is not None or now - last_log >= LOG_EVERY_S:
                 launch.tracker.log_progress(run_id, metrics_path, samples)
-                samples, last_log = [], now
+                samples, last_log = [], time.monotonic()
+                mlflow_s += last_log - now
             if rc is not None:
                 break
     finally:
-        if proc.poll() is None:  # the task was cancelled or the flow is going down
-            proc.kill()
-            proc.wait()
+        proc.kill()  # if still running: the task was cancelled or the flow is going down
     if rc != 0:
         raise PointCrashed(f"{_describe_exit(rc)}; last lines of {log_path}:\n{_tail(log_path)}")
     record = records.read_record(launch.results, job.point_id)
     if record is None or record.get("point_id") != job.point_id:
         raise PointCrashed(f"the process ended (exit 0) without writing {pdir / 'record.json'}")
-    system = {"peak_rss_megabytes": peak_rss / 2**20, "cpu_seconds": cpu_s}
+    system = {
+        "peak_rss_megabytes": peak_rss / 2**20,
+        "cpu_seconds": cpu_s,
+        "process_seconds": time.monotonic() - t0,  # start to exit, as the grid saw it
+        "mlflow_stream_seconds": mlflow_s,  # streaming its curve and samples to MLflow
+    }
     return {"record": record, "system": system}

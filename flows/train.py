@@ -1,7 +1,8 @@
 """Train one grid point in this process: ``python -m flows.train --point JSON``.
 
-The grid flow (flows/grid.py) runs this for every point, one process each. The training itself
-(recipe, run, loop, cooldown branching, record) is in flows/training/.
+The grid flow (flows/grid.py) runs this for every point, one process each (on Linux forked from
+a server that has imported this module already: flows/supervise.py). The training itself (recipe, run, loop, cooldown
+branching, record) is in flows/training/.
 
 Example: ``python -m flows.train --point '{"arch": "early", "size": "xxs", "tokens": 100000,
 "mixture": "45-45-10", "seed": 0}'`` trains one point and prints its record.
@@ -12,7 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
+
+import psutil
 
 from flows.plan import Point
 from flows.training.point import PlanMismatch, train_point
@@ -33,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default="results")
     ap.add_argument("--point-id", default=None, help="the id the grid planned (checked first)")
     args = ap.parse_args(argv)
+    startup = time.time() - psutil.Process().create_time()  # interpreter + imports
     setup_logging()
     try:
         params = load_params(args.params)
@@ -45,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             codebook=codebook,
             workdir=Path(args.workdir),
             expect_id=args.point_id,
+            startup_s=startup,
         )
     except (ParamsError, PlanMismatch) as e:
         print(f"error: {e}", file=sys.stderr)

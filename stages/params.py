@@ -220,8 +220,18 @@ class TrainParams(Strict):
     """The recipe (paper §2.1, App. B), with lr, batch and warmup as functions of N.
 
     lr = lr_ref·(N/n_ref)^lr_exponent; batch rows = batch_rows_ref·(N/n_ref)^batch_exponent
-    (rounded to a power of two); warmup = warmup_tokens_ref·(N/n_ref)^warmup_exponent tokens.
+    (rounded to a power of two); warmup = warmup_tokens_ref·(N/n_ref)^warmup_exponent tokens
+    (times moe_warmup_mult for MoE: the paper warms MoE up longer).
     """
+
+    @model_validator(mode="after")
+    def _cosine_cannot_branch(self) -> TrainParams:
+        if self.schedule == "cosine" and self.branch_cooldowns:
+            raise ValueError(
+                "schedule is 'cosine' but branch_cooldowns is true: a cosine run decays from its "
+                "first step, so budgets cannot share a constant-lr trunk; set it to false"
+            )
+        return self
 
     lr_ref: Annotated[float, Field(gt=0.0)]
     lr_exponent: float
@@ -230,11 +240,15 @@ class TrainParams(Strict):
     batch_exponent: float
     warmup_tokens_ref: PosInt
     warmup_exponent: float
+    moe_warmup_mult: Annotated[float, Field(ge=1.0)]  # MoE warms up this many times longer
+    schedule: Literal["wsd", "cosine"]  # wsd: warmup, constant, 1-sqrt cooldown; cosine: to 0
     cooldown_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]  # 1-sqrt to 0
+    adam_beta2: Annotated[float, Field(gt=0.0, lt=1.0)]  # AdamW's second-moment decay
     weight_decay: Annotated[float, Field(ge=0.0)]  # decoupled (scaled by lr/peak lr)
     grad_clip: Annotated[float, Field(gt=0.0)]
     eval_every_tokens: PosInt
     eval_batches: PosInt  # validation batches per kind (fixed held-out rows)
+    log_every_steps: PosInt  # metrics.jsonl (and MLflow) every this many steps, averaged
     checkpoint_every_steps: PosInt
     divergence_loss: Annotated[float, Field(gt=0.0)]  # train loss above this = failed
     branch_cooldowns: bool  # one constant-lr trunk per (arch, size, mixture, seed)

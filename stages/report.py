@@ -70,7 +70,8 @@ def run_report(results: str | Path = "results", shards: str | Path = "data/shard
     else:
         why["moe_routing"] = "no MoE arch with a routing record in this study"
     found = findings(runs, fits)
-    md = render_markdown(results, runs, fits, floor, found, figures, why, eq)
+    value = text_floors(shards, "image_value_nats_per_token")
+    md = render_markdown(results, runs, fits, floor, found, figures, why, eq, value)
     (results / "report.md").write_text(md)
     (results / "report.html").write_text(to_html(md, results))
     (out / "findings.json").write_text(json.dumps([f.__dict__ for f in found], indent=1))

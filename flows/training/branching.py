@@ -52,7 +52,9 @@ def trunk(run: Run, gdir: Path, fail_at: int | None = None) -> Path:
         if latest.exists():
             run.load(latest)
     budgets = {  # every budget of the group gets its checkpoint as the trunk passes it
-        schedule(t, run.counts.N, params.train, params.data.context_length).cooldown_start
+        schedule(
+            t, run.counts.N, params.train, params.data.context_length, run.cfg.moe is not None
+        ).cooldown_start
         for t in params.grid.tokens
     } | {cs}
     save_at = {s: gdir / f"branch-{s:08d}.pt" for s in budgets if s >= run.c.step}

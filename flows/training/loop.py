@@ -1,8 +1,9 @@
 """The training loop of a segment: steps, divergence checks, metrics, periodic checkpoints.
 
-:func:`advance` trains a :class:`flows.training.run.Run` up to a step, logging every step to a
-``metrics.jsonl`` (:class:`MetricsLog`, which survives resume: rows past the restored step are
-dropped) and evaluating every ``train.eval_every_tokens``. A non-finite loss, or one above
+:func:`advance` trains a :class:`flows.training.run.Run` up to a step, logging to a
+``metrics.jsonl`` every ``train.log_every_steps`` steps the means since the last row
+(:class:`MetricsLog`, which survives resume: rows past the restored step are dropped) and
+evaluating every ``train.eval_every_tokens``. A non-finite loss, or one above
 ``train.divergence_loss``, raises :class:`Diverged`: the point is recorded as failed.
 
 Test hook (fault injection): the environment variable ``NMM_TEST_NAN_AT``, a JSON mapping
@@ -79,6 +80,7 @@ def advance(
     batch_tokens = run.sched.batch_rows * run.params.data.context_length
     eval_every = max(1, round(tp.eval_every_tokens / batch_tokens))
     peak = peak_flops(run.device, tp.threads)
+    window = {"loss": 0.0, "dt": 0.0, "flops": 0.0, "aux": 0.0, "n": 0}
     while run.c.step < until:
         if run.c.step in save_at and not save_at[run.c.step].exists():
             run.save(save_at[run.c.step])
@@ -91,17 +93,26 @@ def advance(
             raise Diverged(f"non-finite training loss ({loss}) at step {s}")
         if loss > tp.divergence_loss:
             raise Diverged(f"training loss {loss:.3g} > train.divergence_loss at step {s}")
-        m = {
-            "train_loss": loss,
-            "lr": lr,
-            "tokens_per_s": batch_tokens / dt,
-            "mfu": run.last_flops / dt / peak,
-        }
-        if run.last_aux is not None:
-            m["moe_aux_loss"] = run.last_aux
-        if run.c.step % eval_every == 0 and run.c.step < until:
-            m |= run.evaluate()
-        metrics.log(run.c.step, run.c.tokens, m)
+        window["loss"] += loss
+        window["dt"] += dt
+        window["flops"] += run.last_flops
+        window["aux"] += run.last_aux or 0.0
+        window["n"] += 1
+        evaluate = run.c.step % eval_every == 0 and run.c.step < until
+        if evaluate or run.c.step % tp.log_every_steps == 0 or run.c.step == until:
+            n = window["n"]  # the steps since the last row: their means
+            m = {
+                "train_loss": window["loss"] / n,
+                "lr": lr,
+                "tokens_per_s": n * batch_tokens / window["dt"],
+                "mfu": window["flops"] / window["dt"] / peak,
+            }
+            if run.last_aux is not None:
+                m["moe_aux_loss"] = window["aux"] / n
+            if evaluate:
+                m |= run.evaluate()
+            metrics.log(run.c.step, run.c.tokens, m)
+            window = dict.fromkeys(window, 0.0) | {"n": 0}
         if run.c.step % tp.checkpoint_every_steps == 0:
             run.save(ckpt)
     if until in save_at and not save_at[until].exists():

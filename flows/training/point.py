@@ -49,11 +49,13 @@ def train_point(
     codebook: Path | None,
     workdir: Path,
     expect_id: str | None = None,
+    startup_s: float | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) one point; return its record (see the module docstring).
 
     ``expect_id``: the id the grid planned; a different id here (the code or the data changed
-    since) raises :class:`PlanMismatch` before any work.
+    since) raises :class:`PlanMismatch` before any work. ``startup_s``: the seconds this
+    process took to get here (interpreter and imports), recorded as ``time_startup_s``.
     """
     workdir = Path(workdir)
     fp = fingerprints(shards, codebook)
@@ -85,7 +87,7 @@ def train_point(
             metrics = MetricsLog(pdir / "metrics.jsonl", run.c.step)
         else:
             trunk_rows: list[dict] = []
-            if params.train.branch_cooldowns:
+            if params.train.branch_cooldowns:  # (never with a cosine schedule: validated)
                 gdir = workdir / "groups" / gid
                 run.load(trunk(run, gdir, fail_at))
                 trunk_rows = list(read_jsonl(gdir / "metrics.jsonl"))
@@ -103,7 +105,7 @@ def train_point(
     except Diverged as e:
         rec["status"], rec["error"] = "failed", str(e)
         log.warning("point %s failed: %s", pid, e)
-    rec |= _totals(run, time.perf_counter() - wall0)
+    rec |= _totals(run, time.perf_counter() - wall0, startup_s)
     records.write_record(workdir, pid, rec)
     if rec["status"] == "ok":
         latest.unlink(missing_ok=True)
@@ -139,10 +141,17 @@ def _describe(point: Point, run: Run, pid: str, gid: str) -> dict[str, Any]:
     }
 
 
-def _totals(run: Run, wall: float) -> dict[str, Any]:
+def _totals(run: Run, wall: float, startup_s: float | None) -> dict[str, Any]:
+    """Counts and timings. ``time_*_s``: where this process's wall went (build: model,
+    optimizer, loader; data: next batches; steps: forward, backward, optimizer; eval;
+    checkpoint: saves and loads; other: the rest, e.g. metrics and the record)."""
     c, cfg = run.c, run.cfg
     train_s = max(c.train_seconds, 1e-9)
+    timing = {f"time_{k}_s": v for k, v in run.timing.items()}
+    timing["time_other_s"] = max(0.0, wall - sum(run.timing.values()))
+    timing["time_startup_s"] = startup_s
     return {
+        **timing,
         "D": c.tokens,
         "D_image": c.image_tokens,
         "D_text": c.text_targets,

@@ -1,6 +1,7 @@
 """The training recipe of one point: schedule, model config and optimizer, all from params.
 
-Recipe (paper §2.1 and App. B): decoupled AdamW (β 0.9, 0.95), weight decay, gradient clipping,
+Recipe (paper §2.1 and App. B): decoupled AdamW (β1 0.9, β2 ``adam_beta2``; the paper's 0.95),
+weight decay, gradient clipping,
 linear warmup, constant learning rate, then a cooldown over the last ``cooldown_fraction`` of
 the steps to 0 with the 1-sqrt shape (Hägele et al. 2024, arXiv 2405.18392). Learning rate,
 batch size and warmup are functions of N (params ``train``, OLMo-ladder style), never per-point
@@ -35,27 +36,37 @@ class Schedule:
     warmup_steps: int
     steps: int
     cooldown_start: int
+    shape: str = "wsd"  # wsd (warmup, stable, 1-sqrt decay) | cosine
 
     def trunk_lr(self, step: int) -> float:
         """Warmup then constant: the lr of the shared trunk."""
         return self.lr * min(1.0, (step + 1) / max(1, self.warmup_steps))
 
     def lr_at(self, step: int) -> float:
-        """Trunk lr, then 1-sqrt cooldown from its value at ``cooldown_start`` towards 0."""
+        """wsd: the trunk lr, then 1-sqrt cooldown from its value at ``cooldown_start`` to 0;
+        cosine: warmup, then a half cosine from the peak to 0 over the remaining steps."""
+        if self.shape == "cosine":
+            if step < self.warmup_steps:
+                return self.trunk_lr(step)
+            frac = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
         if step < self.cooldown_start:
             return self.trunk_lr(step)
         frac = (step - self.cooldown_start) / max(1, self.steps - self.cooldown_start)
         return self.trunk_lr(self.cooldown_start) * (1.0 - math.sqrt(frac))
 
 
-def schedule(tokens: int, n: int, tp: TrainParams, context: int) -> Schedule:
+def schedule(tokens: int, n: int, tp: TrainParams, context: int, moe: bool = False) -> Schedule:
     scale = n / tp.n_ref
     rows = 2 ** max(0, round(math.log2(max(1.0, tp.batch_rows_ref * scale**tp.batch_exponent))))
     batch_tokens = rows * context
     steps = max(2, round(tokens / batch_tokens))
-    warmup = max(1, math.ceil(tp.warmup_tokens_ref * scale**tp.warmup_exponent / batch_tokens))
+    warmup_tokens = tp.warmup_tokens_ref * scale**tp.warmup_exponent
+    warmup_tokens *= tp.moe_warmup_mult if moe else 1.0
+    warmup = max(1, math.ceil(warmup_tokens / batch_tokens))
     cooldown = max(1, round(tp.cooldown_fraction * steps))
-    return Schedule(rows, tp.lr_ref * scale**tp.lr_exponent, warmup, steps, steps - cooldown)
+    lr = tp.lr_ref * scale**tp.lr_exponent
+    return Schedule(rows, lr, warmup, steps, steps - cooldown, tp.schedule)
 
 
 def model_config(
@@ -96,4 +107,4 @@ def build_optimizer(model: MultimodalLM, sched: Schedule, tp: TrainParams) -> to
             {"params": rest, "weight_decay": 0.0, "lr_mult": mult},
         ]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=sched.lr, betas=(0.9, 0.95), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=sched.lr, betas=(0.9, tp.adam_beta2), eps=1e-8)

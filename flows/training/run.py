@@ -66,6 +66,9 @@ class Run:
         codebook: Path | None,
         code: dict[str, str],
     ):
+        t0 = time.perf_counter()
+        # where this process's wall time went (seconds; per process, never checkpointed)
+        self.timing = dict.fromkeys(("build", "data", "steps", "eval", "checkpoint"), 0.0)
         self.point, self.params, self.shards = point, params, Path(shards)
         self.code = code  # {"fingerprint": ..., "git_revision": ...}, saved in checkpoints
         info = load_info(shards)
@@ -78,7 +81,13 @@ class Run:
             cb = VisualCodebook.from_file(codebook)
         self.cfg = model_config(point, params, info, cb.size if cb is not None else 256)
         self.counts = count_params(self.cfg)
-        self.sched = schedule(point.tokens, self.counts.N, params.train, params.data.context_length)
+        self.sched = schedule(
+            point.tokens,
+            self.counts.N,
+            params.train,
+            params.data.context_length,
+            self.cfg.moe is not None,
+        )
         self.device = choose_device(params.train.device)
         torch.manual_seed(point.seed)
         self.model = MultimodalLM(self.cfg, cb).to(self.device)
@@ -91,9 +100,11 @@ class Run:
         self.forward = self.model
         if self.device.type == "cuda" and params.train.compile:
             self.forward = torch.compile(self.model)
+        self.timing["build"] = time.perf_counter() - t0
 
     # --- checkpoints
     def save(self, path: Path) -> None:
+        t0 = time.perf_counter()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         state = {
@@ -105,8 +116,10 @@ class Run:
         }
         torch.save(state, tmp)
         tmp.replace(path)  # atomic: a kill never leaves half a checkpoint
+        self.timing["checkpoint"] += time.perf_counter() - t0
 
     def load(self, path: Path) -> None:
+        t0 = time.perf_counter()
         state = torch.load(path, map_location=self.device, weights_only=True)
         theirs = (state.get("code") or {}).get("fingerprint")
         if theirs != self.code["fingerprint"]:
@@ -118,13 +131,16 @@ class Run:
         self.opt.load_state_dict(state["opt"])
         self.loader.load_state_dict(state["loader"])
         self.c = Counters(**state["counters"])
+        self.timing["checkpoint"] += time.perf_counter() - t0
 
     # --- one optimizer step
     def step(self, lr: float, fail: bool = False) -> float:
+        t0 = time.perf_counter()
         batch = self.loader.next_batch().to(self.device)
         for g in self.opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
+        self.timing["data"] += t1 - t0
         with torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
             out = self.forward(batch)
         loss = out.total
@@ -136,7 +152,9 @@ class Run:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.params.train.grad_clip)
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        self.c.train_seconds += time.perf_counter() - t0
+        dt = time.perf_counter() - t1
+        self.c.train_seconds += dt
+        self.timing["steps"] += dt
         self.c.step += 1
         self.c.tokens += batch.tokens.numel()
         self.c.image_tokens += len(batch.images) * self.cfg.image_tokens
@@ -158,6 +176,7 @@ class Run:
         word role ``val_{kind}_{role}`` and per entity-rank decade of name and value tokens
         ``val_{role}_rank1e{b}`` (ranks in (10^(b-1), 10^b], all kinds together).
         """
+        t0 = time.perf_counter()
         self.model.eval()
         sums: dict[str, list[float]] = {}
 
@@ -198,6 +217,7 @@ class Run:
         if per_kind:
             out["val_avg"] = sum(per_kind) / len(per_kind)
         self.model.train()
+        self.timing["eval"] += time.perf_counter() - t0
         return out
 
     def _forward_eval(self, batch):

@@ -241,9 +241,10 @@ def load_info(shards: str | Path) -> dict[str, Any]:
     return json.loads((Path(shards) / "info.json").read_text())
 
 
-def text_floors(info_path: str | Path) -> dict[str, float]:
+def text_floors(info_path: str | Path, field: str = "floor_nats_per_token") -> dict[str, float]:
     """The loss floor per text token of each kind (validation split, with the images) and their
-    mean ``avg``, from an info.json; empty when the data's floor is unknown (real data)."""
+    mean ``avg``, from an info.json; empty when the data's floor is unknown (real data).
+    ``field``: another per-token total of info.json, e.g. ``image_value_nats_per_token``."""
     path = Path(info_path)
     if path.is_dir():
         path = path / "info.json"
@@ -251,9 +252,9 @@ def text_floors(info_path: str | Path) -> dict[str, float]:
         return {}
     totals = json.loads(path.read_text()).get("totals", {})
     out = {
-        k: totals[f"val/{k}"]["floor_nats_per_token"]
+        k: totals[f"val/{k}"][field]
         for k in KINDS
-        if totals.get(f"val/{k}", {}).get("floor_nats_per_token") is not None
+        if totals.get(f"val/{k}", {}).get(field) is not None
     }
     if len(out) == len(KINDS):
         out["avg"] = sum(out.values()) / len(out)

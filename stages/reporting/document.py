@@ -54,6 +54,13 @@ def _with_ci(fit: dict, k: str) -> str:
     return s
 
 
+def _effect(f: Finding) -> str:
+    if f.effect is None:
+        return "–"
+    ci = f" [{f.low:+.3g}, {f.high:+.3g}]" if f.low is not None else ""
+    return f"{f.effect:+.3g}{ci} {f.unit}"
+
+
 def paper_form(entry: dict) -> dict:
     """A fits.json entry as the paper's form fitted it (its ``families.paper``), whichever law
     the fit chose; the frontier exponent c is the data's."""
@@ -107,6 +114,25 @@ def mixtures_table(fits: dict) -> dict[str, Any] | None:
             "rows": rows}  # fmt: skip
 
 
+def image_use_table(runs: pd.DataFrame, value: dict[str, float]) -> dict[str, Any] | None:
+    """What each arch's largest run gets from the images: its loss with every image blanked
+    minus its loss with them, per image kind, beside what the images are worth (the corpus's
+    floor without them minus with them): the share of the images' information it uses."""
+    kinds = [k for k in ("caption", "interleaved") if f"eval_{k}_noimage" in runs and k in value]
+    if not kinds:
+        return None
+    rows = []
+    for arch, r in runs.groupby("arch", sort=False):
+        top = r.sort_values(["N", "D"]).iloc[-1]
+        cells = []
+        for k in kinds:
+            used = top[f"eval_{k}_noimage"] - top[f"loss_{k}"]
+            cells.append(f"{used:.3f} of {value[k]:.3f} ({used / value[k]:.0%})")
+        rows.append([str(arch), f"{top['size']}, D {int(top['D']):,}", *cells])
+    return {"header": ["arch", "run", *(f"{k}: nats used of the image's value" for k in kinds)],
+            "rows": rows}  # fmt: skip
+
+
 def families_table(fits: dict) -> dict[str, Any] | None:
     """Each law family's out-of-sample error per fit (top-compute hold-out / leave-one-size-out
     relative error), the chosen one in bold."""
@@ -151,6 +177,7 @@ def render_markdown(
     figures: dict[str, Path],
     why: dict[str, str],
     eq: pd.DataFrame,
+    image_value: dict[str, float] | None = None,
 ) -> str:
     """results/report.md (templates/report.md.j2) from this run's inputs and figures."""
     archs = list(dict.fromkeys(runs.arch))
@@ -172,7 +199,16 @@ def render_markdown(
         N_range=f"{runs.N.min():,}–{runs.N.max():,}",
         D_range=f"{runs.D.min():,}–{runs.D.max():,}",
         C_range=f"{runs.C.min():.3g}–{runs.C.max():.3g}",
-        findings=[[f.claim, f.source, f"**{f.verdict}**", f.evidence] for f in found],
+        findings=[
+            [
+                f.claim,
+                f.source,
+                f"**{f.verdict}**",
+                _effect(f),
+                f.evidence + (f" ({f.decide})" if f.decide else ""),
+            ]
+            for f in found
+        ],
         figures={k: Path(p).relative_to(results).as_posix() for k, p in figures.items()},
         why=why,
         equal_compute=equal_compute_rows(eq),
@@ -181,6 +217,7 @@ def render_markdown(
         fits_table=fits_table(fits, floor),
         families=families_table(fits),
         mixtures=mixtures_table(fits),
+        image_use=image_use_table(runs, image_value or {}),
     )
 
 

@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 REQUIRED = ("N", "D", "loss")
 DEFAULT_ARCH = DEFAULT_TARGET = "all"
 # bootstrapped besides the law's parameters (E, A, B, alpha, beta or E, N_c, D_c, alpha, beta)
-BOOT_KEYS = ("a", "b", "d", "a_regression", "b_regression", "d_regression", "c")
+BOOT_KEYS = ("a", "b", "d", "a_regression", "b_regression", "d_regression", "c",
+             "log10_N_opt_mid")  # fmt: skip
 
 
 class FitError(ValueError):
@@ -181,6 +182,8 @@ class TargetFit:
             out.update({f"heldin_{k}": v for k, v in errors(p[~held], obs[~held]).items()})
             out.update({f"heldout_{k}": v for k, v in errors(p[held], obs[held]).items()})
         out.update({f"loso_{k}": v for k, v in errors(r.pred_loso.values, obs).items()})
+        chosen = self.chosen.errors(obs, held, self.floor)  # and on the reducible loss L - E
+        out.update({k: v for k, v in chosen.items() if k.endswith("_reducible")})
         if self.boot:
             out["bootstrap"] = self._bootstrap(self.boot)
         out["families"] = {
@@ -271,6 +274,13 @@ def choose(
     return choice, f"{why}; every family: {table}"
 
 
+def _log10_n_opt_mid(law, budget: Budget) -> float:
+    """log10 of the compute-optimal N at the geometric middle of the runs' compute range."""
+    C = math.sqrt(budget.C_min * budget.C_max)
+    with np.errstate(all="ignore"):
+        return float(np.log10(law.optimum(np.array([C]), budget.ratio)[0][0]))
+
+
 def bootstrap(
     runs: pd.DataFrame,
     p: Points,
@@ -299,6 +309,7 @@ def bootstrap(
             raise FitError(f"{desc}: no bootstrap resample can identify the law")
         W[k] = counts
     family = FAMILIES[search.family]
+    full = Budget.of(N, D, C)  # every resample's N_opt at the same C: the full data's middle
     thetas, _ = refit(family, p, fit, W, search)
     out: dict[str, list[float]] = {k: [] for k in (*search.law.as_dict(), *BOOT_KEYS)}
     for k, theta in enumerate(thetas):
@@ -306,7 +317,8 @@ def bootstrap(
         idx = np.flatnonzero(W[k])
         budget = Budget.of(N[idx], D[idx], C[idx])
         values = {**law.as_dict(), **exponents(law, budget, fit),
-                  "c": loss_frontier(C[idx], L[idx])["c"]}  # fmt: skip
+                  "c": loss_frontier(C[idx], L[idx])["c"],
+                  "log10_N_opt_mid": _log10_n_opt_mid(law, full)}  # fmt: skip
         for key in out:
             out[key].append(values[key])
     return {k: np.array(v, float) for k, v in out.items()}

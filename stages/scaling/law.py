@@ -75,10 +75,11 @@ class Law:
 
         Minimising A N^-alpha + B D^-beta on N D = M := C / (6 ratio) gives
         D_opt = G M^(alpha/(alpha+beta)), N_opt = M / D_opt, G = (beta B / (alpha A))^(1/(alpha+beta))
-        (Hoffmann et al. Eq. 4). ``ratio`` is C / 6ND held fixed (1 for early fusion).
+        (Hoffmann et al. Eq. 4). ``ratio`` is C / 6ND held fixed (1 for early fusion). NaN
+        where there is no interior optimum (a term vanished: A or B = 0, or an exponent <= 0).
         """
         M = np.asarray(C, float) / (6.0 * ratio)
-        if not (self.alpha > 0 and self.beta > 0):
+        if not (self.alpha > 0 and self.beta > 0 and self.A > 0 and self.B > 0):
             nan = np.full_like(M, np.nan)
             return nan, nan, nan
         s = self.alpha + self.beta
@@ -139,6 +140,9 @@ class SmoothMinLaw:
             nan = np.full_like(M, np.nan)
             return nan, nan, nan
         r = self.alpha / self.beta
+        if not (self.N_c > 0 and self.D_c > 0):  # a scale that underflowed: no optimum
+            nan = np.full_like(M, np.nan)
+            return nan, nan, nan
         with np.errstate(over="ignore", divide="ignore"):  # in logs: N_c^r overflows for big r
             logN = (math.log(r) + r * math.log(self.N_c) + np.log(M) - math.log(self.D_c)) / (1 + r)
             N = np.exp(logN)

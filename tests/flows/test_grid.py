@@ -5,6 +5,7 @@ point killed with SIGKILL resumes to the same result with its one MLflow run."""
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,13 +14,14 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from flows import records
+from flows import records, supervise
 from flows.devices import device_slots
 from flows.grid import grid_flow, main
 from flows.launch import Launch
 from flows.plan import chains, fingerprints, plan
 from flows.tracking import Tracker
 from flows.training.loop import FAULT_ENV
+from model.ladder import SIZES
 from stages.params import Params, ParamsError, validate_params
 from tests.flows.conftest import grid_params, write_params
 
@@ -73,7 +75,23 @@ def test_a_groups_points_chain_in_ascending_tokens(tiny_data):
     for chain in groups:
         assert [j.point.tokens for j in chain] == [1024, 2048, 4096]
         assert len({j.group_id for j in chain}) == 1
-    assert len(chains(jobs, shared_trunks=False)) == 12
+    assert [c[0].point.size for c in groups] == ["xs", "xs", "xxs", "xxs"]  # longest first
+    alone = chains(jobs, shared_trunks=False)
+    assert len(alone) == 12
+    costs = [c[0].point.tokens * (SIZES[c[0].point.size] + 6) for c in alone]
+    assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1]
+
+
+def test_the_fork_server_is_used_only_for_the_code_it_imported(monkeypatch):
+    """A process that started the server and then plans with changed code (a long-lived
+    process, a test session) gives each point a fresh interpreter instead."""
+    monkeypatch.setattr(supervise, "_started", {})
+    if sys.platform != "linux":
+        assert supervise._server("a") is None
+        return
+    assert supervise._server("a") is not None
+    assert supervise._server("a") is not None
+    assert supervise._server("b") is None
 
 
 def test_each_point_gets_one_gpu_or_one_pinned_cpu_thread(monkeypatch, tmp_path):
@@ -264,7 +282,7 @@ def test_a_nan_point_is_recorded_failed_and_the_others_finish(
     assert "non-finite" in run.data.tags["error"]
 
 
-def _kill_training_when(path: Path, killed: list[int], timeout: float = 120) -> threading.Thread:
+def _kill_training_when(path: Path, killed: list[str], timeout: float = 120) -> threading.Thread:
     """SIGKILL this process's training children as soon as ``path`` exists."""
 
     def watch() -> None:
@@ -273,9 +291,13 @@ def _kill_training_when(path: Path, killed: list[int], timeout: float = 120) -> 
             time.sleep(0.002)
         for p in psutil.Process().children(recursive=True):
             try:
-                if "flows.train" in " ".join(p.cmdline()):
+                # a point process: forked and named nmm-point (flows/supervise.py), or
+                # ``python -m flows.train`` (not the fork server, whose preload names it)
+                cmd = " ".join(p.cmdline())
+                if p.name() == "nmm-point" or ("-m flows.train" in cmd and "forkserver" not in cmd):
+                    name = p.name()
                     p.kill()
-                    killed.append(p.pid)
+                    killed.append(name)
             except psutil.Error:
                 pass
 
@@ -297,11 +319,13 @@ def test_kill9_mid_point_resumes_to_the_uninterrupted_result_with_one_run(
     params = write_params(tmp_path / "params.yaml", grid=raw["grid"])
     [target] = ids(raw, tiny_data, arch="early", tokens=4096)
     results = tmp_path / "results"
-    killed: list[int] = []
+    killed: list[str] = []
     watcher = _kill_training_when(results / "points" / target / "latest.pt", killed)
     first = run_grid(params, tiny_data, results, mlflow_uri)
     watcher.join()
     assert killed, "the point finished before it could be killed"
+    if sys.platform == "linux":  # forked from the preloaded server, not a fresh interpreter
+        assert killed == ["nmm-point"]
     log = (results / "points" / target / "train.log").read_text()
     if retries == 0:
         assert (first["ok"], first["failed"]) == (1, 1)

@@ -84,7 +84,7 @@ def test_a_changed_constant_in_a_model_file_changes_every_id(tiny_data, code):
             lambda v: v.moe,
         ),
         ("model/discrete.py", "1 << 20", "1 << 21", lambda v: v.base == "discrete"),
-        ("flows/training/recipe.py", "betas=(0.9, 0.95)", "betas=(0.9, 0.99)", lambda v: True),
+        ("flows/training/recipe.py", "eps=1e-8", "eps=1e-7", lambda v: True),
     ],
     ids=["moe", "discrete", "recipe"],
 )

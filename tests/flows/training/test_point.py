@@ -30,6 +30,7 @@ TINY_TRAIN = {
         "eval_every_tokens": 1024,
         "eval_batches": 2,
         "checkpoint_every_steps": 2,
+        "log_every_steps": 1,
     },
     "data": {"context_length": 64},
 }
@@ -211,3 +212,31 @@ def test_the_evaluation_splits_the_loss_by_role_rank_and_blanked_images(tiny_dat
     ranks = sorted(k for k in rec if k.startswith("eval_value_rank1e"))
     assert ranks[0] == "eval_value_rank1e0" and len(ranks) >= 3  # rank 1, 2-10, 11-100, ...
     assert not any(k.startswith("loss_") and "rank" in k for k in rec)  # not fit targets
+
+
+def test_cosine_schedule_and_a_longer_moe_warmup():
+    tp = study_params(
+        {"train": {"schedule": "cosine", "branch_cooldowns": False, "moe_warmup_mult": 2.5}}
+    ).train
+    s = schedule(200 * 512, 100_000, tp, 256)
+    lrs = [s.lr_at(i) for i in range(s.steps)]
+    assert lrs[s.warmup_steps] == pytest.approx(s.lr)
+    mid = s.warmup_steps + (s.steps - s.warmup_steps) // 2
+    assert lrs[mid] == pytest.approx(0.5 * s.lr, rel=0.02) and lrs[-1] < 0.01 * s.lr
+    moe = schedule(200 * 512, 100_000, tp, 256, moe=True)
+    assert moe.warmup_steps == pytest.approx(2.5 * s.warmup_steps, abs=1)
+    from stages.params import ParamsError
+
+    with pytest.raises(ParamsError, match="cosine.*branch_cooldowns"):
+        study_params({"train": {"schedule": "cosine", "branch_cooldowns": True}})
+
+
+def test_metrics_are_logged_every_k_steps_as_means(tiny_data, tmp_path):
+    params = tiny_params(tiny_data, log_every_steps=4, branch_cooldowns=False)
+    rec = _train(tiny_data, params, tmp_path, 2048)
+    rows = [
+        json.loads(x)
+        for x in next(tmp_path.glob("points/*/metrics.jsonl")).read_text().splitlines()
+    ]
+    steps = [r["step"] for r in rows if "train_loss" in r]
+    assert steps == [s for s in range(1, rec["steps"] + 1) if s % 4 == 0 or s == rec["steps"]]

@@ -204,3 +204,10 @@ def test_the_closed_form_optimum_is_the_minimum_on_the_iso_flop_line(law):
     assert np.all(np.isfinite(N)) and np.allclose(6 * N * D, C)
     for f in (0.8, 1.25):  # moving along N D = C/6 either way costs loss
         assert np.all(law.loss(N * f, D / f) >= L)
+
+
+def test_a_law_without_an_interior_optimum_gives_nan_not_an_error():
+    """A bootstrap resample can fit A = 0 (no N term): N_opt is undefined, not a crash."""
+    for law in (Law(1.0, 0.0, 300.0, 0.5, 0.5), SmoothMinLaw(1.0, 0.0, 3e5, 0.5, 0.3)):
+        N, D, L = law.optimum(np.array([1e12]))
+        assert np.isnan(N).all() and np.isnan(D).all()
