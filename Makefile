@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install browser repro test lint bench clean-data serve ui screenshots
+.PHONY: install browser repro test lint bench clean-data serve ui screenshots mlflow-view
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -62,3 +62,8 @@ serve: install
 
 clean-data:
 	rm -rf data results
+
+# Re-take the README's MLflow comparison view (docs/screenshots/mlflow-comparison-*.png) from
+# this checkout's MLflow store (after `make repro`)
+mlflow-view: install browser
+	$(BIN)/python docs/mlflow_comparison_view.py

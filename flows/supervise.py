@@ -26,7 +26,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -83,6 +82,7 @@ def _die_with_parent() -> None:  # pragma: no cover (runs in the child)
 # imported once by the fork server: everything a point imports (torch._dynamo: AdamW's first
 # construction imports it, ~1.4 s)
 PRELOAD = ["flows.train", "torch._dynamo"]
+RUNPY_QUIET = "ignore::RuntimeWarning:runpy"
 _started: dict[str, str] = {}  # "code": the hash of the training code the server imported
 
 
@@ -99,6 +99,11 @@ def _server(code: str) -> multiprocessing.context.BaseContext | None:
     # for ``python -m flows.grid`` that imports Prefect (~1.9 s per point) unless preloaded
     main = getattr(sys.modules["__main__"].__spec__, "name", None)
     ctx.set_forkserver_preload(PRELOAD + ([main] if main else []))  # (once: at the first start)
+    # runpy warns that a preloaded module "found in sys.modules" is run again (the main module
+    # above, the point's module in _forked): on purpose. The server takes this process's -W
+    # options, its children the server's filters.
+    if RUNPY_QUIET not in sys.warnoptions:
+        sys.warnoptions.append(RUNPY_QUIET)
     return ctx
 
 
@@ -119,9 +124,7 @@ def _forked(module: str, argv: list[str], env: dict[str, str], log_path: str) ->
     os.close(fd)
     sys.stdout.reconfigure(line_buffering=True)  # a kill loses no finished line
     sys.argv = [module, *argv]
-    with warnings.catch_warnings():  # "found in sys.modules": preloaded, on purpose
-        warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")
-        runpy.run_module(module, run_name="__main__", alter_sys=True)  # exits via sys.exit
+    runpy.run_module(module, run_name="__main__", alter_sys=True)  # exits via sys.exit
 
 
 class _Child:

@@ -12,7 +12,9 @@ figures and their data) and points (results/points: loss curves, MoE routing), i
   Table 2, every fit with the synthetic corpus's entropy floor beside its E;
 - the paper's qualitative findings (and the brief's claim about discrete tokens), each marked
   reproduced / not reproduced / inconclusive / not tested on this study, with the numbers
-  behind the verdict (results/report/findings.json).
+  behind the verdict (results/report/findings.json);
+- whether the grid is past the optimisation transient and each arch's law holds out of sample
+  (stages/reporting/health.py; results/report/health.json).
 
 The HTML (results/report.html) has the figures inline, so it can be mailed or opened anywhere.
 The library is stages/reporting/ (evidence, findings, figures, the document and its template).
@@ -33,6 +35,7 @@ from stages.reporting import figures as figs
 from stages.reporting.document import render_markdown, to_html
 from stages.reporting.evidence import ReportError, equal_compute_table, load_inputs, routings
 from stages.reporting.findings import findings
+from stages.reporting.health import health_tables
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +74,17 @@ def run_report(results: str | Path = "results", shards: str | Path = "data/shard
         why["moe_routing"] = "no MoE arch with a routing record in this study"
     found = findings(runs, fits)
     value = text_floors(shards, "image_value_nats_per_token")
-    md = render_markdown(results, runs, fits, floor, found, figures, why, eq, value)
+    health = health_tables(runs, fits, floor)
+    md = render_markdown(results, runs, fits, floor, found, figures, why, eq, value, health)
     (results / "report.md").write_text(md)
     (results / "report.html").write_text(to_html(md, results))
     (out / "findings.json").write_text(json.dumps([f.__dict__ for f in found], indent=1))
+    keep = ("transient", "laws")
+    (out / "health.json").write_text(json.dumps({k: health[k] for k in keep}, indent=1))
+    tr = health["transient"]
+    log.info("past the transient: %s (loss falls in %.1f%% of adjacent pairs, gains shrink in "
+             "%.1f%% of budget triples)", tr["past_transient"], 100 * tr["falling_share"],
+             100 * tr["decelerating_share"])  # fmt: skip
     for f in found:
         log.info("%s: %s (%s)", f.verdict.upper(), f.claim, f.evidence)
     log.info("wrote %s and %s", results / "report.md", results / "report.html")

@@ -178,6 +178,7 @@ def render_markdown(
     why: dict[str, str],
     eq: pd.DataFrame,
     image_value: dict[str, float] | None = None,
+    health: dict[str, Any] | None = None,
 ) -> str:
     """results/report.md (templates/report.md.j2) from this run's inputs and figures."""
     archs = list(dict.fromkeys(runs.arch))
@@ -218,6 +219,7 @@ def render_markdown(
         families=families_table(fits),
         mixtures=mixtures_table(fits),
         image_use=image_use_table(runs, image_value or {}),
+        health=health,
     )
 
 

@@ -1,0 +1,63 @@
+"""The report's transient and law checks count what they claim to."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from stages.reporting.health import law_checks, transient
+
+SIZES = {"xxs": 5e4, "xs": 1e5, "s": 2e5}
+BUDGETS = [75_000, 150_000, 300_000, 600_000]
+
+
+def _runs(loss) -> pd.DataFrame:
+    rows = [
+        {"arch": "early", "size": s, "N": n, "tokens_budget": d, "status": "ok",
+         "loss_avg": loss(n, d)}
+        for s, n in SIZES.items() for d in BUDGETS
+    ]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_a_power_law_grid_is_past_the_transient():
+    tr = transient(_runs(lambda n, d: 0.4 + 30 / n**0.5 + 200 / d**0.5))
+    t = tr["total"]
+    assert (t["n_pairs"], t["d_pairs"], t["triples"]) == (2 * 4, 3 * 3, 3 * 2)
+    assert tr["falling_share"] == 1 and tr["decelerating_share"] == 1
+    assert tr["past_transient"] and tr["fails"] == []
+
+
+def test_a_larger_model_worse_at_the_smallest_budget_and_an_accelerating_curve_are_named():
+    def loss(n, d):
+        base = 0.4 + 30 / n**0.5 + 200 / d**0.5
+        if n == SIZES["s"] and d == 75_000:
+            return base + 0.5  # s worse than xs at 75k, and its first gain too big
+        if n == SIZES["xxs"] and d == 300_000:
+            return base + 0.05  # xxs: small gain, then a larger one (accelerating)
+        return base
+
+    tr = transient(_runs(loss))
+    t = tr["total"]
+    assert t["n_falling"] == t["n_pairs"] - 1
+    assert t["d_falling"] == t["d_pairs"]
+    assert t["dec"] == t["triples"] - 1
+    assert tr["falling_share"] == pytest.approx(16 / 17)
+    assert not tr["past_transient"]
+    assert any("xs→s at D 75,000" in f for f in tr["fails"])
+    assert any("xxs gains" in f and "accelerating" in f for f in tr["fails"])
+
+
+def test_law_checks_mark_each_target_and_skip_the_floor_law_for_E():
+    fits = {
+        "early/avg": {"law": "paper", "fit_r2": 0.99, "heldout_mre": 0.015, "alpha": 0.3,
+                      "beta": 1.4, "E": 0.5, "bootstrap": {"E": {"low": 0.35, "high": 0.6}}},
+        "late/avg": {"law": "floor", "fit_r2": 0.97, "heldout_mre": 0.03, "alpha": 0.3,
+                     "beta": 0.4, "E": 0.4},
+        "late/text": {"law": "paper", "fit_r2": 0.5},
+    }  # fmt: skip
+    early, late = law_checks(fits, {"avg": 0.4})
+    assert (early["arch"], early["ok_r2"], early["ok_heldout"]) == ("early", True, True)
+    assert early["ok_exponents"] is False and early["ok_E"] is False  # beta > 1; E low < floor
+    assert (late["ok_r2"], late["ok_heldout"], late["ok_exponents"]) == (False, False, True)
+    assert late["ok_E"] is None
