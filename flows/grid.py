@@ -46,6 +46,7 @@ from prefect.utilities.annotations import quote
 from tqdm import tqdm
 
 from flows import records
+from flows.collect import collect
 from flows.devices import device_slots
 from flows.launch import Launch, Recorder, exclusive
 from flows.plan import CODE, Job, chains, fingerprints, plan
@@ -263,6 +264,19 @@ def print_plan(params_path: str, shards: str, codebook: str, results: str) -> in
     return 0
 
 
+def collect_runs(args: argparse.Namespace) -> int:
+    """``collect``: runs.parquet from the MLflow store (flows/collect.py)."""
+    params = load_params(args.params)
+    cb = _resolve(args.codebook)
+    jobs = plan(params, fingerprints(_resolve(args.shards), cb if cb.exists() else None))
+    out = Path(args.out) if args.out else _resolve(args.results) / "runs.parquet"
+    got = collect(jobs, params.grid.study, args.tracking_uri, out)
+    for job in got.missing:
+        print(f"missing: {job.point_id}  {job.label}", file=sys.stderr)
+    print(f"{got.summary}; wrote {out}")
+    return 0 if args.partial or not got.missing else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m flows.grid",
@@ -298,6 +312,18 @@ def main(argv: list[str] | None = None) -> int:
         description="Print one line per point of the grid: its point id, its group id, its "
         "label and whether it is done or will train. Trains nothing, starts nothing.",
     )
+    gather = sub.add_parser(
+        "collect",
+        parents=[paths],
+        help="write runs.parquet from the MLflow store (points trained on other machines)",
+        description="Plan the grid here, find each point's run in the MLflow store by its "
+        "point id and write runs.parquet from the records the runs carry (flows/collect.py). "
+        "Points trained by other code or data have other ids and are not collected.",
+    )
+    gather.add_argument("--out", default=None, help="(default RESULTS/runs.parquet)")
+    gather.add_argument(
+        "--partial", action="store_true", help="exit 0 even if some points are missing"
+    )
     serve = sub.add_parser(
         "serve",
         parents=[paths],
@@ -321,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "plan":
         return print_plan(args.params, args.shards, args.codebook, args.results)
+    if args.command == "collect":
+        return collect_runs(args)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network here
     kwargs = {
         "params_path": args.params,

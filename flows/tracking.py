@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 
 from flows.training.loop import read_jsonl
@@ -90,6 +90,29 @@ def _chunks(items: list, n: int = BATCH) -> Iterable[list]:
         yield items[i : i + n]
 
 
+def point_runs(client: MlflowClient, experiment_id: str) -> dict[str, Run]:
+    """The active point runs of an experiment by their point_id tag (the oldest wins: the run
+    a point keeps through retries and relaunches)."""
+    runs: dict[str, Run] = {}
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string="tags.`nmm.kind` = 'point'",
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=10_000,
+            order_by=["attributes.start_time ASC"],
+            page_token=token,
+        )
+        for run in page:
+            pid = run.data.tags.get("point_id")
+            if pid and pid not in runs:
+                runs[pid] = run
+        token = page.token
+        if not token:
+            return runs
+
+
 class Tracker:
     """The MLflow side of one grid launch. Thread-safe: every store call holds ``lock``."""
 
@@ -122,27 +145,12 @@ class Tracker:
         return exp.experiment_id
 
     def _point_runs(self) -> dict[str, str]:
-        """Every active child run of the experiment, by its point_id tag (oldest wins)."""
-        runs: dict[str, str] = {}
-        token = None
-        while True:
-            page = self.client.search_runs(
-                [self.experiment_id],
-                filter_string="tags.`nmm.kind` = 'point'",
-                run_view_type=ViewType.ACTIVE_ONLY,
-                max_results=10_000,
-                order_by=["attributes.start_time ASC"],
-                page_token=token,
-            )
-            for run in page:
-                pid = run.data.tags.get("point_id")
-                if pid and pid not in runs:
-                    runs[pid] = run.info.run_id
-                    self._logged[run.info.run_id] = int(run.data.tags.get(LOGGED_TAG, -1))
-                    self._status[run.info.run_id] = run.data.tags.get("status", "")
-            token = page.token
-            if not token:
-                return runs
+        """Every active point run of the experiment, by its point_id tag (oldest wins)."""
+        runs = point_runs(self.client, self.experiment_id)
+        for run in runs.values():
+            self._logged[run.info.run_id] = int(run.data.tags.get(LOGGED_TAG, -1))
+            self._status[run.info.run_id] = run.data.tags.get("status", "")
+        return {pid: run.info.run_id for pid, run in runs.items()}
 
     # ------------------------------------------------------------------ launch (parent run)
 

@@ -31,15 +31,16 @@ E2E = {
 STAGES = ("corpus", "tokenizer", "shards", "codebook", "grid", "fit", "report")
 
 
-def _run(cmd, cwd, env):
+def run(cmd, cwd, env):
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"{cmd} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r.stdout + r.stderr
 
 
-@pytest.mark.slow
-def test_dvc_repro_in_a_fresh_checkout_runs_every_stage_then_nothing(tmp_path):
-    repo = tmp_path / "repo"
+def fresh_checkout(root: Path, params: dict) -> tuple[Path, dict[str, str], list[str]]:
+    """A git repository at ``root/repo`` holding this working tree as a commit would (no
+    dvc.lock) with ``params`` as its params.yaml, committed; its environment and dvc command."""
+    repo = root / "repo"
     tracked = subprocess.run(  # the working tree as a commit would have it
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT,
@@ -52,7 +53,6 @@ def test_dvc_repro_in_a_fresh_checkout_runs_every_stage_then_nothing(tmp_path):
             (repo / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, repo / f)
     (repo / "dvc.lock").unlink(missing_ok=True)
-    params = merge(merge(merge(read_yaml(ROOT / "params.yaml"), TINY_PARAMS), TINY_GRID), E2E)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(
         os.environ,
@@ -67,11 +67,17 @@ def test_dvc_repro_in_a_fresh_checkout_runs_every_stage_then_nothing(tmp_path):
     # must use its own default store
     env.pop("MLFLOW_TRACKING_URI", None)
     dvc = [str(Path(sys.executable).parent / "dvc")]
-    _run(["git", "init", "-q"], repo, env)
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "fresh"], repo, env)
+    run(["git", "init", "-q"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "fresh"], repo, env)
+    return repo, env, dvc
 
-    out = _run([*dvc, "repro"], repo, env)
+
+@pytest.mark.slow
+def test_dvc_repro_in_a_fresh_checkout_runs_every_stage_then_nothing(tmp_path):
+    params = merge(merge(merge(read_yaml(ROOT / "params.yaml"), TINY_PARAMS), TINY_GRID), E2E)
+    repo, env, dvc = fresh_checkout(tmp_path, params)
+    out = run([*dvc, "repro"], repo, env)
     for stage in STAGES:
         assert f"Running stage '{stage}'" in out
     manifest = pq.read_table(repo / "data/shards/manifest.parquet").to_pylist()
@@ -87,25 +93,25 @@ def test_dvc_repro_in_a_fresh_checkout_runs_every_stage_then_nothing(tmp_path):
     # fit: DVC metrics; report: markdown + html from this run's fits; plots render
     fits = json.loads((repo / "results/fits.json").read_text())
     assert {"early/avg", "late/avg", "early/caption", "late/text"} <= set(fits)
-    metrics = _run([*dvc, "metrics", "show"], repo, env)
+    metrics = run([*dvc, "metrics", "show"], repo, env)
     assert "early/avg.alpha" in metrics or "early/avg" in metrics
     report = (repo / "results/report.md").read_text()
     paper = fits["early/avg"]["families"]["paper"]  # Table 2 compares the paper's form
     assert f"| early/avg | this study | {paper['E']:.4g}" in report
     assert "report/figures/loss_vs_compute.png" in report
     assert (repo / "results/report.html").stat().st_size > 50_000  # figures inline
-    _run([*dvc, "plots", "show", "-o", "dvc_plots"], repo, env)
+    run([*dvc, "plots", "show", "-o", "dvc_plots"], repo, env)
     html = (repo / "dvc_plots/index.html").read_text()
     assert "loss_vs_compute.png" in html and "early_xxs.csv" in html
 
-    again = _run([*dvc, "repro"], repo, env)
+    again = run([*dvc, "repro"], repo, env)
     assert "Running stage" not in again and "up to date" in again
 
     # a params change reruns only what depends on it
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["shards"]["val_fraction"] = 0.3
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    third = _run([*dvc, "repro"], repo, env)
+    third = run([*dvc, "repro"], repo, env)
     assert "Running stage 'shards'" in third and "Running stage 'grid'" in third  # new data
     assert "Running stage 'corpus'" not in third and "Running stage 'tokenizer'" not in third
     trained = {r["point_id"]: r for r in pq.read_table(repo / "results/runs.parquet").to_pylist()}
@@ -115,7 +121,7 @@ def test_dvc_repro_in_a_fresh_checkout_runs_every_stage_then_nothing(tmp_path):
     # a new token budget reruns the grid only; it trains the new points, the others persist
     params["grid"]["tokens"].append(8192)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    fourth = _run([*dvc, "repro"], repo, env)
+    fourth = run([*dvc, "repro"], repo, env)
     assert "Running stage 'grid'" in fourth and "Running stage 'shards'" not in fourth
     grown = {r["point_id"]: r for r in pq.read_table(repo / "results/runs.parquet").to_pylist()}
     assert len(grown) == 16 and all(grown[k] == v for k, v in trained.items())
@@ -126,10 +132,10 @@ def test_dvc_repro_in_a_fresh_checkout_runs_every_stage_then_nothing(tmp_path):
     layers, discrete = repo / "model/layers.py", repo / "model/discrete.py"
     layers.write_text(layers.read_text().replace("class RMSNorm", "# normalisation\nclass RMSNorm"))
     discrete.write_text(discrete.read_text().replace("= 1 << 20", "= 1 << 21"))
-    fifth = _run([*dvc, "repro"], repo, env)
+    fifth = run([*dvc, "repro"], repo, env)
     assert "Running stage 'grid'" in fifth and "'trained': 0" in fifth
     layers.write_text(layers.read_text().replace("eps: float = 1e-5", "eps: float = 1e-6"))
-    plan = _run([sys.executable, "-m", "flows.grid", "plan"], repo, env).splitlines()
+    plan = run([sys.executable, "-m", "flows.grid", "plan"], repo, env).splitlines()
     lines = [line.split() for line in plan if len(line.split()) == 4]
     assert len(lines) == 16 and {x[3] for x in lines} == {"train"}
     assert not {x[0] for x in lines} & set(grown)

@@ -15,6 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from flows import records, supervise
+from flows.collect import collect
 from flows.devices import device_slots
 from flows.grid import grid_flow, main
 from flows.launch import Launch
@@ -22,7 +23,7 @@ from flows.plan import chains, fingerprints, plan
 from flows.tracking import Tracker
 from flows.training.loop import FAULT_ENV
 from model.ladder import SIZES
-from stages.params import Params, ParamsError, validate_params
+from stages.params import Params, ParamsError, load_params, validate_params
 from tests.flows.conftest import grid_params, write_params
 
 # SQLAlchemy deprecations inside Prefect's server and MLflow's store: not ours to fix
@@ -353,3 +354,25 @@ def test_kill9_mid_point_resumes_to_the_uninterrupted_result_with_one_run(
     assert run.data.tags["nmm.launch"] == last["parent_run_id"]
     curve = MlflowClient(mlflow_uri).get_metric_history(run.info.run_id, "train_loss")
     assert [x.step for x in curve] == list(range(1, table[target]["steps"] + 1))
+
+
+@pytest.mark.slow
+def test_collect_rebuilds_the_table_from_mlflow_alone_and_only_for_this_code(
+    reference, tiny_data, mlflow_uri, tmp_path
+):
+    """What a machine that trained none of the points does (flows/collect.py)."""
+    params = load_params(reference["params"])
+    jobs = plan(params, fingerprints(tiny_data.shards, None))
+    got = collect(jobs, "ci", mlflow_uri, tmp_path / "runs.parquet")
+    assert not got.missing and len(got.rows) == 4
+    table = by_id(tmp_path / "runs.parquet")
+    assert list(table) == [j.point_id for j in jobs]  # grid order
+    for pid, row in table.items():
+        want = reference["table"][pid]
+        assert {k: row[k] for k in (*LOSSES, "mlflow_run_id")} == {
+            k: want[k] for k in (*LOSSES, "mlflow_run_id")
+        }
+    # another recipe (or code, or data) plans other ids: nothing of this store is current
+    other = validate_params(grid_params(train={"weight_decay": 2e-4}))
+    stale = collect(plan(other, fingerprints(tiny_data.shards, None)), "ci", mlflow_uri)
+    assert stale.rows == [] and len(stale.missing) == 4
