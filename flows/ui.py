@@ -3,7 +3,7 @@
 Starts, bound to 127.0.0.1,
 - an MLflow server on the project's store (``sqlite:///<repo>/mlflow.db``, artifacts in
   ``mlruns/``, what the grid and fit stages write): the study's experiment ``nmm-<study>`` has a
-  parent run per grid and one child run per point; the fits are in ``nmm-scaling-fits`` and the
+  run per grid launch and one run per point (tag ``nmm.launch`` names the launch); the fits are in ``nmm-scaling-fits`` and the
   registered models ``scaling-law-<arch>``;
 - a Prefect server (state in ``$PREFECT_HOME``, default ``.prefect``);
 - ``python -m flows.grid serve``: the grid deployment ``nmm-grid/grid``, so that grids can be
@@ -13,7 +13,7 @@ prints their URLs and runs until Ctrl-C, then stops all three. Ports default to 
 (``--mlflow-port``, ``--prefect-port``; 0 picks free ones).
 
 The same servers on shared stores, for a team or a cluster (README "Scaling out"):
-``--store postgresql://USER@HOST/mlflow`` (MLflow's runs and registry on PostgreSQL),
+``--store postgresql+psycopg2://USER@HOST/mlflow`` (MLflow's runs and registry on PostgreSQL),
 ``--artifacts s3://BUCKET/mlflow`` (artifacts written by the MLflow server to object storage:
 clients upload through it and need no storage credentials; ``MLFLOW_S3_ENDPOINT_URL`` and the
 ``AWS_*`` variables of this environment reach the bucket), ``--prefect-db
