@@ -65,15 +65,17 @@ def branched_flops(ok: pd.DataFrame) -> tuple[float, float]:
 
 
 def last_launch(study: str, uri: str | None) -> tuple[dict, set[str]] | None:
-    """The metrics of the last finished launch run of the study in MLflow, and the point ids
-    of the point runs it trained (tag ``nmm.launch``)."""
+    """The metrics of the last finished launch run of the study in MLflow that trained points
+    (a rerun that skipped every point measures nothing), and the point ids of the point runs
+    it trained (tag ``nmm.launch``)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from flows.tracking import LAUNCH_TAG, Tracker
 
     tracker = Tracker(study, uri)
     runs = tracker.client.search_runs(
         [tracker.experiment_id],
-        "tags.`nmm.kind` = 'launch' and metrics.`launch/wall_s` > 0",
+        "tags.`nmm.kind` = 'launch' and metrics.`launch/wall_s` > 0 "
+        "and metrics.`launch/trained` > 0",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
@@ -92,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default="results/runs.parquet")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--tracking-uri", default=None, help="default: the grid's (flows/tracking.py)")
+    ap.add_argument("--also-ceiling", type=float, default=None, metavar="GFLOPS",
+                    help="also print the utilization against this ceiling (another machine's, "
+                         "e.g. 38 for the one the throughput issue measured)")  # fmt: skip
     args = ap.parse_args(argv)
 
     from stages.params import load_params
@@ -125,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     util = done / (capacity * ceiling)
     print(f"UTILIZATION: {util:.1%} = FLOPs done / ({wall:.0f} s wall x {workers:.0f} workers x "
           f"ceiling)")  # fmt: skip
+    if args.also_ceiling:
+        other = done / (capacity * args.also_ceiling * 1e9)
+        print(f"  against a {args.also_ceiling:g} GFLOP/s ceiling: {other:.1%}")
     steps = mine.time_steps_s.sum()
     print(f"inside training steps: {done / steps / 1e9:.1f} GFLOP/s per worker "
           f"({done / steps / ceiling:.0%} of the ceiling)\n")  # fmt: skip

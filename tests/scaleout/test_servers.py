@@ -178,3 +178,19 @@ def test_with_auth_a_request_without_credentials_is_refused_and_the_grid_with_th
         out = refused.stdout + refused.stderr
         assert refused.returncode != 0 and ("401" in out or "Unauthorized" in out), out[-2000:]
         assert not (tmp_path / "other" / "runs.parquet").exists()
+
+
+@pytest.mark.scaleout
+def test_servers_refuse_to_leave_loopback_without_auth_or_credentials(tmp_path, monkeypatch):
+    """Checked before anything starts: no server process is spawned."""
+    open_ = Servers(free_port(), free_port(), "sqlite:///x.db", tmp_path / "a", tmp_path / "p",
+                    tmp_path / "logs", bind="0.0.0.0")  # fmt: skip
+    with pytest.raises(RuntimeError, match="requires --auth"):
+        open_.start()
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING"):
+        monkeypatch.delenv(k, raising=False)
+    locked = Servers(free_port(), free_port(), "sqlite:///x.db", tmp_path / "a", tmp_path / "p",
+                     tmp_path / "logs", auth=True)  # fmt: skip
+    with pytest.raises(RuntimeError, match="MLFLOW_TRACKING_USERNAME"):
+        locked.start()
+    assert open_.procs == {} and locked.procs == {}
