@@ -16,7 +16,6 @@ import argparse
 import base64
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,27 +27,10 @@ from pathlib import Path
 from mlflow import MlflowClient
 from websockets.sync.client import connect
 
-ROOT = Path(__file__).resolve().parents[1]
+from flows.ui import ROOT, free_port, wait_http
+
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
 COLUMNS = ["final/loss_avg", "final/N", "final/D", "final/C"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=5).read()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 class Page:
@@ -169,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            wait_http(f"{base}/health")
-            wait_http(f"http://127.0.0.1:{cdp}/json/version")
+            wait_http(f"{base}/health", 120, server)
+            wait_http(f"http://127.0.0.1:{cdp}/json/version", 120, browser)
             [tab] = [t for t in json.load(urllib.request.urlopen(f"http://127.0.0.1:{cdp}/json"))
                      if t["type"] == "page"][:1]  # fmt: skip
             page = Page(tab["webSocketDebuggerUrl"])

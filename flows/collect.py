@@ -59,7 +59,8 @@ def collect(jobs: list[Job], study: str, uri: str | None, out: Path | None = Non
             if rec.get("point_id") != job.point_id or rec.get("code_fingerprint") != job.code:
                 raise ValueError(
                     f"MLflow run {run.info.run_id} is tagged point {job.point_id} but its "
-                    f"record is point {rec.get('point_id')} (code {rec.get('code_fingerprint')})"
+                    f"record is point {rec.get('point_id')} (code {rec.get('code_fingerprint')}); "
+                    "nothing written"
                 )
             found.rows.append({**rec, "mlflow_run_id": run.info.run_id})
     if out is not None:

@@ -270,7 +270,11 @@ def collect_runs(args: argparse.Namespace) -> int:
     cb = _resolve(args.codebook)
     jobs = plan(params, fingerprints(_resolve(args.shards), cb if cb.exists() else None))
     out = Path(args.out) if args.out else _resolve(args.results) / "runs.parquet"
-    got = collect(jobs, params.grid.study, args.tracking_uri, out)
+    try:
+        got = collect(jobs, params.grid.study, args.tracking_uri, out)
+    except ValueError as e:  # a run whose record is another point's: the store is inconsistent
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for job in got.missing:
         print(f"missing: {job.point_id}  {job.label}", file=sys.stderr)
     print(f"{got.summary}; wrote {out}")

@@ -63,6 +63,11 @@ def _lse(*terms: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     return m + np.log(s), [e / s for e in ex]
 
 
+# fit.init's list that seeds each coordinate (smooth_min's log N_c, log D_c take a's and b's)
+INIT = {"a": "a", "b": "b", "e": "e", "alpha": "alpha", "beta": "beta", "gamma": "alpha",
+        "n": "a", "d": "b"}  # fmt: skip
+
+
 class Family:
     """One law family (see the module docstring); subclasses define the form."""
 
@@ -70,7 +75,7 @@ class Family:
     coords: tuple[str, ...] = ()
     needs_floor = False
     description = ""
-    pair: tuple[int, ...] = ()  # coordinates of the exponents: starts are kept per their values
+    pair: tuple[int, ...] = ()  # coordinates of the exponents (alpha, beta; shared: one)
 
     @property
     def n_params(self) -> int:
@@ -83,11 +88,17 @@ class Family:
 
     def grid(self, fit: FitParams) -> np.ndarray:
         """The start grid, every combination of ``fit.init``'s values (uncentred theta)."""
-        raise NotImplementedError
+        values = (getattr(fit.init, INIT[c]) for c in self.coords)
+        return np.array(list(itertools.product(*values)), float)
 
     def shift(self, theta: np.ndarray, mu_n: float, mu_d: float, sign: float) -> np.ndarray:
-        """theta for centred data (sign -1) or back (sign +1); the data centre is (mu_n, mu_d)."""
-        raise NotImplementedError
+        """theta for centred data (sign -1) or back (sign +1); the data centre is (mu_n, mu_d).
+        Additive forms: log A and log B move by their exponent (coordinates ``pair``) times
+        the centre."""
+        out = theta.copy()
+        out[..., 0] += sign * theta[..., self.pair[0]] * mu_n
+        out[..., 1] += sign * theta[..., self.pair[-1]] * mu_d
+        return out
 
     def law(self, theta: np.ndarray, log_floor: float | None) -> Law | SmoothMinLaw:
         raise NotImplementedError
@@ -103,16 +114,6 @@ class Paper(Family):
         J = np.stack([w1, w2, w3, -w1 * x, -w2 * y], axis=-1)
         return lp, J
 
-    def grid(self, fit):
-        i = fit.init
-        return np.array(list(itertools.product(i.a, i.b, i.e, i.alpha, i.beta)), float)
-
-    def shift(self, theta, mu_n, mu_d, sign):
-        out = theta.copy()
-        out[..., 0] += sign * theta[..., 3] * mu_n
-        out[..., 1] += sign * theta[..., 4] * mu_d
-        return out
-
     def law(self, theta, log_floor):
         a, b, e, al, be = (float(v) for v in theta)
         with np.errstate(over="ignore"):  # a degenerate fit (a term switched off) gives inf
@@ -127,16 +128,6 @@ class Shared(Family):
         a, b, e, g = (theta[:, i, None] for i in range(4))
         lp, (w1, w2, w3) = _lse(a - g * x, b - g * y, np.broadcast_to(e, (len(theta), len(x))))
         return lp, np.stack([w1, w2, w3, -w1 * x - w2 * y], axis=-1)
-
-    def grid(self, fit):
-        i = fit.init
-        return np.array(list(itertools.product(i.a, i.b, i.e, i.alpha)), float)
-
-    def shift(self, theta, mu_n, mu_d, sign):
-        out = theta.copy()
-        out[..., 0] += sign * theta[..., 3] * mu_n
-        out[..., 1] += sign * theta[..., 3] * mu_d
-        return out
 
     def law(self, theta, log_floor):
         a, b, e, g = (float(v) for v in theta)
@@ -154,16 +145,6 @@ class Floor(Family):
         e = np.full((len(theta), len(x)), log_floor)
         lp, (w1, w2, _) = _lse(a - al * x, b - be * y, e)
         return lp, np.stack([w1, w2, -w1 * x, -w2 * y], axis=-1)
-
-    def grid(self, fit):
-        i = fit.init
-        return np.array(list(itertools.product(i.a, i.b, i.alpha, i.beta)), float)
-
-    def shift(self, theta, mu_n, mu_d, sign):
-        out = theta.copy()
-        out[..., 0] += sign * theta[..., 2] * mu_n
-        out[..., 1] += sign * theta[..., 3] * mu_d
-        return out
 
     def law(self, theta, log_floor):
         a, b, al, be = (float(v) for v in theta)
@@ -190,11 +171,7 @@ class SmoothMin(Family):
         lp = np.where(ok, lp, np.inf)  # beta <= 0: not a law of this family
         return lp, J
 
-    def grid(self, fit):
-        i = fit.init  # a and b's values serve as log N_c and log D_c
-        return np.array(list(itertools.product(i.a, i.b, i.e, i.alpha, i.beta)), float)
-
-    def shift(self, theta, mu_n, mu_d, sign):
+    def shift(self, theta, mu_n, mu_d, sign):  # N_c, D_c scale with the data, not by an exponent
         out = theta.copy()
         out[..., 0] += sign * mu_n
         out[..., 1] += sign * mu_d

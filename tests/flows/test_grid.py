@@ -376,3 +376,23 @@ def test_collect_rebuilds_the_table_from_mlflow_alone_and_only_for_this_code(
     other = validate_params(grid_params(train={"weight_decay": 2e-4}))
     stale = collect(plan(other, fingerprints(tiny_data.shards, None)), "ci", mlflow_uri)
     assert stale.rows == [] and len(stale.missing) == 4
+
+
+def test_collect_refuses_a_run_whose_record_is_another_points(tiny_data, tmp_path):
+    """A store where a run tagged with a planned id carries another point's record is
+    inconsistent: an error naming the run, no table written; unplanned runs are missing."""
+    params = validate_params(grid_params())
+    jobs = plan(params, fingerprints(tiny_data.shards, None))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker("ci", uri)
+    run_id = tracker.start_point("x", jobs[0].point_id, {"arch": "early"}, {})
+    record = tmp_path / "record.json"
+    record.write_text(json.dumps({"point_id": "someone-else", "code_fingerprint": jobs[0].code}))
+    tracker.client.log_artifact(run_id, str(record))
+    tracker.client.set_terminated(run_id, "FINISHED")
+    out = tmp_path / "runs.parquet"
+    with pytest.raises(ValueError, match=f"run {run_id} is tagged point {jobs[0].point_id}"):
+        collect(jobs, "ci", uri, out)
+    assert not out.exists()
+    got = collect(jobs[1:], "ci", uri, out)  # the others have no run: missing, not invented
+    assert got.rows == [] and len(got.missing) == len(jobs) - 1

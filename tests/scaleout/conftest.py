@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -21,14 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from flows.ui import free_port
+
 PG_USER, PG_PASSWORD = "nmm", "nmm-test-password"
 S3_KEY, S3_SECRET, S3_REGION = "testing", "testing", "us-east-1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pg_bin(name: str) -> str:

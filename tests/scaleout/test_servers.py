@@ -22,18 +22,12 @@ from flows.ui import ROOT, Servers, free_port
 from stages.fit import run_fit
 from stages.params import validate_params
 from tests.flows.conftest import grid_params, write_params
+from tests.flows.test_ui import _json
 
 GRID = {"archs": ["early"], "sizes": ["xxs", "xs"], "tokens": [2048, 4096, 6144],
         "study": "servers"}  # fmt: skip
 LOSSES = ("loss_avg", "loss_caption", "loss_interleaved", "loss_text", "N", "D", "C")
 STORE_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL")
-
-
-def _post(url: str, body: dict) -> list | dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})  # fmt: skip
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
 
 
 @pytest.mark.scaleout
@@ -101,9 +95,9 @@ def test_a_grid_and_a_fit_go_through_servers_on_postgresql_and_s3(
             assert r["mlflow_run_id"] == local[r["point_id"]]["mlflow_run_id"]
 
         # Prefect, on PostgreSQL: the grid's flow run and one task run per point
-        flows = _post(f"{servers.prefect_api}/flow_runs/filter", {})
+        flows = _json(f"{servers.prefect_api}/flow_runs/filter", {})
         [flow] = [f for f in flows if f["flow_id"] and f["state"]["type"] == "COMPLETED"]
-        tasks = _post(f"{servers.prefect_api}/task_runs/filter",
+        tasks = _json(f"{servers.prefect_api}/task_runs/filter",
                       {"flow_runs": {"id": {"any_": [flow["id"]]}}})  # fmt: skip
         assert sum(t["name"].startswith("early-") for t in tasks) == 6
         assert int(postgres.psql("SELECT count(*) FROM flow_run", db="prefect")) == 1
