@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install browser postgres repro test lint bench clean-data serve ui screenshots mlflow-view
+.PHONY: install browser postgres repro test lint bench clean-data serve ui screenshots mlflow-view pool
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -66,6 +66,12 @@ serve: install
 	  2>/dev/null || { echo "no Prefect server at $(PREFECT_SERVER): start one with" \
 	  "'$(BIN)/prefect server start --host 127.0.0.1'"; exit 1; }
 	PREFECT_API_URL=$(PREFECT_SERVER) $(BIN)/python -m flows.grid serve
+
+# A local Prefect work pool with WORKERS workers (README "Scaling out"); needs the servers
+# (`make ui` in another terminal) and PREFECT_API_URL / MLFLOW_TRACKING_URI exported; Ctrl-C stops
+WORKERS ?= 2
+pool: install
+	$(BIN)/python -m flows.pool up --pool local --workers $(WORKERS)
 
 clean-data:
 	rm -rf data results

@@ -23,6 +23,10 @@ has to be started first; its settings for this project (home ``.prefect/``, no a
 start-up timeout for a loaded laptop) are in prefect.toml, which Prefect reads from the
 working directory. ``python -m flows.grid serve`` registers a deployment
 (``flow.serve``) so grids can be started and scheduled from the Prefect UI with parameters.
+
+With ``grid.work_pool`` set, the points are not trained here: each chain is a flow run on that
+Prefect work pool, run by its workers on any machine (flows/pool.py), and runs.parquet is written
+from the MLflow store.
 """
 
 from __future__ import annotations
@@ -49,11 +53,12 @@ from flows import records
 from flows.collect import collect
 from flows.devices import device_slots
 from flows.launch import Launch, Recorder, exclusive
-from flows.plan import CODE, Job, chains, fingerprints, plan
+from flows.plan import CODE, Fingerprints, Job, chains, fingerprints, plan
+from flows.pool import run_on_pool
 from flows.supervise import train_process
 from flows.tracking import Tracker
 from stages.common.provenance import git_revision
-from stages.params import ParamsError, load_params
+from stages.params import Params, ParamsError, load_params
 
 
 @task(name="train-point", task_run_name="{label}", cache_policy=NO_CACHE, retry_delay_seconds=2)
@@ -170,6 +175,9 @@ def grid_flow(
     cb = cb if cb.exists() else None
     fp = fingerprints(shards_dir, cb)
     jobs = plan(params, fp)
+    if params.grid.work_pool:
+        paths = {"shards": shards, "codebook": codebook, "results": results}
+        return _on_pool(params, params_file, jobs, cb, fp, tracking_uri, paths)
     slots = device_slots(params)
 
     with exclusive(results_dir):
@@ -245,6 +253,59 @@ def grid_flow(
         "experiment": tracker.experiment,
         "parent_run_id": tracker.parent_id,
     }
+
+
+def _on_pool(
+    params: Params, params_file: Path, jobs: list[Job], cb: Path | None, fp: Fingerprints,
+    tracking_uri: str | None, paths: dict[str, str],
+) -> dict[str, Any]:  # fmt: skip
+    """``grid.work_pool``: every chain not yet in the MLflow store is a flow run on the pool
+    (flows/pool.py); runs.parquet is written from the store."""
+    logger = get_run_logger()
+    t0 = time.monotonic()
+    pool, study = params.grid.work_pool, params.grid.study
+    results_dir = _resolve(paths["results"])
+    with exclusive(results_dir):
+        tracker = Tracker(study, tracking_uri)
+        rev = str(git_revision(paths=CODE))
+        launch = Launch(params, params_file, _resolve(paths["shards"]), cb, results_dir, fp, rev,
+                        tracker)  # fmt: skip
+        done = {r["point_id"] for r in collect(jobs, study, tracker.uri).rows
+                if r.get("status") == "ok"}  # fmt: skip
+        todo = [j for j in jobs if j.point_id not in done]
+        ready = chains(todo, params.train.branch_cooldowns)
+        _start_launch(launch, jobs, todo)
+        logger.info(
+            "grid '%s': %d points, %d already in MLflow, %d to train in %d chain(s) on work "
+            "pool '%s'; MLflow %s, experiment %s", study, len(jobs), len(done), len(todo),
+            len(ready), pool, tracker.uri, tracker.experiment,
+        )  # fmt: skip
+        bar = tqdm(total=len(jobs), initial=len(done), desc="grid", unit="point")
+        ok, outcome = False, {}
+        try:
+            outcome = run_on_pool(ready, launch, pool, {**paths, "tracking_uri": tracker.uri},
+                                  on_done=lambda chain, _: bar.update(len(chain)))  # fmt: skip
+            ok = True
+        finally:
+            bar.close()
+            table = results_dir / "runs.parquet"
+            got = collect(jobs, study, tracker.uri, table)
+            summary = {
+                "points": len(jobs),
+                "skipped": len(done),
+                "trained": len(todo),
+                "ok": sum(r.get("status") == "ok" for r in got.rows),
+                "failed": sum(r.get("status") != "ok" for r in got.rows) + len(got.missing),
+                "wall_s": round(time.monotonic() - t0, 3),
+                "chains": len(ready),
+                "resubmitted": sum(o["attempts"] - 1 for o in outcome.values()),
+            }
+            tracker.end_launch({f"launch/{k}": float(v) for k, v in summary.items()}, [table], ok)
+    for job in got.missing:
+        logger.warning("%s (%s): no record in MLflow", job.label, job.point_id)
+    logger.info("grid done: %s", summary)
+    return {**summary, "runs": str(table), "tracking_uri": tracker.uri,
+            "experiment": tracker.experiment, "parent_run_id": tracker.parent_id}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- CLI

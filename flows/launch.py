@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flows import records
-from flows.plan import Fingerprints, Job
+from flows.plan import Fingerprints, Job, for_point, moe_fields
 from flows.tracking import Tracker, flatten
 from model.archs import variant
 from stages.params import Params
@@ -69,6 +69,9 @@ class Launch:
             "tokens": str(p.tokens),
             "mixture": p.mixture,
             "seed": str(p.seed),
+            **({"experts": str(p.experts)} if p.experts is not None else {}),
+            # the pool worker that trains it (flows/pool.py)
+            **({"worker": os.environ["NMM_WORKER"]} if os.environ.get("NMM_WORKER") else {}),
             "group_id": job.group_id,
             "code_fingerprint": job.code,
             "git_revision": self.git_revision,
@@ -76,7 +79,7 @@ class Launch:
 
     def point_params(self, job: Job) -> dict[str, Any]:
         """Everything the point's result depends on, flattened (MLflow params)."""
-        params = self.params
+        params = for_point(job.point, self.params)
         return flatten(
             {
                 "point": job.point.to_dict(),
@@ -94,10 +97,13 @@ class Launch:
 class Recorder:
     """The records of one launch: record.json, runs.parquet and the points' MLflow runs."""
 
-    def __init__(self, jobs: list[Job], launch: Launch):
+    def __init__(self, jobs: list[Job], launch: Launch, table: bool = True):
+        """``table``: keep runs.parquet (not on a pool worker: the grid flow writes it from
+        MLflow)."""
         self.jobs, self.launch = jobs, launch
         self.rows: dict[str, dict[str, Any]] = {}
         self.table = launch.results / "runs.parquet"
+        self.keep_table = table
 
     def start(self, job: Job) -> str:
         """The point's MLflow run (created once, reused by retries and later launches)."""
@@ -114,8 +120,9 @@ class Recorder:
             self.start(job)
             self.finish(job, rec, {})
             return
-        row = {**rec, "mlflow_run_id": tracker.run_id(job.point_id)}
-        if rec.get("mlflow_run_id") != row["mlflow_run_id"]:
+        row = {**rec, **moe_fields(job.point, self.launch.params),
+               "mlflow_run_id": tracker.run_id(job.point_id)}  # fmt: skip
+        if row != rec:
             records.write_record(self.launch.results, job.point_id, row)
         self.rows[job.point_id] = row
 
@@ -123,7 +130,7 @@ class Recorder:
         """A point that ended: record.json (+ its run id), its MLflow run ends, runs.parquet."""
         results, tracker = self.launch.results, self.launch.tracker
         run_id = tracker.run_id(job.point_id)
-        rec = {**rec, "mlflow_run_id": run_id}
+        rec = {**rec, **moe_fields(job.point, self.launch.params), "mlflow_run_id": run_id}
         for key in ("process", "mlflow_start", "mlflow_stream"):  # the grid's side of it
             if f"{key}_seconds" in system:
                 rec[f"time_{key}_s"] = system[f"{key}_seconds"]
@@ -137,6 +144,8 @@ class Recorder:
 
     def write(self) -> None:
         """runs.parquet: the finished points of the current grid, in grid order."""
+        if not self.keep_table:
+            return
         rows = [self.rows[j.point_id] for j in self.jobs if j.point_id in self.rows]
         records.write_table(rows, self.table)
 

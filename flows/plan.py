@@ -4,7 +4,7 @@
 tokens, a stable order); :func:`plan` gives each its id and group id; :func:`chains` orders the
 points that share a trunk. ``python -m flows.grid plan`` prints the plan without training.
 
-**Identity.** A point's id covers its coordinates (arch, size, tokens, mixture, seed), the params that reach
+**Identity.** A point's id covers its coordinates (arch, size, tokens, mixture, seed, expert count), the params that reach
 its training (``model`` settings its variant uses, ``train`` minus cadence and threads, the
 context length, its mixture), the data (the shards' manifest, and the codebook for discrete
 variants), and **the code** that turns them into numbers (:data:`CODE`). A record whose id
@@ -75,32 +75,59 @@ NOT_IN_ID = ("threads", "eval_every_tokens", "checkpoint_every_steps", "branch_c
 
 @dataclass(frozen=True)
 class Point:
-    """One grid point's coordinates."""
+    """One grid point's coordinates. ``experts``: the MoE expert count when the grid sweeps it
+    (``grid.experts``); None means ``model.n_experts`` (and leaves the id as it was before the
+    sweep existed)."""
 
     arch: str  # a variant name (model/archs.py)
     size: str  # a ladder size name (model/ladder.py)
     tokens: int  # D: decoder tokens to train on
     mixture: str  # a key of params.grid.mixtures
     seed: int
+    experts: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["experts"] is None:
+            del d["experts"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Point:
-        return cls(**{k: d[k] for k in ("arch", "size", "tokens", "mixture", "seed")})
+        return cls(**{k: d[k] for k in ("arch", "size", "tokens", "mixture", "seed")},
+                   experts=d.get("experts"))  # fmt: skip
 
     @property
     def label(self) -> str:
-        return f"{self.arch}-{self.size}-D{self.tokens}-{self.mixture}-s{self.seed}"
+        arch = self.arch if self.experts is None else f"{self.arch}-e{self.experts}"
+        return f"{arch}-{self.size}-D{self.tokens}-{self.mixture}-s{self.seed}"
 
 
 def expand_grid(params: Params) -> list[Point]:
     g = params.grid
     return [
-        Point(a, s, t, m, seed)
-        for a, s, m, seed, t in product(g.archs, g.sizes, g.mixtures, g.seeds, sorted(g.tokens))
+        Point(a, s, t, m, seed, e)
+        for a in g.archs
+        for e in (g.experts if g.experts and variant(a).moe else [None])
+        for s, m, seed, t in product(g.sizes, g.mixtures, g.seeds, sorted(g.tokens))
     ]
+
+
+def for_point(point: Point, params: Params) -> Params:
+    """The params ``point`` trains with: ``model.n_experts`` is its expert count if it has one."""
+    if point.experts is None or point.experts == params.model.n_experts:
+        return params
+    model = params.model.model_copy(update={"n_experts": point.experts})
+    return params.model_copy(update={"model": model})
+
+
+def moe_fields(point: Point, params: Params) -> dict[str, Any]:
+    """The runs-table fields of a MoE point's experts (none for a dense one): ``n_experts``,
+    ``top_k`` and the sparsity S = 1 - top_k / n_experts (Abnar et al. 2025)."""
+    if not variant(point.arch).moe:
+        return {}
+    m = for_point(point, params).model
+    return {"n_experts": m.n_experts, "top_k": m.top_k, "sparsity": 1.0 - m.top_k / m.n_experts}
 
 
 # --------------------------------------------------------------------------- identity
@@ -184,11 +211,14 @@ def _hash(obj: Any) -> str:
 def identity(point: Point, params: Params, fp: Fingerprints) -> dict[str, Any]:
     """Everything that decides the numbers of ``point``."""
     v = variant(point.arch)
-    model = params.model.model_dump()
+    model = for_point(point, params).model.model_dump()
     used = [*(MOE_KEYS if v.moe else ()), *(("enc_lr_mult",) if v.base == "late" else ())]
     train = {k: x for k, x in params.train.model_dump().items() if k not in NOT_IN_ID}
+    coords = point.to_dict()
+    coords.pop("experts", None)  # it is model.n_experts below: the 8-expert point of a sweep
+    # is the point of a grid without one
     return {
-        "point": point.to_dict(),
+        "point": coords,
         "mixture": params.grid.mixtures[point.mixture].as_dict(),
         "model": {k: model[k] for k in used},
         "train": train,

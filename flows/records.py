@@ -35,6 +35,9 @@ COLUMNS: dict[str, pa.DataType] = {
     "arch_base": STR,  # early | late | discrete
     "moe": BOOL,
     "modality_aware": BOOL,
+    "n_experts": INT,  # MoE: experts per layer (grid.experts or model.n_experts), else None
+    "top_k": INT,  # MoE: experts per token
+    "sparsity": FLOAT,  # MoE: S = 1 - top_k / n_experts (Abnar et al. 2025)
     "size": STR,  # ladder size name
     "width": INT,
     "depth": INT,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from flows.plan import Point
+from flows.plan import Point, for_point
 from flows.training.point import PlanMismatch, train_point
 from stages.common.stage import setup_logging
 from stages.params import ParamsError, load_params
@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n")[-1],
     )
-    ap.add_argument("--point", required=True, help="JSON: arch, size, tokens, mixture, seed")
+    ap.add_argument(
+        "--point", required=True, help="JSON: arch, size, tokens, mixture, seed[, experts]"
+    )
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--shards", default="data/shards")
     ap.add_argument("--codebook", default="data/codebook/codebook.pt")
@@ -40,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     startup = time.time() - psutil.Process().create_time()  # interpreter + imports
     setup_logging()
     try:
-        params = load_params(args.params)
         point = Point.from_dict(json.loads(args.point))
+        params = for_point(point, load_params(args.params))
         codebook = Path(args.codebook) if Path(args.codebook).exists() else None
         rec = train_point(
             point,

@@ -22,6 +22,7 @@ from stages.data.shard_format import text_floors
 from stages.params import FAMILY_NAMES, REPO_PARAMS, FitParams, ParamsError, load_params
 from stages.scaling.fit import FitError, TargetFit, fit_table, load_runs, write_metrics
 from stages.scaling.law import law_from_entry
+from stages.scaling.sparsity import fit_sparsity_table
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,20 @@ def run_fit(
     plot_data: str | Path | None = None,
     floors: dict[str, float] | None = None,
     mixtures: dict[str, dict[str, float]] | None = None,
+    sparsity_out: str | Path | None = None,
 ) -> dict[str, TargetFit]:
-    """The whole stage: read runs, fit every target, write fits.json, figures, MLflow records."""
-    fits = fit_table(load_runs(runs_path), fit, seed, floors, mixtures)
+    """The whole stage: read runs, fit every target, write fits.json, figures, MLflow records;
+    with ``sparsity_out``, the sparsity-aware MoE laws there ({} unless the grid swept the
+    expert count)."""
+    table = load_runs(runs_path)
+    fits = fit_table(table, fit, seed, floors, mixtures)
     write_metrics(fits, out)
     log.info("wrote %s (%d fits)", out, len(fits))
+    sparse = {}
+    if sparsity_out is not None:
+        sparse = fit_sparsity_table(table, fit, seed)
+        write_metrics(sparse, sparsity_out)
+        log.info("wrote %s (%d sparsity-aware laws)", sparsity_out, len(sparse))
     files = None
     if plots is not None:
         from stages.scaling.plots import write_plots  # matplotlib only when asked
@@ -49,7 +59,8 @@ def run_fit(
     if use_mlflow:
         from stages.scaling.tracking import log_fits  # mlflow only when asked
 
-        log_fits(fits, fit, plot_files=files, runs_path=runs_path, fits_path=out)
+        extra = [sparsity_out] if sparse else []
+        log_fits(fits, fit, plot_files=files, runs_path=runs_path, fits_path=out, extra=extra)
     return fits
 
 
@@ -125,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the shards' info.json (or its directory): the corpus's floor per target, for the "
         "floor family",
     )
+    ap.add_argument(
+        "--sparsity",
+        default=None,
+        help="also fit the sparsity-aware MoE law (paper Table 12) across expert counts and "
+        "write it here (JSON; {} when the runs have one expert count per arch)",
+    )
     ap.add_argument("--no-mlflow", action="store_true", help="do not log or register in MLflow")
     args = ap.parse_args(argv)
     try:
@@ -143,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         mixtures = {k: m.as_dict() for k, m in params.grid.mixtures.items()}
         run_fit(
             args.runs, args.out, fit, params.seed, args.plots, not args.no_mlflow,
-            args.plot_data, floors, mixtures,
+            args.plot_data, floors, mixtures, args.sparsity,
         )  # fmt: skip
     except (ParamsError, FitError) as e:
         log.error("%s", e)

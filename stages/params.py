@@ -202,13 +202,19 @@ class GridParams(Strict):
     tokens: list[PosInt] = Field(min_length=1)
     mixtures: dict[str, Mixture]
     seeds: list[NonNegInt] = Field(min_length=1)
+    # MoE archs: one point per expert count (None: model.n_experts only); the sparsity-aware
+    # law (stages/scaling/sparsity.py) is fitted when there are several
+    experts: list[Annotated[int, Field(ge=2)]] | None = Field(min_length=1)
     workers: PosInt  # grid points trained at once (one process each)
     retries: NonNegInt
+    # None: train here (grid.workers processes); a name: each chain is a flow run on that
+    # Prefect work pool (flows/pool.py), its workers on any machine
+    work_pool: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] | None
 
     @model_validator(mode="after")
     def _unique(self) -> GridParams:
-        for name in ("archs", "sizes", "tokens", "seeds"):
-            values = getattr(self, name)
+        for name in ("archs", "sizes", "tokens", "seeds", "experts"):
+            values = getattr(self, name) or []
             if len(set(values)) != len(values):
                 raise ValueError(f"{name} has duplicates: {values}")
         if not self.mixtures:
@@ -341,6 +347,16 @@ class Params(Strict):
                 f"data.context_length={self.data.context_length} cannot hold one image of "
                 f"{self.shards.image_tokens} tokens: allowed >= {need}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _experts_fit_top_k(self) -> Params:
+        for n in self.grid.experts or []:
+            if self.model.top_k > n // 2:
+                raise ValueError(
+                    f"grid.experts has {n}: with model.top_k={self.model.top_k} every count must "
+                    f"be >= {2 * self.model.top_k} (modality-aware MoE splits the experts in two)"
+                )
         return self
 
 

@@ -33,7 +33,13 @@ from stages.common.stage import fresh_dir, setup_logging
 from stages.data.shard_format import text_floors
 from stages.reporting import figures as figs
 from stages.reporting.document import render_markdown, to_html
-from stages.reporting.evidence import ReportError, equal_compute_table, load_inputs, routings
+from stages.reporting.evidence import (
+    ReportError,
+    equal_compute_table,
+    load_inputs,
+    load_sparsity,
+    routings,
+)
 from stages.reporting.findings import findings
 from stages.reporting.health import health_tables
 
@@ -75,7 +81,8 @@ def run_report(results: str | Path = "results", shards: str | Path = "data/shard
     found = findings(runs, fits)
     value = text_floors(shards, "image_value_nats_per_token")
     health = health_tables(runs, fits, floor)
-    md = render_markdown(results, runs, fits, floor, found, figures, why, eq, value, health)
+    md = render_markdown(results, runs, fits, floor, found, figures, why, eq, value, health,
+                         load_sparsity(results))  # fmt: skip
     (results / "report.md").write_text(md)
     (results / "report.html").write_text(to_html(md, results))
     (out / "findings.json").write_text(json.dumps([f.__dict__ for f in found], indent=1))

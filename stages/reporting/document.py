@@ -114,6 +114,30 @@ def mixtures_table(fits: dict) -> dict[str, Any] | None:
             "rows": rows}  # fmt: skip
 
 
+def sparsity_table(sparse: dict) -> dict[str, Any] | None:
+    """The sparsity-aware MoE law per MoE arch (avg loss): its exponents, how well it
+    predicts, and what the most experts buy over the fewest; None without a sweep of experts."""
+    rows = []
+    for key, f in sorted(sparse.items()):
+        if not key.endswith("/avg"):
+            continue
+        boot = (f.get("bootstrap") or {}).get("more_experts_rel") or {}
+        ci = (f" [{boot['low']:+.1%}, {boot['high']:+.1%}]"
+              if boot.get("low") is not None else "")  # fmt: skip
+        rows.append([key.split("/")[0], ", ".join(str(n) for n in f["n_experts"]),
+                     str(f["n_points"]),
+                     " / ".join(_num(f.get(k), ".3g") for k in ("alpha", "beta", "gamma")),
+                     " / ".join(_num(f.get(k), ".3g") for k in ("lambda", "delta")),
+                     _num(f.get("fit_mre"), ".2%"), _num(f.get("heldout_mre"), ".2%"),
+                     _num(f.get("loso_experts_mre"), ".2%"),
+                     f"{f['more_experts_rel']:+.2%}{ci}"])  # fmt: skip
+    if not rows:
+        return None
+    header = ["arch", "experts", "runs", "α / β / γ", "λ / δ", "fit error", "held-out error",
+              "leave-one-count-out error", "most vs fewest experts"]  # fmt: skip
+    return {"header": header, "rows": rows}
+
+
 def image_use_table(runs: pd.DataFrame, value: dict[str, float]) -> dict[str, Any] | None:
     """What each arch's largest run gets from the images: its loss with every image blanked
     minus its loss with them, per image kind, beside what the images are worth (the corpus's
@@ -179,6 +203,7 @@ def render_markdown(
     eq: pd.DataFrame,
     image_value: dict[str, float] | None = None,
     health: dict[str, Any] | None = None,
+    sparse: dict | None = None,
 ) -> str:
     """results/report.md (templates/report.md.j2) from this run's inputs and figures."""
     archs = list(dict.fromkeys(runs.arch))
@@ -218,6 +243,7 @@ def render_markdown(
         fits_table=fits_table(fits, floor),
         families=families_table(fits),
         mixtures=mixtures_table(fits),
+        sparsity=sparsity_table(sparse or {}),
         image_use=image_use_table(runs, image_value or {}),
         health=health,
     )

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from stages.data.kinds import TARGETS
+from stages.scaling.fit import split_experts
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,14 @@ def load_inputs(results: Path) -> tuple[pd.DataFrame, dict]:
     runs = runs[runs.status == "ok"].copy()
     if runs.empty:
         raise ReportError(f"{runs_path} has no run with status ok")
+    split_experts(runs)  # a sweep's expert counts are archs of their own, as in fits.json
     return runs, json.loads(fits_path.read_text())
+
+
+def load_sparsity(results: Path) -> dict:
+    """The sparsity-aware MoE laws (results/sparsity.json; {} without a sweep of experts)."""
+    path = results / "sparsity.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def routings(points: Path, runs: pd.DataFrame) -> dict[str, dict]:

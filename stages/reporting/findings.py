@@ -96,15 +96,29 @@ def _compare(runs, a, b, claim, source, target="avg", subset=None) -> Finding:
                    effect, low, high, f"({a} − {b}) / {b}", decide)  # fmt: skip
 
 
+def moe_name(runs: pd.DataFrame, arch: str) -> str:
+    """The runs' name of MoE arch ``arch``: itself, or with a sweep of expert counts (archs
+    ``<arch>-e<n>``) the paper's 8 experts if swept, else the most experts."""
+    names = set(runs.arch)
+    if arch in names or "moe_arch" not in runs.columns:
+        return arch
+    swept = runs[runs.moe_arch == arch]
+    counts = sorted({int(n) for n in swept.n_experts.dropna()})
+    if not counts:
+        return arch
+    return f"{arch}-e{8 if 8 in counts else counts[-1]}"
+
+
 def findings(runs: pd.DataFrame, fits: dict) -> list[Finding]:
     out = []
+    moe, aware = moe_name(runs, "early-moe"), moe_name(runs, "early-moe-aware")
     smallest = lambda m: m[m["N"] == m["N"].min()]  # noqa: E731
     out.append(_compare(runs, "early", "late", "Early fusion is at least as good as late fusion "
                         "for small models", "paper Sec. 3.1, Fig. 2", subset=smallest))  # fmt: skip
     out.append(late_needs_more_parameters(fits))
-    out.append(_compare(runs, "early-moe", "early", "MoE beats dense at equal active parameters",
+    out.append(_compare(runs, moe, "early", "MoE beats dense at equal active parameters",
                         "paper Sec. 4, Fig. 9"))  # fmt: skip
-    out.append(_compare(runs, "early-moe", "early-moe-aware", "Learned (modality-agnostic) "
+    out.append(_compare(runs, moe, aware, "Learned (modality-agnostic) "
                         "routing beats modality-aware hard routing", "paper Sec. 4, Fig. 11"))  # fmt: skip
     out.append(discrete_worst(runs))
     return out

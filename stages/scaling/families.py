@@ -35,18 +35,22 @@ from stages.scaling.law import Law, SmoothMinLaw
 
 @dataclass(frozen=True)
 class Points:
-    """Runs of one (arch, target), in logs."""
+    """Runs of one (arch, target), in logs; ``logR``: log(1 - S) of MoE runs of several
+    sparsities S (the sparsity-aware law of stages/scaling/sparsity.py), else None."""
 
     logN: np.ndarray
     logD: np.ndarray
     logL: np.ndarray
+    logR: np.ndarray | None = None
 
     @classmethod
-    def of(cls, N: Any, D: Any, L: Any) -> Points:
-        return cls(*(np.log(np.asarray(x, float)) for x in (N, D, L)))
+    def of(cls, N: Any, D: Any, L: Any, S: Any = None) -> Points:
+        logR = None if S is None else np.log1p(-np.asarray(S, float))
+        return cls(*(np.log(np.asarray(x, float)) for x in (N, D, L)), logR)
 
     def subset(self, idx: np.ndarray) -> Points:
-        return Points(self.logN[idx], self.logD[idx], self.logL[idx])
+        logR = None if self.logR is None else self.logR[idx]
+        return Points(self.logN[idx], self.logD[idx], self.logL[idx], logR)
 
     @property
     def centre(self) -> tuple[float, float]:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,17 +298,7 @@ def bootstrap(
     grid starts, every resample in one batch. Returns per quantity an array over resamples.
     """
     N, D, C, L = (runs[c].to_numpy(float) for c in ("N", "D", "C", "loss"))
-    n = len(runs)
-    W = np.zeros((fit.bootstrap, n))
-    for k in range(fit.bootstrap):
-        for _try in range(1000):
-            counts = rng.multinomial(n, np.full(n, 1.0 / n))
-            idx = np.flatnonzero(counts)
-            if enough_points(N[idx], D[idx]) is None:
-                break
-        else:
-            raise FitError(f"{desc}: no bootstrap resample can identify the law")
-        W[k] = counts
+    W = resamples(len(runs), fit.bootstrap, rng, lambda i: enough_points(N[i], D[i]) is None, desc)
     family = FAMILIES[search.family]
     full = Budget.of(N, D, C)  # every resample's N_opt at the same C: the full data's middle
     thetas, _ = refit(family, p, fit, W, search)
@@ -322,6 +313,23 @@ def bootstrap(
         for key in out:
             out[key].append(values[key])
     return {k: np.array(v, float) for k, v in out.items()}
+
+
+def resamples(
+    n: int, k: int, rng: np.random.Generator, ok: Callable[[np.ndarray], bool], desc: str
+) -> np.ndarray:
+    """``k`` bootstrap resamples of ``n`` runs as multiplicities (k, n); one whose runs (the
+    indices with a nonzero count) are not ``ok`` (cannot identify the law) is redrawn."""
+    W = np.zeros((k, n))
+    for j in range(k):
+        for _try in range(1000):
+            counts = rng.multinomial(n, np.full(n, 1.0 / n))
+            if ok(np.flatnonzero(counts)):
+                break
+        else:
+            raise FitError(f"{desc}: no bootstrap resample can identify the law")
+        W[j] = counts
+    return W
 
 
 def _fit_one_family(
@@ -432,11 +440,19 @@ def prepare_runs(df: pd.DataFrame) -> pd.DataFrame:
             log.warning("dropped %d run(s) whose status is not ok", int((~ok).sum()))
         df = df[ok]
     columns = ["arch", "target", "N", "D", "loss", "C"]
-    if "mixture" in df.columns and df["mixture"].nunique() > 1:
-        arch = df["arch"].astype(str) if "arch" in df.columns else DEFAULT_ARCH
+    if "arch" in df.columns:
+        df["arch"] = df["arch"].astype(str)
+    columns += split_experts(df)
+    several_mixtures = "mixture" in df.columns and df["mixture"].nunique() > 1
+    if several_mixtures:
+        arch = df["arch"] if "arch" in df.columns else DEFAULT_ARCH
         df["base_arch"] = arch
         df["arch"] = arch + "-" + df["mixture"].astype(str)
         columns += ["base_arch", "mixture"]
+        if "moe_arch" in df.columns:
+            df["moe_arch"] = df["moe_arch"].where(
+                df["moe_arch"].isna(), df["moe_arch"] + "-" + df["mixture"].astype(str)
+            )
     wide = [c for c in df.columns if isinstance(c, str) and c.startswith("loss_")]
     if "loss" not in df.columns and wide:
         if "target" in df.columns:
@@ -467,6 +483,41 @@ def prepare_runs(df: pd.DataFrame) -> pd.DataFrame:
         extra = df.N_v.fillna(0) * df.D_v.fillna(0) if vision else 0.0
         df["C"] = 6 * (df.N * df.D + extra)
     return df[columns]
+
+
+def split_experts(df: pd.DataFrame) -> list[str]:
+    """MoE runs of several expert counts (``n_experts``, ``top_k``, or ``sparsity`` S = 1 -
+    top_k/n_experts): each count is its own arch, ``<arch>-e<n>``, for the (N, D) laws; the
+    columns ``moe_arch`` (the arch they share) and ``sparsity`` feed the sparsity-aware law
+    (stages/scaling/sparsity.py). Changes ``df`` in place; returns the columns it added (none
+    without expert counts)."""
+    if "n_experts" not in df.columns and "sparsity" not in df.columns:
+        return []
+    for col in ("n_experts", "top_k", "sparsity"):
+        if col in df.columns:
+            try:
+                df[col] = pd.to_numeric(df[col]).astype(float)
+            except (ValueError, TypeError):
+                raise FitError(f"runs table column {col} is not numeric") from None
+    if "sparsity" not in df.columns:
+        top_k = df["top_k"] if "top_k" in df.columns else 1.0
+        df["sparsity"] = 1.0 - top_k / df["n_experts"]
+    bad = df["sparsity"].notna() & ~df["sparsity"].between(0.0, 1.0, inclusive="left")
+    if bad.any():
+        raise FitError(f"runs table: {int(bad.sum())} run(s) with a sparsity outside [0, 1)")
+    if "n_experts" not in df.columns:
+        df["n_experts"] = np.nan
+    arch = df["arch"] if "arch" in df.columns else pd.Series(DEFAULT_ARCH, index=df.index)
+    moe = df["sparsity"].notna()
+    df["moe_arch"] = arch.where(moe, None)
+    counts = df[moe].groupby(arch[moe])["sparsity"].nunique()
+    swept = moe & arch.isin(counts[counts > 1].index)
+    arch = arch.astype(object)
+    for i in df.index[swept]:
+        n, s = df.at[i, "n_experts"], df.at[i, "sparsity"]
+        arch.at[i] = f"{arch.at[i]}-e{int(n)}" if pd.notna(n) else f"{arch.at[i]}-S{s:.4g}"
+    df["arch"] = arch.astype(str)
+    return ["moe_arch", "sparsity", "n_experts"]
 
 
 def load_runs(path: str | Path) -> pd.DataFrame:

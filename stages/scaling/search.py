@@ -49,13 +49,17 @@ class Objective:
         self.mu = self.p.centre
         self.x = self.p.logN - self.mu[0]
         self.y = self.p.logD - self.mu[1]
+        # log(1 - S), for the sparsity-aware law only (not centred: |log(1 - S)| is a few units)
+        self.extra = {} if self.p.logR is None else {"z": self.p.logR}
 
     def values(self, theta_c: np.ndarray, k: int, chunk: int = 1 << 20) -> np.ndarray:
         """Objective of problem ``k`` at many centred thetas (S, P), in chunks (no gradient)."""
         rows = max(1, chunk // max(1, self.x.size))
         out = np.empty(len(theta_c))
         for i in range(0, len(theta_c), rows):
-            lp, _ = self.family.log_pred(theta_c[i : i + rows], self.x, self.y, self.log_floor)
+            lp, _ = self.family.log_pred(
+                theta_c[i : i + rows], self.x, self.y, self.log_floor, **self.extra
+            )
             with np.errstate(invalid="ignore"):
                 h = _huber(lp - self.p.logL, self.delta)[0]
                 out[i : i + rows] = (h * self.W[k]).sum(1)
@@ -63,7 +67,7 @@ class Objective:
 
     def fg(self, theta_c: np.ndarray, problem: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Objectives and gradients at centred thetas (B, P) of problems ``problem`` (B,)."""
-        lp, J = self.family.log_pred(theta_c, self.x, self.y, self.log_floor)
+        lp, J = self.family.log_pred(theta_c, self.x, self.y, self.log_floor, **self.extra)
         w = self.W[problem]
         with np.errstate(invalid="ignore", over="ignore"):
             h, c = _huber(lp - self.p.logL, self.delta)

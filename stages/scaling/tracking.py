@@ -215,12 +215,14 @@ def log_fits(
     runs_path: str | Path | None = None,
     fits_path: str | Path | None = None,
     artifact_location: str | None = None,
+    extra: list[str | Path] = (),
 ) -> dict[str, dict[str, Any]]:
     """Log every fit to MLflow and register a model per arch (see the module docstring).
 
     Returns per arch: run_id, model name, version, whether the version is new, seconds spent
     registering. ``plot_files`` are :func:`stages.scaling.plots.write_plots`' files per arch and
     per arch/target. ``artifact_location`` applies when the experiment is created here.
+    ``extra``: more files logged beside fits.json (the sparsity-aware laws).
     """
     mlflow.set_tracking_uri(tracking_uri(fit.mlflow.tracking_uri))
     client = MlflowClient()
@@ -289,8 +291,9 @@ def log_fits(
                         mlflow.log_artifact(str(path), artifact_path="plots")
             for path in plot_files.get(arch, []):
                 mlflow.log_artifact(str(path), artifact_path="plots")
-            if fits_path is not None and Path(fits_path).is_file():
-                mlflow.log_artifact(str(fits_path))
+            for path in (fits_path, *extra):
+                if path is not None and Path(path).is_file():
+                    mlflow.log_artifact(str(path))
             laws = {f"law.{f.target}": f.choice for f in group}  # the version says which law
             ver, created, seconds = register(
                 client, name, group, {**tags, **laws, "run_id": parent.info.run_id}, Path(tmp)

@@ -13,7 +13,17 @@ import pytest
 
 from flows import records
 from flows.grid import main
-from flows.plan import CODE, NOT_RESULTS, ROOT, code_files, fingerprints, group_id, plan
+from flows.plan import (
+    CODE,
+    NOT_RESULTS,
+    ROOT,
+    code_files,
+    fingerprints,
+    for_point,
+    group_id,
+    moe_fields,
+    plan,
+)
 from model.archs import VARIANTS
 from stages.params import load_params, study_params
 from tests import import_graph as ig
@@ -114,6 +124,26 @@ def test_settings_and_data_change_the_ids_of_the_variants_that_use_them(tiny_dat
         assert (moe[label] != pid) == v.moe, label
         assert (enc[label] != pid) == (v.base == "late"), label
         assert (cb[label] != pid) == (v.base == "discrete"), label
+
+
+def test_a_sweep_of_expert_counts_adds_moe_points_and_keeps_the_ids_it_shares(tiny_data):
+    fp = fingerprints(tiny_data.shards, None)
+    before = {j.label: j.point_id for j in plan(study_params(ALL), fp)}
+    swept = study_params(ALL, {"grid": {"experts": [4, 8]}})
+    jobs = {j.label: j for j in plan(swept, fp)}
+    for label, pid in before.items():
+        arch, rest = label.split("-xxs-")
+        if not VARIANTS[arch].moe:
+            assert jobs[label].point_id == pid  # dense points: untouched
+            continue
+        assert label not in jobs
+        # model.n_experts is 8: the 8-expert point of the sweep IS the point trained without it
+        assert jobs[f"{arch}-e8-xxs-{rest}"].point_id == pid
+        four = jobs[f"{arch}-e4-xxs-{rest}"]
+        assert four.point_id != pid and four.point.experts == 4
+        assert for_point(four.point, swept).model.n_experts == 4
+        assert moe_fields(four.point, swept) == {"n_experts": 4, "top_k": 1, "sparsity": 0.75}
+    assert len(jobs) == len(before) + sum(VARIANTS[a].moe for a in VARIANTS) * 2
 
 
 def test_a_group_is_its_points_without_the_budget(tiny_data):

@@ -124,6 +124,10 @@ def test_cross_field_checks():
     msg = _error({"corpus": {"synthetic": {"entity_bits": 8, "visual_bits": 12}}})
     assert "visual_bits=12" in msg and "allowed 0..8" in msg
     assert "corpus.files" in _error({"corpus": {"source": "files"}})
+    msg = _error({"grid": {"experts": [2, 8]}, "model": {"top_k": 2}})
+    assert "grid.experts has 2: with model.top_k=2 every count must be >= 4" in msg
+    assert "experts has duplicates" in _error({"grid": {"experts": [4, 4]}})
+    assert "grid.experts.0" in _error({"grid": {"experts": [1]}})
 
 
 def test_cli_fails_before_any_work(tmp_path):

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from flows.plan import Point, fingerprints, point_id
+from flows.train import main as train_main
 from flows.training.loop import FAULT_ENV
 from flows.training.point import train_point
 from flows.training.recipe import schedule
@@ -167,6 +168,22 @@ def test_a_moe_point_records_which_experts_see_image_and_text_tokens(tiny_data, 
                 )
     dense = _train(tiny_data, params, tmp_path / "dense", 2048)
     assert not (tmp_path / "dense" / "points" / dense["point_id"] / "routing.json").exists()
+
+
+def test_a_point_of_an_expert_sweep_trains_its_own_expert_count(tiny_data, tmp_path, capsys):
+    params = tiny_params(tiny_data)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(json.loads(params.model_dump_json())))
+    point = Point("early-moe", "xxs", 2048, "45-45-10", 0, experts=4)
+    expect = point_id(point, params, fingerprints(tiny_data.shards, None))
+    rc = train_main(["--point", json.dumps(point.to_dict()), "--params", str(path),
+                     "--shards", str(tiny_data.shards), "--codebook", str(tmp_path / "none.pt"),
+                     "--workdir", str(tmp_path), "--point-id", expect])  # fmt: skip
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and rec["point_id"] == expect and rec["status"] == "ok"
+    routing = json.loads((tmp_path / "points" / expect / "routing.json").read_text())
+    assert all(len(layer["image"]) == 4 for layer in routing["layers"])
+    assert params.model.n_experts == 8  # the file's count, overridden by the point
 
 
 def _tamper(src, dst, fingerprint) -> None:

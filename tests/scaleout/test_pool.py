@@ -1,0 +1,143 @@
+"""Points over many machines (flows/pool.py): a Prefect server on PostgreSQL, a process work pool
+and two workers on loopback train a 6-point grid; one worker is killed (-9, with its whole
+process tree, as a machine dies) in the middle of a point. The point's chain is marked Crashed by
+the zombie automation when its heartbeats stop, submitted again, finished by the other worker,
+and every point ends once, with one MLflow run each, with the numbers of an uninterrupted run."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+from flows import records
+from flows.ui import ROOT, Servers, free_port
+from tests.flows.conftest import write_params
+from tests.flows.test_ui import _json
+
+GRID = {"archs": ["early"], "sizes": ["xxs", "xs"], "tokens": [4096, 8192, 16384],
+        "study": "pool", "retries": 1}  # fmt: skip
+LOSSES = ("loss_avg", "loss_caption", "loss_interleaved", "loss_text", "train_loss", "steps")
+
+
+def _grid(params: Path, results: Path, uri: str, env: dict, tiny_data) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.grid", "run", "--params", str(params),
+         "--shards", str(tiny_data.shards), "--codebook", str(results / "none.pt"),
+         "--results", str(results), "--tracking-uri", uri],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.scaleout
+@pytest.mark.slow
+def test_a_pool_of_two_workers_trains_each_point_once_and_survives_a_killed_worker(
+    postgres, tiny_data, tmp_path
+):
+    postgres.create_db("prefect_pool")
+    servers = Servers(
+        free_port(), free_port(), postgres.create_db("mlflow_pool"), tmp_path / "artifacts",
+        tmp_path / "prefect", tmp_path / "logs", None,
+        postgres.url("prefect_pool", "postgresql+asyncpg"),
+    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    # the reference: the same grid, uninterrupted, in this process's usual local mode
+    ref_params = write_params(tmp_path / "ref.yaml", grid=GRID)
+    ref = _grid(ref_params, tmp_path / "ref", f"sqlite:///{tmp_path}/ref.db",
+                env | {"PREFECT_HOME": str(tmp_path / "ref-prefect")}, tiny_data)  # fmt: skip
+    with servers.running(timeout=240):
+        assert ref.wait(timeout=600) == 0, ref.stdout.read()[-3000:]
+        env |= {"PREFECT_API_URL": servers.prefect_api, "PREFECT_HOME": str(tmp_path / "client"),
+                "PREFECT_WORKER_QUERY_SECONDS": "1"}  # fmt: skip
+        deploy = subprocess.run(
+            [sys.executable, "-m", "flows.pool", "deploy", "--pool", "cpu", "--workers", "2",
+             "--zombie-after", "40"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        workers = {
+            name: subprocess.Popen(
+                [sys.executable, "-m", "flows.pool", "worker", "--pool", "cpu", "--name", name],
+                cwd=ROOT,
+                env=env,
+                stdout=(tmp_path / f"{name}.log").open("w"),
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            for name in ("w1", "w2")
+        }
+        params = write_params(tmp_path / "params.yaml", grid=GRID | {"work_pool": "cpu"})
+        results = tmp_path / "results"
+        grid = _grid(params, results, servers.mlflow_url, env, tiny_data)
+        client = MlflowClient(servers.mlflow_url)
+        try:
+            # kill w1 when a point it runs, not the first of its chain, is half-way
+            victim, deadline = None, time.monotonic() + 300
+            while victim is None and time.monotonic() < deadline and grid.poll() is None:
+                exp = client.get_experiment_by_name("nmm-pool")
+                runs = client.search_runs([exp.experiment_id], "tags.worker = 'w1'") if exp else []
+                for r in runs:
+                    pid, tokens = r.data.tags["point_id"], int(r.data.tags["tokens"])
+                    rows = records.point_dir(results, pid) / "metrics.jsonl"
+                    done = records.record_path(results, pid).exists()
+                    if (
+                        tokens > 4096
+                        and not done
+                        and rows.exists()
+                        and len(rows.read_text().splitlines()) >= 2
+                    ):
+                        victim = pid
+                        break
+                time.sleep(0.05)
+            assert victim is not None, "no w1 point was caught half-way"
+            _kill_tree(workers["w1"])
+            assert not records.record_path(results, victim).exists()  # it died mid-point
+            out, _ = grid.communicate(timeout=600)
+            assert grid.returncode == 0, out[-4000:]
+        finally:
+            for w in workers.values():
+                if w.poll() is None:
+                    _kill_tree(w)
+            if grid.poll() is None:
+                _kill_tree(grid)
+
+        # every point once, one MLflow run each, the uninterrupted numbers
+        exp = client.get_experiment_by_name("nmm-pool")
+        points = client.search_runs([exp.experiment_id], "tags.`nmm.kind` = 'point'")
+        assert len(points) == 6 and len({r.data.tags["point_id"] for r in points}) == 6
+        assert all(r.info.status == "FINISHED" for r in points)
+        assert {r.data.tags["worker"] for r in points} == {"w1", "w2"}  # both workers trained
+        assert (
+            next(r for r in points if r.data.tags["point_id"] == victim).data.tags["worker"] == "w2"
+        )
+        table = {r["point_id"]: r for r in records.read_table(results / "runs.parquet")}
+        expected = {r["point_id"]: r for r in records.read_table(tmp_path / "ref" / "runs.parquet")}
+        assert set(table) == set(expected) and len(table) == 6
+        for pid, row in table.items():
+            assert row["status"] == "ok"
+            for k in LOSSES:
+                assert row[k] == pytest.approx(expected[pid][k], rel=1e-6, abs=1e-7), (pid, k)
+
+        # Prefect: the killed chain crashed and ran again; never more than 2 chains at once
+        runs = _json(f"{servers.prefect_api}/flow_runs/filter", {})
+        chains = [r for r in runs if r["name"].startswith("early-")]
+        states = sorted(r["state"]["type"] for r in chains)
+        assert states == ["COMPLETED", "COMPLETED", "CRASHED"], states
+        spans = [(r["start_time"], r["end_time"] or r["state"]["timestamp"]) for r in chains]
+        for t, _ in spans:
+            assert sum(s <= t < e for s, e in spans) <= 2
