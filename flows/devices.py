@@ -38,7 +38,8 @@ def choose_device(want: str) -> torch.device:
 
 
 def device_slots(params: Params) -> list[str | None]:
-    """One entry per point that may run at once: a GPU id each, or None (CPU)."""
+    """One entry per point that may run at once: its GPU ids (``train.processes`` of them,
+    comma-separated), or None (CPU)."""
     workers, want = params.grid.workers, params.train.device
     if want == "cpu":
         return [None] * workers
@@ -51,7 +52,10 @@ def device_slots(params: Params) -> list[str | None]:
         return [None] * workers
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = [s.strip() for s in visible.split(",")] if visible else [str(i) for i in range(n)]
-    return ids[: min(workers, n)]
+    per = params.train.processes  # GPUs per point (torchrun): "0,1", "2,3", ...
+    if per > len(ids):
+        raise ParamsError(f"train.processes={per} but only {len(ids)} GPU(s) are visible")
+    return [",".join(ids[i * per : (i + 1) * per]) for i in range(min(workers, len(ids) // per))]
 
 
 def peak_flops(device: torch.device, threads: int) -> float:

@@ -44,6 +44,11 @@ class Launch:
 
     def command(self, job: Job) -> list[str]:
         cmd = [sys.executable, "-m", "flows.train", "--point", json.dumps(job.point.to_dict())]
+        procs = self.params.train.processes
+        if procs > 1:  # one point over several processes: torchrun (flows/training/dist.py)
+            run = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={procs}"]  # fmt: skip
+            cmd = [*run, *cmd[1:]]
         cmd += ["--params", str(self.params_path), "--shards", str(self.shards)]
         cmd += ["--workdir", str(self.results), "--point-id", job.point_id]
         # a missing codebook: flows.train sees no file, as the fingerprint here did

@@ -69,8 +69,11 @@ NOT_RESULTS = {
 }
 MOE_KEYS = ("n_experts", "top_k", "aux_loss_weight", "z_loss_weight")
 # train params that do not change a point's numbers (kept out of its id)
+# (processes: 1 and P processes train the same model up to float rounding, as two devices do:
+# 1e-7 over the first steps, drifting to ~5e-4 over a tiny model's run, tests/flows/training/
+# test_distributed.py)
 NOT_IN_ID = ("threads", "eval_every_tokens", "checkpoint_every_steps", "branch_cooldowns",
-             "log_every_steps")  # fmt: skip
+             "log_every_steps", "processes")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,8 @@ FLOW = "train-chain"
 HEARTBEAT_S = 30  # flow-run heartbeats of the workers' runs (Prefect's minimum)
 ZOMBIE_AFTER_S = 90  # a run whose heartbeats stopped this long ago is marked Crashed
 POLL_S = 2.0
+PAGE = 200  # flow runs per read (the server's cap)
+LIVE = {"SCHEDULED", "PENDING", "RUNNING", "PAUSED"}  # a run to wait for, not to replace
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -126,6 +128,12 @@ def train_chain(
             "grid's commit and `dvc pull` here"
         )
     jobs = [by_id[pid] for pid in point_ids]
+    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    if p.train.processes > 1 and gpus and len(gpus) < p.train.processes:
+        raise RuntimeError(
+            f"worker {worker_name()} has GPU(s) {','.join(gpus)} but train.processes="
+            f"{p.train.processes}: start it with that many (--gpu 0,1)"
+        )
     tracker = Tracker(p.grid.study, tracking_uri)
     tracker.parent_id = launch_run_id
     rev = str(git_revision(paths=CODE))
@@ -176,9 +184,7 @@ def run_on_pool(
     ``on_done(chain, state)`` is called when a chain ends for good.
     """
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.deployments import run_deployment
-    from prefect.states import Cancelling
 
     logger = get_run_logger()
     params = json.loads(launch.params.model_dump_json())
@@ -205,9 +211,10 @@ def run_on_pool(
                 flow_run_name=name,
             )  # fmt: skip
             state = fr.state.type.value if fr.state else "SCHEDULED"
-            if state not in ("CRASHED", "CANCELLED", "FAILED"):  # new, running, or completed
+            if state in LIVE:  # new, or an earlier launch's attempt still going: wait for it
                 break
-            # that key's run is an attempt of an earlier launch that ended badly: next number
+            # an earlier launch's attempt that ended (its points are not all ok in MLflow, or
+            # the chain would not be submitted) or is being cancelled: the next number
         tries[key] = tries.get(key, 0) + 1
         running[fr.id] = chain
         logger.info("chain %s: flow run %s (%s)", chain[0].label, name, state.lower())
@@ -221,8 +228,7 @@ def run_on_pool(
                     me = client.read_flow_run(parent)
                     if me.state is not None and me.state.type.value in ("CANCELLING", "CANCELLED"):
                         raise KeyboardInterrupt("the grid flow run was cancelled")
-                flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=list(running)))
-                for fr in client.read_flow_runs(flow_run_filter=flow_filter):
+                for fr in read_runs(client, list(running)):
                     state = fr.state.type.value if fr.state else "SCHEDULED"
                     if state not in TERMINAL:
                         continue
@@ -244,22 +250,39 @@ def run_on_pool(
                 if running:
                     time.sleep(POLL_S)
     except BaseException:
-        cancel(list(running), Cancelling)
+        with contextlib.suppress(Exception):  # (the error that stopped the grid is what counts)
+            stopped = cancel(list(running))
+            logger.warning("the grid stopped: %d chain(s) cancelled", len(stopped))
         raise
     return outcome
 
 
-def cancel(flow_run_ids: list, cancelling) -> None:
-    """Ask the workers to stop these flow runs (a worker kills the run's processes)."""
-    if not flow_run_ids:
-        return
+def cancel(flow_run_ids: list) -> list:
+    """Stop these flow runs: each is proposed Cancelling (unforced), which Prefect turns into
+    Cancelled for a run no worker has started and which the worker of a started one acts on by
+    killing its processes. Returns the ids whose proposal was accepted."""
     from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
 
+    stopped = []
     with get_client(sync_client=True) as client:
         for fid in flow_run_ids:
-            with contextlib.suppress(Exception):  # already ended: nothing to stop
-                client.set_flow_run_state(fid, cancelling(message="the grid was cancelled"),
-                                          force=True)  # fmt: skip
+            with contextlib.suppress(Exception):  # ended meanwhile, or the server is gone
+                r = client.set_flow_run_state(fid, Cancelling(message="the grid was cancelled"))
+                if r.status.value == "ACCEPT" or r.state.type.value == "CANCELLED":
+                    stopped.append(fid)
+    return stopped
+
+
+def read_runs(client, ids: list) -> list:
+    """The flow runs ``ids`` (the server returns at most 200 a request: paged)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    out = []
+    for i in range(0, len(ids), PAGE):
+        flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=ids[i : i + PAGE]))
+        out += client.read_flow_runs(flow_run_filter=flow_filter, limit=PAGE)
+    return out
 
 
 # --------------------------------------------------------------------------- set-up (CLI)
@@ -378,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("worker", help="start one worker (runs one chain at a time)")
     w.add_argument("--pool", required=True)
     w.add_argument("--name", default=None, help="(default: host name + GPU)")
-    w.add_argument("--gpu", default=None, help="the GPU this worker owns (CUDA_VISIBLE_DEVICES)")
+    w.add_argument("--gpu", default=None,
+                   help="the GPU(s) this worker owns (CUDA_VISIBLE_DEVICES): one, or "
+                   "train.processes of them for points over several processes, e.g. 0,1")  # fmt: skip
     w.add_argument("--heartbeat", type=int, default=HEARTBEAT_S, help="seconds (>= 30)")
     u = sub.add_parser("up", help="deploy, then run N workers here until Ctrl-C (make pool)")
     u.add_argument("--pool", default="local")

@@ -132,7 +132,8 @@ class _Child:
 
     def __init__(self, job: Job, launch: Launch, gpu: str | None, log_path: Path):
         cmd, env = launch.command(job), launch.env(gpu)
-        ctx = _server(launch.fingerprints.all_code)
+        torchrun = cmd[2] != "flows.train"  # several processes: a fresh torchrun each
+        ctx = None if torchrun else _server(launch.fingerprints.all_code)
         self.popen: subprocess.Popen | None = None
         if ctx is not None:
             assert cmd[1] == "-m"  # [python, -m, module, args...]: run the same in the fork
@@ -150,8 +151,10 @@ class _Child:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                start_new_session=torchrun,
             )
         self.pid = self.popen.pid
+        self.group = torchrun
 
     def wait(self, timeout: float) -> int | None:
         """The exit code (negative: the signal) once ended, else None after ``timeout``."""
@@ -165,7 +168,14 @@ class _Child:
 
     def kill(self) -> None:
         if self.wait(0) is None:
-            if self.popen is not None:
+            if self.popen is not None and self.group:  # torchrun and its ranks (own sessions)
+                tree = [psutil.Process(self.popen.pid)]
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    tree += tree[0].children(recursive=True)
+                for p in tree:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        p.kill()
+            elif self.popen is not None:
                 self.popen.kill()
             else:
                 self.proc.kill()

@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 
 from flows.plan import Point, for_point
+from flows.training.dist import teardown
 from flows.training.point import PlanMismatch, train_point
 from stages.common.stage import setup_logging
 from stages.params import ParamsError, load_params
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, PlanMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        teardown()  # torchrun: leave the point's process group
     print(json.dumps(rec, sort_keys=True))
     return 0
 

@@ -38,6 +38,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -72,6 +73,11 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
         return all(torch.allclose(a, b, **tol) for a, b in ((y, ref), (dx, rdx), (dw, rdw)))
     except (RuntimeError, NotImplementedError, TypeError):
         return False
+
+
+def _world() -> int:
+    """Processes training this model together (torchrun), 1 without a process group."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _grouped_mm_ok(x: Tensor, dim: int, hidden: int) -> bool:
@@ -159,6 +165,8 @@ class MoEFFN(nn.Module):
         with f_e = assignments to e / (N_g k) and P_e = mean prob of e over g's tokens; the
         layer's loss is the token-weighted mean sum_g (N_g / N) loss_g: 1 at a uniform router.
         """
+        if _world() > 1:  # one point over several processes: the global batch's statistics
+            return self._routing_stats_global(logits, probs, idx, counts, is_image)
         cfg, E, k = self.cfg, self.cfg.n_experts, self.cfg.top_k
         N, fdt = probs.shape[0], probs.dtype
         counts = counts.to(fdt)  # (E,)
@@ -185,6 +193,43 @@ class MoEFFN(nn.Module):
             "load": counts / max(N * k, 1),
             "image_frac": img_counts / (n_img * k).clamp(min=1),
             "text_frac": (counts - img_counts) / (n_txt * k).clamp(min=1),
+        }
+
+    def _routing_stats_global(
+        self, logits: Tensor, probs: Tensor, idx: Tensor, counts: Tensor, is_image: Tensor
+    ) -> dict[str, Tensor]:
+        """:meth:`routing_stats` of a point trained over several processes (torchrun; each holds
+        some rows of the global batch): the token and assignment counts are all-reduced, and each
+        rank's terms are taken over the GLOBAL counts, so the ranks' losses sum to the global
+        batch's loss and their gradients to its gradient (flows/training/dist.py scales by the
+        number of ranks what DDP averages). ``lb_loss`` and ``z_loss`` are this rank's shares."""
+        cfg, E, k = self.cfg, self.cfg.n_experts, self.cfg.top_k
+        fdt = probs.dtype
+        img_w = is_image.to(fdt)[:, None].expand(-1, k).flatten()
+        img_counts = torch.bincount(idx.flatten(), weights=img_w, minlength=E).to(fdt)
+        sizes = torch.stack([probs.new_tensor(float(probs.shape[0])), is_image.sum().to(fdt)])
+        total = torch.cat([counts.to(fdt), img_counts, sizes]).detach()
+        dist.all_reduce(total)
+        counts_g, img_g, N, n_img = total[:E], total[E : 2 * E], total[2 * E], total[2 * E + 1]
+        n_txt = N - n_img
+        if cfg.modality_aware:
+            n_group = torch.where(self.expert_is_image, n_img, n_txt)
+            n_img_exp = cfg.n_image_experts
+            e_group = torch.where(self.expert_is_image, n_img_exp, E - n_img_exp).to(fdt)
+        else:
+            n_group = N.expand(E)
+            e_group = torch.full((E,), float(E), dtype=fdt, device=probs.device)
+        f = counts_g / (n_group.clamp(min=1) * k)
+        P = probs.sum(dim=0) / n_group.clamp(min=1)  # this rank's tokens, the global count
+        lb_loss = (n_group / N.clamp(min=1) * e_group * f * P).sum()
+        z_loss = logits.logsumexp(dim=-1).square().sum() / N.clamp(min=1)
+        return {
+            "aux_loss": cfg.aux_loss_weight * lb_loss + cfg.z_loss_weight * z_loss,
+            "lb_loss": lb_loss.detach(),
+            "z_loss": z_loss.detach(),
+            "load": counts_g / (N * k).clamp(min=1),
+            "image_frac": img_g / (n_img * k).clamp(min=1),
+            "text_frac": (counts_g - img_g) / (n_txt * k).clamp(min=1),
         }
 
     # --- experts -------------------------------------------------------------------------

@@ -258,7 +258,8 @@ class TrainParams(Strict):
     checkpoint_every_steps: PosInt
     divergence_loss: Annotated[float, Field(gt=0.0)]  # train loss above this = failed
     branch_cooldowns: bool  # one constant-lr trunk per (arch, size, mixture, seed)
-    threads: PosInt  # torch threads per point process on CPU
+    threads: PosInt
+    processes: PosInt  # per point: > 1 launches it with torchrun (DDP; flows/training/dist.py)  # torch threads per point process on CPU
     device: Literal["auto", "cpu", "cuda"]
     compile: bool  # torch.compile on GPU
 

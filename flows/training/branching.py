@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from flows.training import dist
 from flows.training.loop import MetricsLog, advance
 from flows.training.recipe import schedule
 from flows.training.run import Run, checkpoint_meta
@@ -29,9 +30,11 @@ log = logging.getLogger(__name__)
 def drop_stale(gdir: Path, fingerprint: str) -> list[Path]:
     """Delete the checkpoints in ``gdir`` written by code other than ``fingerprint``."""
     stale = [p for p in sorted(gdir.glob("*.pt")) if checkpoint_meta(p)[0] != fingerprint]
-    for p in stale:
+    dist.barrier()  # several processes: every rank has read the files before rank 0 deletes
+    for p in stale if dist.writer() else []:
         log.warning("%s was written by other code: not branched from, deleted", p)
         p.unlink()
+    dist.barrier()
     return stale
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.devices import peak_flops
+from flows.training import dist
 from flows.training.run import Run
 
 FAULT_ENV = "NMM_TEST_NAN_AT"
@@ -51,12 +52,16 @@ class MetricsLog:
 
     def __init__(self, path: Path, upto_step: int, seed_rows: list[dict[str, Any]] | None = None):
         self.path = path
+        if not dist.writer():  # one point over several processes: rank 0 keeps the log
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = seed_rows if seed_rows is not None else list(read_jsonl(path))
         kept = [r for r in rows if r["step"] <= upto_step]
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, step: int, tokens: int, metrics: dict[str, float]) -> None:
+        if not dist.writer():
+            return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "tokens": tokens, **metrics}) + "\n")
 
@@ -79,10 +84,10 @@ def advance(
     tp, save_at = run.params.train, save_at or {}
     batch_tokens = run.sched.batch_rows * run.params.data.context_length
     eval_every = max(1, round(tp.eval_every_tokens / batch_tokens))
-    peak = peak_flops(run.device, tp.threads)
+    peak = peak_flops(run.device, tp.threads) * dist.world()  # (the global batch's devices)
     window = {"loss": 0.0, "dt": 0.0, "flops": 0.0, "aux": 0.0, "n": 0}
     while run.c.step < until:
-        if run.c.step in save_at and not save_at[run.c.step].exists():
+        if run.c.step in save_at and dist.agree(not save_at[run.c.step].exists()):
             run.save(save_at[run.c.step])
         s = run.c.step
         lr = lr_at(s)
@@ -115,5 +120,5 @@ def advance(
             window = dict.fromkeys(window, 0.0) | {"n": 0}
         if run.c.step % tp.checkpoint_every_steps == 0:
             run.save(ckpt)
-    if until in save_at and not save_at[until].exists():
+    if until in save_at and dist.agree(not save_at[until].exists()):
         run.save(save_at[until])

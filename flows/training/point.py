@@ -25,6 +25,7 @@ import torch
 from flows import records
 from flows.devices import peak_flops
 from flows.plan import CODE, Point, fingerprints, group_id, point_id
+from flows.training import dist
 from flows.training.branching import trunk
 from flows.training.loop import Diverged, MetricsLog, advance, fault_step, read_jsonl
 from flows.training.run import Run, checkpoint_meta
@@ -58,6 +59,7 @@ def train_point(
     process took to get here (interpreter and imports), recorded as ``time_startup_s``.
     """
     workdir = Path(workdir)
+    dist.setup()  # under torchrun (train.processes > 1): join the point's process group
     fp = fingerprints(shards, codebook)
     pid, gid = point_id(point, params, fp), group_id(point, params, fp)
     if expect_id is not None and pid != expect_id:
@@ -78,9 +80,12 @@ def train_point(
     rec: dict[str, Any] = _describe(point, run, pid, gid)
     fail_at = fault_step(pid)
     latest = pdir / "latest.pt"
-    if latest.exists() and checkpoint_meta(latest)[0] != code["fingerprint"]:
+    stale = latest.exists() and checkpoint_meta(latest)[0] != code["fingerprint"]
+    dist.barrier()  # several processes: every rank has read it before rank 0 deletes it
+    if stale and dist.writer():
         log.warning("%s was written by other code: not resumed, deleted", latest)
         latest.unlink()
+    dist.barrier()
     try:
         if latest.exists():  # resume this point's own segment
             run.load(latest)
@@ -95,7 +100,7 @@ def train_point(
         advance(run, run.sched.steps, run.sched.lr_at, latest, metrics, fail_at=fail_at)
         final = run.evaluate()
         metrics.log(run.c.step, run.c.tokens, final)
-        if run.cfg.moe is not None:
+        if run.cfg.moe is not None and dist.writer():
             (pdir / "routing.json").write_text(json.dumps(run.routing_table()))
         for k, v in final.items():  # the fit targets as loss_*, the breakdowns as eval_*
             name = k.removeprefix("val_")
@@ -106,6 +111,8 @@ def train_point(
         rec["status"], rec["error"] = "failed", str(e)
         log.warning("point %s failed: %s", pid, e)
     rec |= _totals(run, time.perf_counter() - wall0, startup_s)
+    if not dist.writer():  # rank 0 records the point
+        return rec
     records.write_record(workdir, pid, rec)
     if rec["status"] == "ok":
         latest.unlink(missing_ok=True)
@@ -137,6 +144,7 @@ def _describe(point: Point, run: Run, pid: str, gid: str) -> dict[str, Any]:
         "steps": s.steps,
         "branch_step": s.cooldown_start,
         "device": str(run.device),
+        "processes": dist.world(),
         **{f"loss_{k}": None for k in (*KINDS, "avg")},
     }
 
@@ -160,5 +168,6 @@ def _totals(run: Run, wall: float, startup_s: float | None) -> dict[str, Any]:
         "wall_s": wall,
         "train_s": c.train_seconds,
         "tokens_per_s": c.tokens / train_s,
-        "mfu": c.flops / train_s / peak_flops(run.device, run.params.train.threads),
+        # (several processes: the global batch's FLOPs on as many devices)
+        "mfu": c.flops / train_s / peak_flops(run.device, run.params.train.threads) / dist.world(),
     }

@@ -22,6 +22,7 @@ import torch
 
 from flows.devices import choose_device
 from flows.plan import Point
+from flows.training import dist
 from flows.training.recipe import build_optimizer, model_config, schedule
 from model.archs import variant
 from model.counting import count_params, step_flops
@@ -89,6 +90,8 @@ class Run:
             self.cfg.moe is not None,
         )
         self.device = choose_device(params.train.device)
+        if dist.world() > 1 and self.device.type == "cuda":  # this rank's GPU (dist.setup)
+            self.device = torch.device("cuda", torch.cuda.current_device())
         torch.manual_seed(point.seed)
         self.model = MultimodalLM(self.cfg, cb).to(self.device)
         self.opt = build_optimizer(self.model, self.sched, params.train)
@@ -98,12 +101,22 @@ class Run:
         )
         self.c = Counters()
         self.forward = self.model
+        if dist.world() > 1:  # one point over several processes (torchrun): flows/training/dist.py
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # a rank whose rows hold no image leaves the image path without gradients
+            self.forward = DDP(self.model, device_ids=ids, find_unused_parameters=True)
         if self.device.type == "cuda" and params.train.compile:
-            self.forward = torch.compile(self.model)
+            self.forward = torch.compile(self.forward)
         self.timing["build"] = time.perf_counter() - t0
 
     # --- checkpoints
     def save(self, path: Path) -> None:
+        """Rank 0 writes (every rank holds the same state); the others wait for the file."""
+        if not dist.writer():
+            dist.barrier()
+            return
         t0 = time.perf_counter()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -117,6 +130,7 @@ class Run:
         torch.save(state, tmp)
         tmp.replace(path)  # atomic: a kill never leaves half a checkpoint
         self.timing["checkpoint"] += time.perf_counter() - t0
+        dist.barrier()
 
     def load(self, path: Path) -> None:
         t0 = time.perf_counter()
@@ -135,6 +149,8 @@ class Run:
 
     # --- one optimizer step
     def step(self, lr: float, fail: bool = False) -> float:
+        if dist.world() > 1:
+            return self._step_distributed(lr, fail)
         t0 = time.perf_counter()
         batch = self.loader.next_batch().to(self.device)
         for g in self.opt.param_groups:
@@ -152,20 +168,54 @@ class Run:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.params.train.grad_clip)
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        self._count(batch, t1, int(out.n_targets))
+        self.last_loss = out.loss.item()
+        self.last_aux = float(out.aux_loss.detach()) if out.moe else None
+        return value
+
+    def _step_distributed(self, lr: float, fail: bool) -> float:
+        """:meth:`step` on this rank's rows of the global batch (flows/training/dist.py): the
+        loss over the batch's global target count, so the ranks' losses sum to the global
+        batch's; DDP averages the gradients, so each rank's objective is scaled by the ranks."""
+        t0 = time.perf_counter()
+        batch = self.loader.next_batch()  # every rank draws the same global batch
+        start, stop = dist.shard(batch.tokens.shape[0])
+        mine = batch.rows(start, stop).to(self.device)
+        for g in self.opt.param_groups:
+            g["lr"] = lr * g["lr_mult"]
+        t1 = time.perf_counter()
+        self.timing["data"] += t1 - t0
+        with torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.forward(mine)
+        n = dist.all_sum(out.n_targets.detach().to(torch.float64))
+        # (a rank whose rows hold no text target adds 0: the model divides by max(n, 1))
+        share = out.loss * (out.n_targets / n.clamp(min=1)).to(out.loss.dtype)
+        loss = share + out.aux_loss
+        if fail:
+            loss = loss * float("nan")
+        parts = dist.all_sum(torch.stack([loss.detach(), share.detach(), out.aux_loss.detach()]))
+        value = float(parts[0])
+        if math.isfinite(value):
+            (loss * dist.world()).backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.params.train.grad_clip)
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self._count(batch, t1, int(n))
+        self.last_loss = float(parts[1])
+        self.last_aux = float(parts[2]) if out.moe else None
+        return value
+
+    def _count(self, batch, t1: float, n_targets: int) -> None:
+        """The counters after a step of the (global) ``batch`` with ``n_targets`` text targets."""
         dt = time.perf_counter() - t1
         self.c.train_seconds += dt
         self.timing["steps"] += dt
         self.c.step += 1
         self.c.tokens += batch.tokens.numel()
         self.c.image_tokens += len(batch.images) * self.cfg.image_tokens
-        self.c.text_targets += int(out.n_targets)
-        self.last_flops = step_flops(
-            self.cfg, *batch.tokens.shape, int(out.n_targets), len(batch.images)
-        )
+        self.c.text_targets += n_targets
+        self.last_flops = step_flops(self.cfg, *batch.tokens.shape, n_targets, len(batch.images))
         self.c.flops += self.last_flops
-        self.last_loss = out.loss.item()
-        self.last_aux = float(out.aux_loss.detach()) if out.moe else None
-        return value
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -42,6 +42,15 @@ class Batch:
     kinds: torch.Tensor  # (B,) int64: index into KINDS of each row
     target_tags: torch.Tensor  # (B, L) int64: word tag of each target (rank * 4 + role; 0: none)
 
+    def rows(self, start: int, stop: int) -> Batch:
+        """Rows [start, stop) with their images (one rank's share of a global batch)."""
+        keep = (self.image_index[:, 0] >= start) & (self.image_index[:, 0] < stop)
+        index = self.image_index[keep].clone()
+        index[:, 0] -= start
+        per_row = {f.name: getattr(self, f.name)[start:stop] for f in fields(self)
+                   if f.name not in ("images", "image_index")}  # fmt: skip
+        return Batch(**per_row, images=self.images[keep], image_index=index)
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(
             **{

@@ -188,7 +188,7 @@ class SparsityFit:
         out: dict[str, Any] = {
             "law": SPARSE.description,
             "n_points": len(r),
-            "n_experts": sorted(int(n) for n in r.n_experts.unique()),
+            "n_experts": sorted(int(n) for n in r.n_experts.dropna().unique()),
             "sparsities": sorted(float(s) for s in r.S.unique()),
             **self.law.as_dict(),
             **more_experts(self.law, r),
@@ -251,7 +251,8 @@ def fit_sparsity(
         rows.append((~held).astype(float))
         names.append("holdout")
     levels = np.unique(S)
-    if len(levels) >= 3:  # two left: the sparsity terms are still determined
+    if len(levels) >= 3:  # (with three, two are left: C, lambda and E trade off, and the
+        # prediction leans on the start grid and the bound on lambda; report it, but sweep 4+)
         for s in levels:
             if enough_sparsity(N[s != S], D[s != S], S[s != S]) is None:
                 rows.append((s != S).astype(float))

@@ -19,7 +19,7 @@ from flows.collect import collect
 from flows.devices import device_slots
 from flows.grid import grid_flow, main
 from flows.launch import Launch
-from flows.plan import chains, fingerprints, plan
+from flows.plan import Job, Point, chains, fingerprints, plan
 from flows.tracking import Tracker
 from flows.training.loop import FAULT_ENV
 from model.ladder import SIZES
@@ -114,6 +114,11 @@ def test_each_point_gets_one_gpu_or_one_pinned_cpu_thread(monkeypatch, tmp_path)
     cpu = validate_params(grid_params(train={"device": "cpu"}))
     assert device_slots(cpu) == [None, None]
     assert launch(cpu).env(None)["CUDA_VISIBLE_DEVICES"] == ""  # GPUs hidden
+    two = validate_params(grid_params(grid={"workers": 3}, train={"processes": 2}))
+    assert device_slots(two) == ["2,3", "5,7"]  # 2 GPUs a point, as many points as fit
+    assert launch(two).command(Job(Point("early", "xxs", 2048, "45-45-10", 0), "p", "g", "c"))[
+        1:5
+    ] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert device_slots(params) == [None] * 3
     with pytest.raises(ParamsError, match="train.device"):
@@ -234,6 +239,20 @@ def test_grid_trains_every_point_and_records_it(reference, mlflow_uri):
         assert "system/peak_rss_megabytes" in m and "system/cpu_seconds" in m
         curve = MlflowClient(mlflow_uri).get_metric_history(run.info.run_id, "train_loss")
         assert [x.step for x in curve] == list(range(1, row["steps"] + 1))
+
+
+@pytest.mark.slow
+def test_a_grid_of_two_process_points_runs_them_under_torchrun(reference, tiny_data, tmp_path):
+    params = write_params(tmp_path / "params.yaml", grid={"archs": ["early"]},
+                          train={"processes": 2})  # fmt: skip
+    s = run_grid(params, tiny_data, tmp_path / "results", f"sqlite:///{tmp_path}/m.db")
+    assert (s["trained"], s["ok"]) == (2, 2)
+    table = by_id(tmp_path / "results" / "runs.parquet")
+    for pid, row in table.items():  # the same points (processes is not in the id) ...
+        assert row["processes"] == 2
+        one = reference["table"][pid]
+        for k in ("loss_avg", "loss_caption", "loss_text"):  # ... the same model, to rounding
+            assert row[k] == pytest.approx(one[k], rel=5e-3), k
 
 
 @pytest.mark.slow

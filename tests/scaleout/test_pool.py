@@ -2,7 +2,8 @@
 and two workers on loopback train a 6-point grid; one worker is killed (-9, with its whole
 process tree, as a machine dies) in the middle of a point. The point's chain is marked Crashed by
 the zombie automation when its heartbeats stop, submitted again, finished by the other worker,
-and every point ends once, with one MLflow run each, with the numbers of an uninterrupted run."""
+and every point ends once, with one MLflow run each, with the numbers of an uninterrupted run.
+Then a second grid, with no worker to run its chains, is cancelled: so are its chains."""
 
 from __future__ import annotations
 
@@ -141,3 +142,28 @@ def test_a_pool_of_two_workers_trains_each_point_once_and_survives_a_killed_work
         spans = [(r["start_time"], r["end_time"] or r["state"]["timestamp"]) for r in chains]
         for t, _ in spans:
             assert sum(s <= t < e for s, e in spans) <= 2
+
+        # cancelling the grid cancels its chains: no worker runs now, so they wait, Scheduled
+        params2 = write_params(tmp_path / "params2.yaml", grid=GRID | {"work_pool": "cpu",
+                               "tokens": [2048, 6144]})  # fmt: skip
+        grid2 = _grid(params2, tmp_path / "results2", servers.mlflow_url, env, tiny_data)
+        try:
+            waiting, deadline = [], time.monotonic() + 120
+            while len(waiting) < 2 and time.monotonic() < deadline:
+                runs = _json(f"{servers.prefect_api}/flow_runs/filter", {})
+                waiting = [r for r in runs if r["name"].startswith("early-")
+                           and r["state"]["type"] == "SCHEDULED"]  # fmt: skip
+                time.sleep(0.5)
+            assert len(waiting) == 2, "the grid did not submit its 2 chains"
+            [parent] = [r for r in runs if r["state"]["type"] == "RUNNING"
+                        and not r["name"].startswith("early-")]  # fmt: skip
+            _json(f"{servers.prefect_api}/flow_runs/{parent['id']}/set_state",
+                  {"state": {"type": "CANCELLING"}, "force": True})  # fmt: skip
+            grid2.communicate(timeout=120)
+            assert grid2.returncode != 0  # it stopped, it did not finish
+        finally:
+            if grid2.poll() is None:
+                _kill_tree(grid2)
+        ids = {r["id"] for r in waiting}
+        runs = _json(f"{servers.prefect_api}/flow_runs/filter", {})
+        assert {r["state"]["type"] for r in runs if r["id"] in ids} == {"CANCELLED"}

@@ -76,6 +76,19 @@ def test_a_validation_pass_counts_every_text_target_exactly_once(tiny_data):
         assert total == info["totals"][f"val/{kind}"]["text_tokens"], kind
 
 
+def test_a_batchs_rows_are_split_with_their_own_images(tiny_data):
+    """One rank's share of a global batch (train.processes > 1): its rows, their images, the
+    images' rows counted from the share's first row; the shares put together are the batch."""
+    b = _loader(tiny_data).next_batch()
+    parts = [b.rows(0, 3), b.rows(3, 8)]
+    assert [p.tokens.shape[0] for p in parts] == [3, 5]
+    for name in ("tokens", "targets", "loss_mask", "doc_ids", "positions", "kinds", "target_tags"):
+        assert torch.equal(torch.cat([getattr(p, name) for p in parts]), getattr(b, name)), name
+    assert torch.equal(torch.cat([p.images for p in parts]), b.images)
+    shifted = torch.cat([parts[0].image_index, parts[1].image_index + torch.tensor([3, 0])])
+    assert torch.equal(shifted, b.image_index) and len(b.images) > 0
+
+
 def test_images_are_whole_and_in_place(tiny_data):
     sp, T = _special(tiny_data), tiny_data.params.shards.image_tokens
     stored = [

@@ -1,0 +1,105 @@
+"""One point over several processes (``train.processes`` > 1: torchrun, DDP).
+
+The grid launches such a point as ``torchrun --standalone --nproc_per_node=P -m flows.train``
+(flows/launch.py); each rank builds the same global batch from the same seeded loader and
+trains on its share of the rows (:func:`shard`), the model wrapped in DistributedDataParallel
+(gloo on CPU, NCCL on GPUs, one GPU per rank). The global batch is fixed, so 1 and P processes
+train the same model: each rank's loss is its share of the batch's summed token loss over the
+batch's *global* target count, and the MoE load-balancing statistics are all-reduced
+(model/moe.py), so the ranks' objectives sum to the one-process objective and DDP's average of
+their gradients, times P, is its gradient (tests/flows/training/test_distributed.py: 2
+processes equal 1 to 1e-5 over every step, for dense and MoE models).
+
+Rank 0 writes everything (checkpoints, metrics, records, routing); every rank reads the same
+checkpoints, so a point killed under torchrun resumes exactly; :func:`barrier` after each write
+the others may read. In one process (no torchrun) every function here is a no-op and the
+training path is unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if world() > 1 else 0
+
+
+def writer() -> bool:
+    """Whether this process writes the point's files (rank 0, or the only process)."""
+    return rank() == 0
+
+
+def setup() -> None:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1), once; pin the rank's
+    GPU when there are GPUs. Nothing without torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    _die_with_torchrun()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
+def _die_with_torchrun() -> None:
+    """Linux: this rank is killed when torchrun dies (torchrun starts its ranks in sessions of
+    their own, so a kill of torchrun's process group would leave them training)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PDEATHSIG
+        if os.getppid() == 1:  # torchrun died before the line above
+            os._exit(1)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if world() > 1:
+        dist.barrier()
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum over the ranks of a tensor without gradient (the tensor itself in one process)."""
+    if world() == 1:
+        return x
+    out = x.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
+def shard(rows: int) -> tuple[int, int]:
+    """This rank's rows [start, stop) of a global batch of ``rows``."""
+    w, r = world(), rank()
+    if rows % w:
+        raise ValueError(
+            f"a batch of {rows} rows does not split over train.processes={w} processes: "
+            "choose processes that divide the batch rows (train.batch_rows_ref and the sizes)"
+        )
+    n = rows // w
+    return r * n, (r + 1) * n
+
+
+def agree(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank: a decision read from the disk (does this checkpoint
+    exist yet?) that rank 0 may already be changing while another rank reads it."""
+    if world() == 1:
+        return flag
+    nccl = dist.get_backend() == "nccl"  # NCCL broadcasts CUDA tensors only
+    t = torch.tensor([int(flag)], device=f"cuda:{torch.cuda.current_device()}" if nccl else "cpu")
+    dist.broadcast(t, src=0)
+    return bool(t.item())
