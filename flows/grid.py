@@ -280,6 +280,12 @@ def _on_pool(
             "pool '%s'; MLflow %s, experiment %s", study, len(jobs), len(done), len(todo),
             len(ready), pool, tracker.uri, tracker.experiment,
         )  # fmt: skip
+        if tracker.uri.startswith(("sqlite:", "file:")):
+            logger.warning(
+                "MLflow store %s is a local file: workers on other machines cannot reach it "
+                "(their points would be recorded elsewhere); give the grid an MLflow server "
+                "(--tracking-uri http://..., make ui)", tracker.uri,
+            )  # fmt: skip
         bar = tqdm(total=len(jobs), initial=len(done), desc="grid", unit="point")
         ok, outcome = False, {}
         try:
