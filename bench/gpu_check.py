@@ -9,9 +9,12 @@ in a temp dir, then prints, side by side in one run:
 3. the MoE layer on CUDA bf16: grouped_mm vs padded-bmm output difference and fwd+bwd time;
 4. ``flows.training.point.train_point`` on CUDA (eager and torch.compile) and on CPU for the same point:
    status, final losses, tokens/s and MFU;
-5. training throughput of a wider model (bf16, eager vs compile): tokens/s and MFU.
+5. training throughput of a wider model (bf16, eager vs compile): tokens/s and MFU;
+6. one point over 1 and N processes (``train.processes``: torchrun, DDP over NCCL, one GPU per
+   rank; needs N >= 2 GPUs): status, final losses and their relative difference, tokens/s.
 
     python bench/gpu_check.py [--out gpu_check.json]
+    python bench/gpu_check.py --torchrun-on-cpu   # section 6 only, gloo on CPU (no GPU needed)
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ from stages.params import study_params  # noqa: E402
 from tests.conftest import TINY_PARAMS, build_data  # noqa: E402
 
 ARCHS = ("early", "late", "discrete", "early-moe", "early-moe-aware")
+# the recipe of sections 4 and 6: short points, a checkpoint every 20 steps
+TRAIN = {"warmup_tokens_ref": 1024, "eval_every_tokens": 8192, "eval_batches": 2,
+         "checkpoint_every_steps": 20, "batch_rows_ref": 4, "batch_exponent": 0.0}  # fmt: skip
 
 
 def timed(fn, reps: int) -> float:
@@ -174,10 +180,65 @@ def throughput(params, shards: Path, cb_path: Path) -> dict:
     return out
 
 
+def check_torchrun(raw: dict, shards: Path, work: Path, device: str, n: int) -> dict:
+    """The same point with train.processes 1 and ``n`` (torchrun), each in a fresh process."""
+    import os
+    import subprocess
+
+    out = {}
+    for arch in ("early", "early-moe"):
+        point = Point(arch, "xs", 16384, "45-45-10", 0)
+        for procs in (1, n):
+            p = json.loads(json.dumps(raw))
+            p["train"] |= {"device": device, "processes": procs}
+            params = study_params(p)
+            wdir = work / f"torchrun-{arch}-{procs}"
+            wdir.mkdir(parents=True, exist_ok=True)
+            (wdir / "params.yaml").write_text(params.model_dump_json())  # JSON is YAML
+            run = [sys.executable]
+            if procs > 1:
+                run += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+            cmd = [*run, "-m", "flows.train", "--point", json.dumps(point.to_dict()),
+                   "--params", str(wdir / "params.yaml"), "--shards", str(shards),
+                   "--codebook", str(wdir / "none.pt"), "--workdir", str(wdir)]  # fmt: skip
+            env = dict(os.environ, OMP_NUM_THREADS="1")
+            if device == "cuda":
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(procs))
+            t0 = time.perf_counter()
+            r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if r.returncode != 0:
+                out[f"{arch}/{procs}"] = {"error": r.stderr[-2000:]}
+                print(f"  {arch:10s} {procs} process(es): FAILED\n{r.stderr[-2000:]}")
+                continue
+            rec = json.loads(r.stdout.strip().splitlines()[-1])
+            key = f"{arch}/{procs}"
+            out[key] = {k: rec.get(k) for k in ("status", "loss_avg", "tokens_per_s", "mfu",
+                                                "processes")} | {"wall_s": wall}  # fmt: skip
+            if procs > 1:
+                one = out.get(f"{arch}/1", {}).get("loss_avg")
+                out[key]["loss_avg_rel_diff"] = abs(rec["loss_avg"] - one) / one if one else None
+            print(f"  {arch:10s} {procs} process(es): {rec['status']}  loss_avg "
+                  f"{rec['loss_avg']:.5f}  {rec['tokens_per_s']:,.0f} tok/s  wall {wall:.1f} s")  # fmt: skip
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
+    ap.add_argument("--torchrun-on-cpu", action="store_true",
+                    help="only section 6, with gloo on CPU (2 processes): checks the script")  # fmt: skip
     args = ap.parse_args()
+    if args.torchrun_on_cpu:
+        work = Path(tempfile.mkdtemp())
+        raw = json.loads(json.dumps(TINY_PARAMS))
+        data = build_data(work / "data", raw)
+        raw["train"] = TRAIN
+        print("6. one point over 1 and 2 processes (torchrun, gloo, CPU)")
+        res = check_torchrun(raw, data.shards, work, "cpu", 2)
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=1))
+        return 0
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 1
@@ -212,11 +273,17 @@ def main() -> int:
     print("3. MoE layer, CUDA bf16")
     section("moe_layer", check_moe_layer)
     print("4. flows.training.point.train_point")
-    raw["train"] = {"warmup_tokens_ref": 1024, "eval_every_tokens": 8192, "eval_batches": 2,
-                    "checkpoint_every_steps": 20, "batch_rows_ref": 4, "batch_exponent": 0.0}  # fmt: skip
+    raw["train"] = TRAIN
     section("train_point", lambda: check_train_point(raw, data.shards, cb_path, work / "runs"))
     print("5. throughput of a wider model")
     section("throughput", lambda: throughput(params, data.shards, cb_path))
+    n = torch.cuda.device_count()
+    print(f"6. one point over 1 and {n} processes (torchrun, NCCL)")
+    if n >= 2:
+        section("torchrun", lambda: check_torchrun(raw, data.shards, work, "cuda", n))
+    else:
+        print("  needs 2 or more GPUs (NCCL: one GPU per rank); skipped")
+        res["torchrun"] = {"skipped": f"{n} GPU"}
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
     return 0
