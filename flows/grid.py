@@ -41,9 +41,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext, TaskRunContext
+from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.types.entrypoint import EntrypointType
 from prefect.utilities.annotations import quote
@@ -55,39 +54,10 @@ from flows.devices import device_slots
 from flows.launch import Launch, Recorder, exclusive
 from flows.plan import CODE, Fingerprints, Job, chains, fingerprints, plan
 from flows.pool import run_on_pool
-from flows.supervise import train_process
+from flows.tasks import crash_record, resolve, train_point_task
 from flows.tracking import Tracker
 from stages.common.provenance import git_revision
 from stages.params import Params, ParamsError, load_params
-
-
-@task(name="train-point", task_run_name="{label}", cache_policy=NO_CACHE, retry_delay_seconds=2)
-def train_point_task(label: str, job: Job, recorder: Recorder, gpu: str | None) -> dict[str, Any]:
-    """Train one point in its own process (retried from its checkpoints if it crashes)."""
-    logger = get_run_logger()
-    launch = recorder.launch
-    ctx = TaskRunContext.get()
-    attempt = ctx.task_run.run_count if ctx else 1
-    t0 = time.monotonic()
-    run_id = recorder.start(job)
-    started = time.monotonic() - t0
-    where = f"GPU {gpu}" if gpu is not None else f"CPU, {launch.params.train.threads} thread(s)"
-    logger.info("%s (%s): start, attempt %d, on %s", label, job.point_id, attempt, where)
-    out = train_process(job, launch, gpu, run_id)
-    out["system"]["mlflow_start_seconds"] = started
-    rec = out["record"]
-    if rec.get("status") == "ok":
-        logger.info(
-            "%s: ok, loss_avg %.4f, %d steps, %.0f tokens/s, %.1f s",
-            label,
-            rec.get("loss_avg") or float("nan"),
-            rec.get("steps") or 0,
-            rec.get("tokens_per_s") or 0.0,
-            rec.get("wall_s") or 0.0,
-        )
-    else:
-        logger.warning("%s: failed: %s", label, rec.get("error"))
-    return out
 
 
 def run_chains(
@@ -119,12 +89,7 @@ def _outcome(job: Job, future: PrefectFuture, attempts: int) -> tuple[dict, dict
         return out["record"], out["system"]
     except Exception as e:
         get_run_logger().error("%s: failed after %d attempt(s): %s", job.label, attempts, e)
-        point = job.point.to_dict()
-        return records.crash_record(point, job.point_id, job.group_id, job.code, str(e)), {}
-
-
-def _resolve(path: str) -> Path:
-    return Path(path).expanduser().resolve()
+        return crash_record(job, e), {}
 
 
 def _start_launch(launch: Launch, jobs: list[Job], todo: list[Job]) -> None:
@@ -169,9 +134,9 @@ def grid_flow(
     """
     logger = get_run_logger()
     t0 = time.monotonic()
-    params_file = _resolve(params_path)
+    params_file = resolve(params_path)
     params = load_params(params_file)
-    shards_dir, results_dir, cb = _resolve(shards), _resolve(results), _resolve(codebook)
+    shards_dir, results_dir, cb = resolve(shards), resolve(results), resolve(codebook)
     cb = cb if cb.exists() else None
     fp = fingerprints(shards_dir, cb)
     jobs = plan(params, fp)
@@ -264,11 +229,11 @@ def _on_pool(
     logger = get_run_logger()
     t0 = time.monotonic()
     pool, study = params.grid.work_pool, params.grid.study
-    results_dir = _resolve(paths["results"])
+    results_dir = resolve(paths["results"])
     with exclusive(results_dir):
         tracker = Tracker(study, tracking_uri)
         rev = str(git_revision(paths=CODE))
-        launch = Launch(params, params_file, _resolve(paths["shards"]), cb, results_dir, fp, rev,
+        launch = Launch(params, params_file, resolve(paths["shards"]), cb, results_dir, fp, rev,
                         tracker)  # fmt: skip
         done = {r["point_id"] for r in collect(jobs, study, tracker.uri).rows
                 if r.get("status") == "ok"}  # fmt: skip
@@ -320,11 +285,11 @@ def _on_pool(
 def print_plan(params_path: str, shards: str, codebook: str, results: str) -> int:
     """One line per point: point id, group id, label, ``done`` or ``train`` (no training)."""
     params = load_params(params_path)
-    cb = _resolve(codebook)
-    jobs = plan(params, fingerprints(_resolve(shards), cb if cb.exists() else None))
+    cb = resolve(codebook)
+    jobs = plan(params, fingerprints(resolve(shards), cb if cb.exists() else None))
     todo = 0
     for j in jobs:
-        done = records.is_done(records.read_record(_resolve(results), j.point_id))
+        done = records.is_done(records.read_record(resolve(results), j.point_id))
         todo += not done
         print(f"{j.point_id}  {j.group_id}  {j.label}  {'done' if done else 'train'}")
     print(f"{len(jobs)} points: {len(jobs) - todo} done, {todo} to train", file=sys.stderr)
@@ -334,9 +299,9 @@ def print_plan(params_path: str, shards: str, codebook: str, results: str) -> in
 def collect_runs(args: argparse.Namespace) -> int:
     """``collect``: runs.parquet from the MLflow store (flows/collect.py)."""
     params = load_params(args.params)
-    cb = _resolve(args.codebook)
-    jobs = plan(params, fingerprints(_resolve(args.shards), cb if cb.exists() else None))
-    out = Path(args.out) if args.out else _resolve(args.results) / "runs.parquet"
+    cb = resolve(args.codebook)
+    jobs = plan(params, fingerprints(resolve(args.shards), cb if cb.exists() else None))
+    out = Path(args.out) if args.out else resolve(args.results) / "runs.parquet"
     try:
         got = collect(jobs, params.grid.study, args.tracking_uri, out)
     except ValueError as e:  # a run whose record is another point's: the store is inconsistent

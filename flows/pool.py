@@ -54,14 +54,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 
 from flows import records
 from flows.launch import ROOT, Launch, Recorder
 from flows.plan import CODE, Job, fingerprints, plan
-from flows.supervise import train_process
+from flows.tasks import crash_record, resolve, train_point_task
 from flows.tracking import Tracker
 from stages.common.provenance import git_revision
 from stages.common.stage import atomic_write
@@ -81,14 +80,6 @@ def deployment_name(pool: str) -> str:
 
 
 # --------------------------------------------------------------------------- the worker side
-
-
-@task(name="train-point", task_run_name="{label}", cache_policy=NO_CACHE, retry_delay_seconds=2)
-def train_point_on_worker(label: str, job: Job, recorder: Recorder) -> dict[str, Any]:
-    """One point of a chain, in its own process (retried from its checkpoints if it crashes)."""
-    run_id = recorder.start(job)
-    get_run_logger().info("%s (%s): start on worker %s", label, job.point_id, worker_name())
-    return train_process(job, recorder.launch, None, run_id)
 
 
 def worker_name() -> str:
@@ -111,14 +102,14 @@ def train_chain(
     ones to the deployment's working directory, the checkout)."""
     logger = get_run_logger()
     p = validate_params(params)
-    results_dir = _path(results)
+    results_dir = resolve(results)
     text = json.dumps(params, sort_keys=True)
     params_file = (
         results_dir / "pool" / f"params-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
     )
     atomic_write(params_file, text)  # the point processes read the study from here (JSON is YAML)
-    cb = _path(codebook) if _path(codebook).exists() else None
-    fp = fingerprints(_path(shards), cb)
+    cb = resolve(codebook) if resolve(codebook).exists() else None
+    fp = fingerprints(resolve(shards), cb)
     by_id = {j.point_id: j for j in plan(p, fp)}
     unknown = [pid for pid in point_ids if pid not in by_id]
     if unknown:
@@ -137,7 +128,7 @@ def train_chain(
     tracker = Tracker(p.grid.study, tracking_uri)
     tracker.parent_id = launch_run_id
     rev = str(git_revision(paths=CODE))
-    launch = Launch(p, params_file, _path(shards), cb, results_dir, fp, rev, tracker)
+    launch = Launch(p, params_file, resolve(shards), cb, results_dir, fp, rev, tracker)
     recorder = Recorder(jobs, launch, table=False)
     ok = 0
     for job in jobs:
@@ -146,22 +137,16 @@ def train_chain(
             recorder.adopt(job, rec)
         else:
             try:
-                task_ = train_point_on_worker.with_options(retries=p.grid.retries)
-                out = task_(job.label, job, recorder)
+                task_ = train_point_task.with_options(retries=p.grid.retries)
+                out = task_(job.label, job, recorder, None)  # (its GPUs: the worker's env)
                 rec, system = out["record"], out["system"]
             except Exception as e:
                 logger.error("%s: failed: %s", job.label, e)
-                point = job.point.to_dict()
-                rec = records.crash_record(point, job.point_id, job.group_id, job.code, str(e))
-                system = {}
+                rec, system = crash_record(job, e), {}
             recorder.finish(job, rec, system)
         ok += rec.get("status") == "ok"
     logger.info("%s: %d/%d points ok on worker %s", label, ok, len(jobs), worker_name())
     return {"points": len(jobs), "ok": ok, "worker": worker_name()}
-
-
-def _path(path: str) -> Path:
-    return Path(path).expanduser().resolve()
 
 
 # --------------------------------------------------------------------------- the parent side
@@ -219,8 +204,18 @@ def run_on_pool(
         running[fr.id] = chain
         logger.info("chain %s: flow run %s (%s)", chain[0].label, name, state.lower())
 
-    for chain in chains_:
-        submit(chain)
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        for chain in chains_:
+            submit(chain)
+    except ObjectNotFound:
+        cancel(list(running))
+        raise RuntimeError(
+            f"grid.work_pool is {pool!r} but the server has no deployment "
+            f"{deployment_name(pool)!r}: create it with `python -m flows.pool deploy --pool {pool}` "
+            "and start workers (`python -m flows.pool worker --pool ...`)"
+        ) from None
     try:
         with get_client(sync_client=True) as client:
             while running:

@@ -129,13 +129,6 @@ class Sparse(Family):
         return SparsityLaw(E, A, B, C, G, al, be, self.bound * math.tanh(u),
                            self.bound * math.tanh(v), ga)  # fmt: skip
 
-    def theta(self, law: SparsityLaw) -> np.ndarray:
-        """The coordinates of ``law`` (inverse of :meth:`law`)."""
-        return np.array([math.log(law.A), math.log(law.B), math.log(law.E), math.log(law.C),
-                         math.log(law.G), math.log(law.alpha), math.log(law.beta),
-                         math.atanh(law.lam / self.bound), math.atanh(law.delta / self.bound),
-                         math.log(law.gamma)])  # fmt: skip
-
 
 SPARSE = Sparse()
 

@@ -165,5 +165,14 @@ def test_a_pool_of_two_workers_trains_each_point_once_and_survives_a_killed_work
             if grid2.poll() is None:
                 _kill_tree(grid2)
         ids = {r["id"] for r in waiting}
+        # a pool nobody deployed: named, with the command that creates it, before any work
+        params3 = write_params(tmp_path / "params3.yaml",
+                               grid=GRID | {"work_pool": "nope", "tokens": [3072]})  # fmt: skip
+        grid3 = _grid(params3, tmp_path / "results3", servers.mlflow_url, env, tiny_data)
+        out3, _ = grid3.communicate(timeout=300)
+        assert grid3.returncode != 0
+        assert (
+            "no deployment 'train-chain/nope'" in out3 and "flows.pool deploy --pool nope" in out3
+        )
         runs = _json(f"{servers.prefect_api}/flow_runs/filter", {})
         assert {r["state"]["type"] for r in runs if r["id"] in ids} == {"CANCELLED"}
