@@ -50,9 +50,9 @@ from tqdm import tqdm
 
 from flows import records
 from flows.collect import collect
-from flows.devices import device_slots
+from flows.devices import check_batch_split, device_slots
 from flows.launch import Launch, Recorder, exclusive
-from flows.plan import CODE, Fingerprints, Job, chains, fingerprints, plan
+from flows.plan import CODE, Fingerprints, Job, chains, expand_grid, fingerprints, plan
 from flows.pool import run_on_pool
 from flows.tasks import crash_record, resolve, train_point_task
 from flows.tracking import Tracker
@@ -140,6 +140,7 @@ def grid_flow(
     cb = cb if cb.exists() else None
     fp = fingerprints(shards_dir, cb)
     jobs = plan(params, fp)
+    check_batch_split(params, (j.point for j in jobs), shards_dir)
     if params.grid.work_pool:
         paths = {"shards": shards, "codebook": codebook, "results": results}
         return _on_pool(params, params_file, jobs, cb, fp, tracking_uri, paths)
@@ -376,8 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     when.add_argument("--interval", type=float, help="schedule: every this many seconds")
     args = ap.parse_args(argv)
 
-    try:
-        load_params(args.params)  # fail before Prefect starts, with the key that is wrong
+    try:  # fail before Prefect starts, with the key that is wrong
+        params = load_params(args.params)
+        if args.command == "run" and (resolve(args.shards) / "info.json").exists():
+            check_batch_split(params, expand_grid(params), resolve(args.shards))
     except ParamsError as e:
         print(e, file=sys.stderr)
         return 2

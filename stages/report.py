@@ -86,7 +86,7 @@ def run_report(results: str | Path = "results", shards: str | Path = "data/shard
     (results / "report.md").write_text(md)
     (results / "report.html").write_text(to_html(md, results))
     (out / "findings.json").write_text(json.dumps([f.__dict__ for f in found], indent=1))
-    keep = ("transient", "laws")
+    keep = ("transient", "laws", "noise")
     (out / "health.json").write_text(json.dumps({k: health[k] for k in keep}, indent=1))
     tr = health["transient"]
     log.info("past the transient: %s (loss falls in %.1f%% of adjacent pairs, gains shrink in "

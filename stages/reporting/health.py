@@ -67,6 +67,49 @@ def transient(runs: pd.DataFrame, loss: str = "loss_avg") -> dict[str, Any]:
     }
 
 
+def seed_noise(runs: pd.DataFrame, loss: str = "loss_avg", z: float = 2.0) -> dict[str, Any]:
+    """Run-to-run noise, measured where points were trained at two or more seeds.
+
+    ``run_sd``: the pooled relative standard deviation of one run's ``loss`` about its point's
+    seed mean (arch, size, budget, mixture). Beside it, what the grid must resolve: the median
+    relative drop of the seed-mean loss one size up at fixed D (``size_step``) and one budget up
+    at fixed N (``budget_step``); and of the adjacent pairs in which the seed-mean loss does not
+    fall, how many are within ``z`` standard errors of their difference (``within_noise``: they
+    may be noise, not the transient). ``points`` 0: one seed everywhere, nothing measured.
+    """
+    ok = runs[runs.status == "ok"]
+    keys = ["arch", "size", "tokens_budget"] + (["mixture"] if "mixture" in ok else [])
+    g = ok.groupby(keys, sort=False)[loss].agg(["mean", "var", "count"])
+    multi = g[g["count"] >= 2]
+    out: dict[str, Any] = {"points": len(multi), "seeds": int(g["count"].max()) if len(g) else 0}
+    if multi.empty:
+        return out
+    dof = multi["count"] - 1
+    sd = math.sqrt(float((dof * multi["var"] / multi["mean"] ** 2).sum() / dof.sum()))
+    steps: dict[str, list[float]] = {"N": [], "D": []}
+    fails = within = 0
+    for _, r in ok.groupby("arch", sort=False):
+        for axis, index, cols in (("N", "N", "tokens_budget"), ("D", "tokens_budget", "N")):
+            m = r.pivot_table(index=index, columns=cols, values=loss, aggfunc="mean").sort_index()
+            n = r.pivot_table(index=index, columns=cols, values=loss, aggfunc="count")
+            for c in m.columns:
+                col, cnt = m[c].dropna(), n[c]
+                for (i0, l0), (i1, l1) in zip(col.items(), list(col.items())[1:], strict=False):
+                    steps[axis].append((l0 - l1) / l0)
+                    if l1 >= l0:
+                        fails += 1
+                        se = sd * (l0 + l1) / 2 * math.sqrt(1 / cnt[i0] + 1 / cnt[i1])
+                        within += (l1 - l0) <= z * se
+    return out | {
+        "run_sd": sd,
+        "size_step": float(np.median(steps["N"])) if steps["N"] else None,
+        "budget_step": float(np.median(steps["D"])) if steps["D"] else None,
+        "not_falling": fails,
+        "within_noise": within,
+        "z": z,
+    }
+
+
 def law_checks(fits: dict, floor: dict[str, float], target: str = "avg") -> list[dict[str, Any]]:
     """Per arch, the chosen law of its ``target`` fit: R², held-out error on L and on L − E,
     its exponents, and E's bootstrap interval against the corpus's floor, each with pass/fail."""
@@ -137,6 +180,7 @@ def health_tables(runs: pd.DataFrame, fits: dict, floor: dict[str, float]) -> di
     return {
         "transient": tr,
         "laws": checks,
+        "noise": seed_noise(runs),
         "transient_falling_min": FALLING_MIN,
         "transient_dec_min": DECELERATING_MIN,
         "transient_table": {

@@ -16,10 +16,10 @@ from mlflow import MlflowClient
 
 from flows import records, supervise
 from flows.collect import collect
-from flows.devices import device_slots
+from flows.devices import check_batch_split, device_slots
 from flows.grid import grid_flow, main
 from flows.launch import Launch
-from flows.plan import Job, Point, chains, fingerprints, plan
+from flows.plan import Job, Point, chains, expand_grid, fingerprints, plan
 from flows.tracking import Tracker
 from flows.training.loop import FAULT_ENV
 from model.ladder import SIZES
@@ -192,6 +192,32 @@ def test_bad_params_stop_the_cli_before_prefect_starts(tmp_path, capsys):
     bad = write_params(tmp_path / "params.yaml", grid={"workers": 0})
     assert main(["run", "--params", str(bad)]) == 2
     assert "grid.workers" in capsys.readouterr().err
+
+
+def test_processes_that_do_not_split_the_batch_stop_the_cli_before_any_compute(
+    tiny_data, tmp_path, capsys
+):
+    """train.processes must divide every point's batch rows (4 here): 3 is refused with the
+    sizes and the processes that would work, before Prefect starts or anything is written."""
+    results = tmp_path / "results"
+    bad = write_params(tmp_path / "params.yaml", train={"processes": 3})
+    args = ["run", "--params", str(bad), "--shards", str(tiny_data.shards)]
+    assert main([*args, "--results", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert "train.processes=3" in err and "early xxs (4 rows)" in err and "[1, 2, 4]" in err
+    assert not results.exists()
+    ok = validate_params(grid_params(train={"processes": 2}))
+    check_batch_split(ok, expand_grid(ok), tiny_data.shards)  # 2 rows a rank: no error
+    # rows grow with N (batch_exponent 1): xxs 2 rows, m 8; 4 processes fit m only
+    mixed = validate_params(
+        grid_params(
+            grid={"sizes": ["xxs", "m"]},
+            train={"processes": 4, "batch_rows_ref": 2, "batch_exponent": 1.0},
+        )
+    )
+    with pytest.raises(ParamsError, match=r"early xxs \(1 rows\).*in \[1\]") as e:
+        check_batch_split(mixed, expand_grid(mixed), tiny_data.shards)
+    assert "early m" not in str(e.value)
 
 
 # --------------------------------------------------------------------------- end to end

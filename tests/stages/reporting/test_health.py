@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from stages.reporting.health import law_checks, transient
+from stages.reporting.health import law_checks, seed_noise, transient
 
 SIZES = {"xxs": 5e4, "xs": 1e5, "s": 2e5}
 BUDGETS = [75_000, 150_000, 300_000, 600_000]
@@ -61,3 +62,29 @@ def test_law_checks_mark_each_target_and_skip_the_floor_law_for_E():
     assert early["ok_exponents"] is False and early["ok_E"] is False  # beta > 1; E low < floor
     assert (late["ok_r2"], late["ok_heldout"], late["ok_exponents"]) == (False, False, True)
     assert late["ok_E"] is None
+
+
+def test_seed_noise_is_unmeasured_with_one_seed_and_recovered_with_several():
+    assert seed_noise(_runs(lambda n, d: 0.4 + 30 / n**0.5 + 200 / d**0.5))["points"] == 0
+
+    rng = np.random.default_rng(0)
+
+    def law(n, d):  # one size up lowers the loss by ~2-3%, one budget up by ~10%
+        big = 0.3 if (n, d) == (SIZES["s"], 150_000) else 0.0  # a reversal far above the noise
+        return 0.4 + 30 / n**0.5 + 200 / d**0.5 + big
+
+    runs = pd.concat(
+        _runs(lambda n, d: law(n, d) * (1 + 0.01 * rng.standard_normal())).assign(seed=s)
+        for s in range(8)
+    )
+    noise = seed_noise(runs)
+    assert (noise["points"], noise["seeds"]) == (12, 8)
+    assert noise["run_sd"] == pytest.approx(0.01, rel=0.25)  # planted: 1% per run
+    exact = _runs(law)
+    drops = [(law(a, d) - law(b, d)) / law(a, d) for d in BUDGETS
+             for a, b in zip(SIZES.values(), list(SIZES.values())[1:], strict=False)]  # fmt: skip
+    assert noise["size_step"] == pytest.approx(np.median(drops), abs=0.01)
+    assert noise["budget_step"] > noise["size_step"]
+    # the planted reversal (xs -> s at 150k) does not fall and is far outside the noise
+    assert transient(exact)["total"]["n_falling"] == transient(exact)["total"]["n_pairs"] - 1
+    assert noise["not_falling"] >= 1 and noise["within_noise"] <= noise["not_falling"] - 1
