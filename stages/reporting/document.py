@@ -20,7 +20,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from stages.common.figures import slug
 from stages.reporting.findings import Finding
-from stages.scaling.law import fitted_law
+from stages.scaling.law import below_floor, fitted_law
 
 PARAMS = ("E", "alpha", "beta", "a", "b", "c", "d")
 # Shukor et al. 2025, Table 2: (E, alpha, beta, a, b, c, d) per (arch, target).
@@ -86,7 +86,7 @@ def fits_table(fits: dict, floor: dict[str, float]) -> dict[str, Any]:
         target = key.split("/")[-1]
         flag = "" if fitted_law(f) is not None else " (degenerate)"
         E, fl = f.get("E"), floor.get(target)
-        below = " (below the floor: E not identified)" if E is not None and fl and fl > E else ""
+        below = " (below the floor: E not identified)" if below_floor(E, fl) else ""
         row = [key + flag, f.get("law", "paper"), _with_ci(f, "E") + below, _num(fl, ".3f")]
         row += [_num(f.get(k)) for k in PARAMS[1:]]
         row += [_num(f.get("fit_r2"), ".3f"), _num(f.get("heldout_mre"), ".2%")]

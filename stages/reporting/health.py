@@ -71,41 +71,58 @@ def seed_noise(runs: pd.DataFrame, loss: str = "loss_avg", z: float = 2.0) -> di
     """Run-to-run noise, measured where points were trained at two or more seeds.
 
     ``run_sd``: the pooled relative standard deviation of one run's ``loss`` about its point's
-    seed mean (arch, size, budget, mixture). Beside it, what the grid must resolve: the median
-    relative drop of the seed-mean loss one size up at fixed D (``size_step``) and one budget up
-    at fixed N (``budget_step``); and of the adjacent pairs in which the seed-mean loss does not
-    fall, how many are within ``z`` standard errors of their difference (``within_noise``: they
-    may be noise, not the transient). ``points`` 0: one seed everywhere, nothing measured.
+    seed mean (arch, size, budget, mixture). What the grid must resolve is a step between
+    adjacent points (one size up at fixed D, one budget up at fixed N), and the runs of one seed
+    are not independent across points (the same data order for every size, one trunk for every
+    budget), so steps are taken seed by seed: ``step_sd`` is the pooled relative standard
+    deviation of a step across seeds, ``size_step`` and ``budget_step`` the median step (the
+    relative drop, averaged over seeds), and of the steps whose mean does not fall
+    (``not_falling``), ``within_noise`` are within ``z`` standard errors of zero (noise-sized,
+    not necessarily the transient). ``points`` 0: one seed everywhere, nothing measured.
     """
     ok = runs[runs.status == "ok"]
-    keys = ["arch", "size", "tokens_budget"] + (["mixture"] if "mixture" in ok else [])
-    g = ok.groupby(keys, sort=False)[loss].agg(["mean", "var", "count"])
+    ok = ok.assign(seed=ok.get("seed", 0))
+    by = ["arch"] + (["mixture"] if "mixture" in ok else [])
+    g = ok.groupby([*by, "size", "tokens_budget"], sort=False)[loss].agg(["mean", "var", "count"])
     multi = g[g["count"] >= 2]
-    out: dict[str, Any] = {"points": len(multi), "seeds": int(g["count"].max()) if len(g) else 0}
+    out: dict[str, Any] = {
+        "points": len(multi),
+        "seeds_min": int(multi["count"].min()) if len(multi) else 0,
+        "seeds_max": int(multi["count"].max()) if len(multi) else 0,
+    }
     if multi.empty:
         return out
     dof = multi["count"] - 1
     sd = math.sqrt(float((dof * multi["var"] / multi["mean"] ** 2).sum() / dof.sum()))
-    steps: dict[str, list[float]] = {"N": [], "D": []}
-    fails = within = 0
-    for _, r in ok.groupby("arch", sort=False):
+    steps: list[tuple[str, np.ndarray]] = []  # (axis, the relative drop at each seed)
+    for _, r in ok.groupby(by, sort=False):
         for axis, index, cols in (("N", "N", "tokens_budget"), ("D", "tokens_budget", "N")):
-            m = r.pivot_table(index=index, columns=cols, values=loss, aggfunc="mean").sort_index()
-            n = r.pivot_table(index=index, columns=cols, values=loss, aggfunc="count")
-            for c in m.columns:
-                col, cnt = m[c].dropna(), n[c]
-                for (i0, l0), (i1, l1) in zip(col.items(), list(col.items())[1:], strict=False):
-                    steps[axis].append((l0 - l1) / l0)
-                    if l1 >= l0:
-                        fails += 1
-                        se = sd * (l0 + l1) / 2 * math.sqrt(1 / cnt[i0] + 1 / cnt[i1])
-                        within += (l1 - l0) <= z * se
+            t = r.pivot_table(index=index, columns=[cols, "seed"], values=loss, aggfunc="mean")
+            t = t.sort_index()
+            for c in t.columns.get_level_values(0).unique():
+                sub = t[c].dropna(how="all")
+                for i0, i1 in zip(sub.index, sub.index[1:], strict=False):
+                    drop = ((sub.loc[i0] - sub.loc[i1]) / sub.loc[i0]).dropna().to_numpy()
+                    if drop.size:
+                        steps.append((axis, drop))
+    paired = [d for _, d in steps if d.size >= 2]
+    ss = sum(float(((d - d.mean()) ** 2).sum()) for d in paired)
+    step_sd = math.sqrt(ss / sum(d.size - 1 for d in paired)) if paired else None
+    fails = [d for _, d in steps if d.mean() <= 0]
+    within = sum(step_sd is not None and -d.mean() <= z * step_sd / math.sqrt(d.size)
+                 for d in fails)  # fmt: skip
+
+    def median(axis: str) -> float | None:
+        m = [float(d.mean()) for a, d in steps if a == axis]
+        return float(np.median(m)) if m else None
+
     return out | {
         "run_sd": sd,
-        "size_step": float(np.median(steps["N"])) if steps["N"] else None,
-        "budget_step": float(np.median(steps["D"])) if steps["D"] else None,
-        "not_falling": fails,
-        "within_noise": within,
+        "step_sd": step_sd,
+        "size_step": median("N"),
+        "budget_step": median("D"),
+        "not_falling": len(fails),
+        "within_noise": int(within),
         "z": z,
     }
 

@@ -35,6 +35,7 @@ from stages.scaling.law import (
     Budget,
     Law,
     SmoothMinLaw,
+    below_floor,
     enough_points,
     errors,
     exponents,
@@ -244,7 +245,8 @@ def choose(
     are not worse than the best's by more than ``fit.parsimony`` standard errors of the paired
     difference (the same runs, so the shared noise cancels) extrapolates as well; of those the
     one with the fewest parameters is chosen (the lower error between equals). Degenerate laws
-    (an exponent <= 0) are chosen only when every family is degenerate.
+    (an exponent <= 0) and, when the corpus's ``floor`` is known, laws whose E lies below it
+    (an irreducible loss the data's entropy rules out) are chosen only when every family is one.
     """
     err = {n: f.out_of_sample(obs, held) for n, f in families.items()}
     scores = {n: _nanmean(e) for n, e in err.items()}
@@ -253,7 +255,9 @@ def choose(
         if fit.law not in families:
             raise FitError(f"fit.law is {fit.law!r} but that family could not be fitted here")
         return fit.law, f"forced by fit.law (out-of-sample error: {table})"
-    ok = [n for n in families if not families[n].law.degenerate and math.isfinite(scores[n])]
+    below = [n for n, f in families.items() if below_floor(f.law.E, floor)]
+    ok = [n for n in families
+          if not families[n].law.degenerate and n not in below and math.isfinite(scores[n])]  # fmt: skip
     ok = ok or [n for n in families if math.isfinite(scores[n])] or list(families)
     best = min(ok, key=lambda n: scores[n])
 
@@ -272,6 +276,13 @@ def choose(
         if choice != best
         else ", the lowest"
     )
+    if below:
+        E = ", ".join(f"{n} {families[n].law.E:.4g}" for n in below)
+        why += f"; E below the floor {floor:.4g} ({E}): " + (
+            "not chosen"
+            if choice not in below
+            else "chosen, as no family above it extrapolates (finite error, exponents > 0)"
+        )
     return choice, f"{why}; every family: {table}"
 
 

@@ -171,6 +171,15 @@ def law_from_entry(entry: dict[str, Any] | None) -> Law | SmoothMinLaw | None:
     return FORMS[family].from_values(entry, family)
 
 
+def below_floor(E: float | None, floor: float | None) -> bool:
+    """Whether an irreducible loss E lies below the corpus's entropy ``floor`` (a law the data
+    rules out). The floor family's E is exp(log(floor)), which may round one unit in the last
+    place below it: that is not below."""
+    if E is None or floor is None or not math.isfinite(E):
+        return False
+    return floor * (1 - 1e-9) > E
+
+
 def fitted_law(entry: dict[str, Any] | None) -> Law | SmoothMinLaw | None:
     """The non-degenerate law of a fits.json entry, or None."""
     law = law_from_entry(entry)

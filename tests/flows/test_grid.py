@@ -208,7 +208,7 @@ def test_processes_that_do_not_split_the_batch_stop_the_cli_before_any_compute(
     assert not results.exists()
     ok = validate_params(grid_params(train={"processes": 2}))
     check_batch_split(ok, expand_grid(ok), tiny_data.shards)  # 2 rows a rank: no error
-    # rows grow with N (batch_exponent 1): xxs 2 rows, m 8; 4 processes fit m only
+    # rows grow with N (batch_exponent 1): xxs 1 row, m 8; 4 processes split m only
     mixed = validate_params(
         grid_params(
             grid={"sizes": ["xxs", "m"]},
