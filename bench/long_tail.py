@@ -24,9 +24,11 @@ The probe and planted runs take minutes (two processes; models from 57k to 817k 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -104,7 +106,8 @@ def oracle(args) -> dict:
 
 def prepare(root: Path, overrides: dict, mixtures: dict | None = None) -> tuple[Path, Path]:
     """Corpus, tokenizer and shards of the default params with ``overrides`` (and, replacing
-    the default's, ``mixtures``) under ``root``, reused when already there; returns
+    the default's, ``mixtures``) under ``root``, reused when made by the same params and code
+    (stages/data/); returns
     (params.yaml, shards)."""
     root.mkdir(parents=True, exist_ok=True)
     raw = merge(read_yaml(REPO_PARAMS), overrides)
@@ -113,15 +116,25 @@ def prepare(root: Path, overrides: dict, mixtures: dict | None = None) -> tuple[
     params_path = root / "params.yaml"
     params_path.write_text(yaml.safe_dump(raw))
     shards = root / "data" / "shards"
-    if not (shards / "info.json").exists():
-        params = validate_params(raw)
-        t0 = time.perf_counter()
-        build_corpus(params, root / "data" / "corpus")
-        tok = root / "data" / "tokenizer" / "tokenizer.json"
-        tok.parent.mkdir(parents=True, exist_ok=True)
-        build_tokenizer(params.tokenizer, root / "data" / "corpus").save(str(tok))
-        build_shards(root / "data" / "corpus", tok, shards, params.shards)
-        print(f"  data for {root.name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    # the data are reused only if the params and the code that made them are the same
+    made_by = json.dumps({k: raw[k] for k in ("seed", "corpus", "tokenizer", "shards")},
+                         sort_keys=True) + "".join(
+        p.read_text() for p in sorted((ROOT / "stages" / "data").glob("*.py")))  # fmt: skip
+    digest = hashlib.sha256(made_by.encode()).hexdigest()
+    stamp = root / "data" / "made_by.sha256"
+    if (shards / "info.json").exists() and stamp.exists() and stamp.read_text() == digest:
+        return params_path, shards
+    if (root / "data").exists():
+        shutil.rmtree(root / "data")  # made by other params or code: never reused
+    params = validate_params(raw)
+    t0 = time.perf_counter()
+    build_corpus(params, root / "data" / "corpus")
+    tok = root / "data" / "tokenizer" / "tokenizer.json"
+    tok.parent.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(params.tokenizer, root / "data" / "corpus").save(str(tok))
+    build_shards(root / "data" / "corpus", tok, shards, params.shards)
+    print(f"  data for {root.name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    stamp.write_text(digest)
     return params_path, shards
 
 
