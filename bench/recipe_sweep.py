@@ -41,11 +41,14 @@ BASE = {"batch_rows_ref": 2, "batch_exponent": 0.0, "eval_every_tokens": 10**9,
         "log_every_steps": 10}  # fmt: skip
 
 
-def train(arch: str, size: str, tokens: int, train: dict, shards: str, work: str) -> dict:
+def train(
+    arch: str, size: str, tokens: int, train: dict, shards: str, work: str, seed: int = 0
+) -> dict:
     params = study_params({"train": {**BASE, **train}})
-    rec = train_point(Point(arch, size, tokens, "45-45-10", 0), params, shards=Path(shards),
+    rec = train_point(Point(arch, size, tokens, "45-45-10", seed), params, shards=Path(shards),
                       codebook=None, workdir=Path(work))  # fmt: skip
-    return {"arch": arch, "size": size, **train, "loss_avg": rec["loss_avg"], "N": rec["N"]}
+    return {"arch": arch, "size": size, "seed": seed, **train, "loss_avg": rec["loss_avg"],
+            "N": rec["N"]}  # fmt: skip
 
 
 def main() -> None:
@@ -54,6 +57,7 @@ def main() -> None:
                     "early-moe-aware"], help="(default %(default)s; discrete needs a codebook)")  # fmt: skip
     ap.add_argument("--sizes", nargs="+", default=["xxs", "xs", "s", "m"])
     ap.add_argument("--tokens", type=int, default=300_000)
+    ap.add_argument("--seed", type=int, default=0, help="init and data order (default 0)")
     ap.add_argument("--mults", nargs="+", type=float, default=[0.5, 1.0, 2.0, 4.0])
     how = ap.add_mutually_exclusive_group()
     how.add_argument("--cosine", action="store_true", help="also wsd against cosine")
@@ -64,12 +68,12 @@ def main() -> None:
     _, shards = prepare(args.out / "world", {})
     tp = study_params().train
     work = str(args.out / "runs")
-    jobs = [(args.arch, s, args.tokens, {"lr_ref": tp.lr_ref * m}, str(shards), work)
+    jobs = [(args.arch, s, args.tokens, {"lr_ref": tp.lr_ref * m}, str(shards), work, args.seed)
             for s in args.sizes for m in args.mults]  # fmt: skip
     lr_runs = run_per_kind(train, jobs, workers=2)
     n = {r["size"]: r["N"] for r in lr_runs}  # the arch's N (active parameters for MoE)
     lr = {s: tp.lr_ref * (n[s] / tp.n_ref) ** tp.lr_exponent for s in args.sizes}
-    print(f"{args.arch}: validation loss (avg of kinds) after {args.tokens:,} tokens; "
+    print(f"{args.arch}, seed {args.seed}: validation loss (avg of kinds) after {args.tokens:,} tokens; "
           "lr = lr(N) x mult")  # fmt: skip
     print(f"{'size':>5} {'N':>8} {'lr(N)':>9} " + " ".join(f"x{m:<6g}" for m in args.mults))
     best = {}
@@ -88,10 +92,11 @@ def main() -> None:
     out = {"arch": args.arch, "tokens": args.tokens, "lr_runs": lr_runs, "best_lr": best,
            "lr_ref": lr_ref, "lr_exponent": lr_exp}  # fmt: skip
     if args.lr_only:
-        (args.out / f"sweep-{args.arch}-lr.json").write_text(json.dumps(out, indent=1))
+        name = f"sweep-{args.arch}-lr" + (f"-seed{args.seed}" if args.seed else "")
+        (args.out / f"{name}.json").write_text(json.dumps(out, indent=1))
         return
     jobs = [(args.arch, s, args.tokens, {"lr_ref": lr_ref, "lr_exponent": lr_exp, "adam_beta2": b2},
-             str(shards), work) for s in args.sizes for b2 in (0.95, 0.99)]  # fmt: skip
+             str(shards), work, args.seed) for s in args.sizes for b2 in (0.95, 0.99)]  # fmt: skip
     b2_runs = run_per_kind(train, jobs, workers=2)
     print("beta2 at the fitted lr: " + "; ".join(
         f"{s}: 0.95 {b2_runs[2 * i]['loss_avg']:.4f}, 0.99 {b2_runs[2 * i + 1]['loss_avg']:.4f}"
@@ -100,7 +105,7 @@ def main() -> None:
     if args.cosine:
         ends = [args.sizes[0], args.sizes[-1]]
         common = {"lr_ref": lr_ref, "lr_exponent": lr_exp, "branch_cooldowns": False}
-        jobs = [(args.arch, s, args.tokens, {**common, "schedule": sched}, str(shards), work)
+        jobs = [(args.arch, s, args.tokens, {**common, "schedule": sched}, str(shards), work, args.seed)
                 for s in ends for sched in ("wsd", "cosine")]  # fmt: skip
         cos = run_per_kind(train, jobs, workers=2)
         for i, s in enumerate(ends):
