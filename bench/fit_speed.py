@@ -114,7 +114,7 @@ def main() -> None:
 
 def boot_seconds(runs: pd.DataFrame, fit: FitParams, search) -> float:
     """Seconds for 100 bootstrap refits (warm start + fit.bootstrap_starts grid starts)."""
-    from stages.scaling.fit import bootstrap
+    from stages.scaling.bootstrap import bootstrap
 
     r = runs.assign(C=6 * runs.N * runs.D)
     p = Points.of(r.N, r.D, r.loss)

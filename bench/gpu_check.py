@@ -32,10 +32,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+
+from flows.config import Point, RunConfig  # noqa: E402
 from flows.devices import PEAK_FLOPS  # noqa: E402
-from flows.plan import Point  # noqa: E402
 from flows.training.point import train_point  # noqa: E402
-from flows.training.recipe import model_config  # noqa: E402
 from model.config import MoEConfig  # noqa: E402
 from model.counting import step_flops  # noqa: E402
 from model.discrete import VisualCodebook  # noqa: E402
@@ -70,8 +70,7 @@ def check_losses(params, shards: Path, cb_path: Path) -> dict:
     batch = next(iter(val_batches(shards, "caption", 8, params.data.context_length)))
     out = {}
     for arch in ARCHS:
-        point = Point(arch, "s", 4096, "45-45-10", 0)
-        cfg = model_config(point, params, info, cb.size)
+        cfg = RunConfig.build(params, Point(arch, "s", 4096, "45-45-10", 0), info).model
         torch.manual_seed(0)
         model = MultimodalLM(cfg, cb if cfg.arch == "discrete" else None).eval()
         with torch.no_grad():
@@ -125,9 +124,11 @@ def check_train_point(raw: dict, shards: Path, cb: Path, work: Path) -> dict:
             p = json.loads(json.dumps(raw))
             p["train"] |= {"device": device, "compile": compile_}
             params = study_params(p)
-            point = Point(arch, "xs", 16384, "45-45-10", 0)
+            cfg = RunConfig.build(
+                params, Point(arch, "xs", 16384, "45-45-10", 0), load_info(shards)
+            )
             t0 = time.perf_counter()
-            rec = train_point(point, params, shards=shards, codebook=cb,
+            rec = train_point(cfg, shards=shards, codebook=cb,
                               workdir=work / f"{arch}-{device}-{compile_}")  # fmt: skip
             key = f"{arch}/{device}{'+compile' if compile_ else ''}"
             out[key] = {k: rec.get(k) for k in ("status", "loss_avg", "loss_caption",
@@ -144,7 +145,7 @@ def throughput(params, shards: Path, cb_path: Path) -> dict:
     out = {}
     for arch in ("early", "early-moe"):
         point = Point(arch, "s", 4096, "45-45-10", 0)
-        cfg = model_config(point, params, info, 256).with_(
+        cfg = RunConfig.build(params, point, info).model.with_(
             d_model=1024, n_heads=16, ffn_hidden=2816, n_layers=8, context_length=1024
         )
         loader = PackedLoader(shards, 16, 1024, {"caption": 0.45, "interleaved": 0.45, "text": 0.1})
@@ -194,13 +195,14 @@ def check_torchrun(raw: dict, shards: Path, work: Path, device: str, n: int) -> 
             params = study_params(p)
             wdir = work / f"torchrun-{arch}-{procs}"
             wdir.mkdir(parents=True, exist_ok=True)
-            (wdir / "params.yaml").write_text(params.model_dump_json())  # JSON is YAML
+            cfg = RunConfig.build(params, point, load_info(shards))
+            (wdir / "config.json").write_text(cfg.to_json())
             run = [sys.executable]
             if procs > 1:
                 run += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
-            cmd = [*run, "-m", "flows.train", "--point", json.dumps(point.to_dict()),
-                   "--params", str(wdir / "params.yaml"), "--shards", str(shards),
-                   "--codebook", str(wdir / "none.pt"), "--workdir", str(wdir)]  # fmt: skip
+            cmd = [*run, "-m", "flows.train", "--config", str(wdir / "config.json"),
+                   "--shards", str(shards), "--codebook", str(wdir / "none.pt"),
+                   "--workdir", str(wdir)]  # fmt: skip
             env = dict(os.environ, OMP_NUM_THREADS="1")
             if device == "cuda":
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(procs))

@@ -31,9 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.long_tail import prepare  # noqa: E402
-from flows.plan import Point  # noqa: E402
+from flows.config import Point, RunConfig  # noqa: E402
 from flows.training.point import train_point  # noqa: E402
 from stages.common.stage import run_per_kind  # noqa: E402
+from stages.data.shard_format import load_info  # noqa: E402
 from stages.params import study_params  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "recipe"
@@ -44,11 +45,17 @@ BASE = {"batch_rows_ref": 2, "batch_exponent": 0.0, "eval_every_tokens": 10**9,
 def train(
     arch: str, size: str, tokens: int, train: dict, shards: str, work: str, seed: int = 0
 ) -> dict:
-    params = study_params({"train": {**BASE, **train}})
-    rec = train_point(Point(arch, size, tokens, "45-45-10", seed), params, shards=Path(shards),
-                      codebook=None, workdir=Path(work))  # fmt: skip
+    cfg = config(arch, size, tokens, train, shards, seed)
+    rec = train_point(cfg, shards=Path(shards), codebook=None, workdir=Path(work))
     return {"arch": arch, "size": size, "seed": seed, **train, "loss_avg": rec["loss_avg"],
-            "N": rec["N"]}  # fmt: skip
+            "N": rec["N"], "lr": cfg.schedule.lr}  # fmt: skip
+
+
+def config(arch: str, size: str, tokens: int, train: dict, shards: str, seed: int = 0) -> RunConfig:
+    """The point's run config under params.yaml with ``train`` overrides (flows/config.py: the
+    one place the lr law is computed)."""
+    params = study_params({"train": {**BASE, **train}})
+    return RunConfig.build(params, Point(arch, size, tokens, "45-45-10", seed), load_info(shards))
 
 
 def main() -> None:
@@ -72,7 +79,7 @@ def main() -> None:
             for s in args.sizes for m in args.mults]  # fmt: skip
     lr_runs = run_per_kind(train, jobs, workers=2)
     n = {r["size"]: r["N"] for r in lr_runs}  # the arch's N (active parameters for MoE)
-    lr = {s: tp.lr_ref * (n[s] / tp.n_ref) ** tp.lr_exponent for s in args.sizes}
+    lr = {s: config(args.arch, s, args.tokens, {}, str(shards)).schedule.lr for s in args.sizes}
     print(f"{args.arch}, seed {args.seed}: validation loss (avg of kinds) after {args.tokens:,} tokens; "
           "lr = lr(N) x mult")  # fmt: skip
     print(f"{'size':>5} {'N':>8} {'lr(N)':>9} " + " ".join(f"x{m:<6g}" for m in args.mults))

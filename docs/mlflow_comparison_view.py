@@ -1,8 +1,8 @@
-"""Screenshot the MLflow comparison view the README describes, on a real store.
+"""Screenshot the MLflow comparison view docs/uis.md describes, on a real store.
 
 Starts an MLflow server (loopback, a free port) on the store a grid wrote, opens the grid's
 experiment in headless Chromium (DevTools protocol over a websocket), puts in the page's own
-storage what the README's clicks would (the point runs only; columns final/loss_avg, final/N,
+storage what the clicks of docs/uis.md would (the point runs only; columns final/loss_avg, final/N,
 final/D, final/C, arch, size; runs coloured by arch; a scatter chart of final/loss_avg against
 final/C), and saves the table and the chart as PNGs.
 
@@ -27,7 +27,8 @@ from pathlib import Path
 from mlflow import MlflowClient
 from websockets.sync.client import connect
 
-from flows.ui import ROOT, free_port, wait_http
+from flows.ui import free_port, wait_http
+from stages.common.paths import ROOT
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
 COLUMNS = ["final/loss_avg", "final/N", "final/D", "final/C"]
@@ -59,7 +60,7 @@ class Page:
 
 
 def ui_state(experiment_id: str, runs: list) -> tuple[str, dict]:
-    """The experiment page's persisted state (localStorage) the README's clicks produce."""
+    """The experiment page's persisted state (localStorage) the clicks of docs/uis.md produce."""
     section = str(uuid.uuid4())
     chart = {
         "uuid": str(uuid.uuid4()),

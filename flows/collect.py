@@ -1,6 +1,6 @@
 """runs.parquet from the shared MLflow store, not from one machine's results directory.
 
-When grids run on several machines into one MLflow (a team's server, README "Scaling out"),
+When grids run on several machines into one MLflow (a team's server, docs/scale-out.md),
 no machine holds every ``record.json``. :func:`collect` plans the grid here (the point ids of
 this checkout's params, data and code), finds each point's MLflow run by its ``point_id`` tag,
 reads the ``record.json`` the run carries as an artifact, and writes the rows in grid order.
@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from flows import records
 from flows.plan import Job
 from flows.tracking import point_runs
-from stages.common.mlflow_store import tracking_uri
+from stages.common.mlflow_store import study_experiment, tracking_uri
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Collected:
 def collect(jobs: list[Job], study: str, uri: str | None, out: Path | None = None) -> Collected:
     """The records of ``jobs`` from MLflow experiment ``nmm-<study>``; written to ``out``."""
     client = MlflowClient(tracking_uri(uri))
-    exp = client.get_experiment_by_name(f"nmm-{study}")
+    exp = client.get_experiment_by_name(study_experiment(study))
     found = Collected()
     runs = point_runs(client, exp.experiment_id) if exp is not None else {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,18 +7,13 @@ or ``grid.workers`` CPU slots). torch is imported only when a device is chosen.
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stages.params import Params, ParamsError
 
 if TYPE_CHECKING:
     import torch
-
-    from flows.plan import Point
 
 # Peak dense FLOP/s per device for MFU. CPU: the fp32 single-thread 256x256 matmul ceiling
 # measured on the 2-core development machine, times the threads used.
@@ -71,35 +66,3 @@ def peak_flops(device: torch.device, threads: int) -> float:
         name = torch.cuda.get_device_name(device)
         return next((v for k, v in PEAK_FLOPS.items() if name.startswith(k)), float("nan"))
     return PEAK_FLOPS["cpu-thread"] * threads
-
-
-def check_batch_split(params: Params, points: Iterable[Point], shards: Path) -> None:
-    """Before any compute: with ``train.processes`` P > 1 every point's global batch (its rows,
-    a function of its N: flows/training/recipe.py) must split into P equal parts, one per rank
-    (flows/training/dist.py), or the point would fail only once its processes had started.
-    Raises ParamsError naming the sizes whose rows do not split, and the processes that would."""
-    procs = params.train.processes
-    if procs == 1:
-        return
-    from flows.plan import for_point
-    from flows.training.recipe import model_config, schedule
-    from model.counting import count_params
-    from stages.data.shard_format import load_info
-
-    info, rows = load_info(shards), {}
-    for p in points:
-        pp = for_point(p, params)
-        cfg = model_config(p, pp, info, params.codebook.n_codes)
-        n = count_params(cfg).N
-        sched = schedule(p.tokens, n, pp.train, pp.data.context_length, cfg.moe is not None)
-        rows[f"{p.arch} {p.size}" + (f" e{p.experts}" if p.experts else "")] = sched.batch_rows
-    bad = {k: v for k, v in rows.items() if v % procs}
-    if bad:
-        sizes = ", ".join(f"{k} ({v} rows)" for k, v in sorted(bad.items()))
-        g = math.gcd(*rows.values())
-        fits = [d for d in range(1, g + 1) if g % d == 0]
-        raise ParamsError(
-            f"train.processes={procs} does not divide the batch rows of {sizes}: each process "
-            f"trains an equal share of every batch. Use train.processes in {fits}, or more "
-            "rows (train.batch_rows_ref, train.batch_exponent)"
-        )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -21,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from flows import records
-from flows.plan import Fingerprints, Job, for_point, moe_fields
-from flows.tracking import Tracker, flatten
+from flows.plan import Fingerprints, Job
+from flows.tracking import Tracker
 from model.archs import variant
+from stages.common.mlflow_store import flatten
+from stages.common.stage import atomic_write
 from stages.params import Params
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -34,7 +33,7 @@ class Launch:
     """What every point task of one launch shares (passed quoted: Prefect does not inspect it)."""
 
     params: Params
-    params_path: Path
+    params_path: Path | None  # the study's file (None: params sent to a pool worker)
     shards: Path
     codebook: Path | None
     results: Path
@@ -43,17 +42,23 @@ class Launch:
     tracker: Tracker
 
     def command(self, job: Job) -> list[str]:
-        cmd = [sys.executable, "-m", "flows.train", "--point", json.dumps(job.point.to_dict())]
-        procs = self.params.train.processes
+        """The point's process: ``python -m flows.train`` on its run config (written by
+        :meth:`write_config`), or torchrun over ``train.processes`` of them."""
+        cmd = [sys.executable, "-m", "flows.train"]
+        procs = job.config.processes
         if procs > 1:  # one point over several processes: torchrun (flows/training/dist.py)
-            run = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={procs}"]  # fmt: skip
-            cmd = [*run, *cmd[1:]]
-        cmd += ["--params", str(self.params_path), "--shards", str(self.shards)]
-        cmd += ["--workdir", str(self.results), "--point-id", job.point_id]
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={procs}", *cmd[1:]]  # fmt: skip
+        cmd += ["--config", str(records.config_path(self.results, job.point_id))]
+        cmd += ["--shards", str(self.shards), "--workdir", str(self.results)]
+        cmd += ["--point-id", job.point_id]
         # a missing codebook: flows.train sees no file, as the fingerprint here did
         cmd += ["--codebook", str(self.codebook or self.shards / "no-codebook.pt")]
         return cmd
+
+    def write_config(self, job: Job) -> None:
+        """The point's run config, beside its record: what its process reads."""
+        atomic_write(records.config_path(self.results, job.point_id), job.config.to_json())
 
     def env(self, gpu: str | None) -> dict[str, str]:
         threads = str(self.params.train.threads)
@@ -75,7 +80,7 @@ class Launch:
             "mixture": p.mixture,
             "seed": str(p.seed),
             **({"experts": str(p.experts)} if p.experts is not None else {}),
-            # the pool worker that trains it (flows/pool.py)
+            # the pool worker that trains it (flows/pool/)
             **({"worker": os.environ["NMM_WORKER"]} if os.environ.get("NMM_WORKER") else {}),
             "group_id": job.group_id,
             "code_fingerprint": job.code,
@@ -83,20 +88,9 @@ class Launch:
         }
 
     def point_params(self, job: Job) -> dict[str, Any]:
-        """Everything the point's result depends on, flattened (MLflow params)."""
-        params = for_point(job.point, self.params)
-        return flatten(
-            {
-                "point": job.point.to_dict(),
-                "mixture": params.grid.mixtures[job.point.mixture].as_dict(),
-                "model": params.model.model_dump(),
-                "train": params.train.model_dump(),
-                "data": {
-                    "context_length": params.data.context_length,
-                    **self.fingerprints.data_for(job.point.arch),
-                },
-            }
-        )
+        """Everything the point's result depends on, flattened (MLflow params): its run config
+        and the fingerprints of its data."""
+        return flatten({**job.config.to_dict(), "data": self.fingerprints.data_for(job.point.arch)})
 
 
 class Recorder:
@@ -125,8 +119,7 @@ class Recorder:
             self.start(job)
             self.finish(job, rec, {})
             return
-        row = {**rec, **moe_fields(job.point, self.launch.params),
-               "mlflow_run_id": tracker.run_id(job.point_id)}  # fmt: skip
+        row = {**rec, "mlflow_run_id": tracker.run_id(job.point_id)}
         if row != rec:
             records.write_record(self.launch.results, job.point_id, row)
         self.rows[job.point_id] = row
@@ -135,7 +128,7 @@ class Recorder:
         """A point that ended: record.json (+ its run id), its MLflow run ends, runs.parquet."""
         results, tracker = self.launch.results, self.launch.tracker
         run_id = tracker.run_id(job.point_id)
-        rec = {**rec, **moe_fields(job.point, self.launch.params), "mlflow_run_id": run_id}
+        rec = {**rec, "mlflow_run_id": run_id}
         for key in ("process", "mlflow_start", "mlflow_stream"):  # the grid's side of it
             if f"{key}_seconds" in system:
                 rec[f"time_{key}_s"] = system[f"{key}_seconds"]

@@ -1,15 +1,17 @@
-"""The grid's plan: its points, their identities, and the order they train in.
+"""The grid's plan: its points, their run configs and identities, and the order they train in.
 
 :func:`expand_grid` lists the points of ``params.grid`` (archs x sizes x mixtures x seeds x
-tokens, a stable order); :func:`plan` gives each its id and group id; :func:`chains` orders the
-points that share a trunk. ``python -m flows.grid plan`` prints the plan without training.
+tokens, a stable order); :func:`plan` gives each its run config (flows/config.py), its id and
+group id; :func:`chains` orders the points that share a trunk. ``python -m flows.grid plan``
+prints the plan without training.
 
-**Identity.** A point's id covers its coordinates (arch, size, tokens, mixture, seed, expert count), the params that reach
-its training (``model`` settings its variant uses, ``train`` minus cadence and threads, the
-context length, its mixture), the data (the shards' manifest, and the codebook for discrete
-variants), and **the code** that turns them into numbers (:data:`CODE`). A record whose id
-matches is never trained again; any change to one of these gives new ids, so the grid retrains
-exactly the points it touches, and a result made by other code is never passed off as current.
+**Identity.** A point's id hashes what its run config says decides its numbers
+(:meth:`flows.config.RunConfig.identity`: coordinates, model, schedule, optimizer, mixture,
+context, evaluation), the data (the shards' manifest, and the codebook for discrete variants),
+and **the code** that turns them into numbers (:data:`CODE`). Cadence, threads and processes
+are not in it. A record whose id matches is never trained again; any change to one of these
+gives new ids, so the grid retrains exactly the points it touches, and a result made by other
+code is never passed off as current. Before the data exists a point has no id (``None``).
 
 The code fingerprint hashes each file's syntax tree with docstrings dropped (comments never
 reach the tree), so a comment, docstring or formatting edit changes no id, and a changed
@@ -23,8 +25,8 @@ Which code, and why (:data:`CODE`):
 - ``model/``: the architectures, MoE, N and FLOP counting (N sets lr, batch and warmup);
 - ``stages/data/loader.py``, ``shard_format.py``, ``kinds.py``: how shards are read back and
   packed into the rows a point trains and is evaluated on;
-- ``flows/training/``: the recipe, the step, evaluation, checkpoints, cooldown branching and the
-  record.
+- ``flows/config.py`` (the lr shape of the schedule) and ``flows/training/``: the step,
+  evaluation, checkpoints, cooldown branching and the record.
 
 Not in it (:data:`NOT_RESULTS`, checked by tests/flows/test_plan.py against what the point
 process imports): code that computes ids, validates params (their values are hashed), writes
@@ -39,18 +41,20 @@ import hashlib
 import json
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 from typing import Any
 
+from flows.config import Point, RunConfig
 from model.archs import Variant, variant
-from model.ladder import SIZES
+from stages.common.inputs import require, require_made_from
+from stages.common.paths import ROOT
+from stages.data.shard_format import load_info
 from stages.params import Params
 
-ROOT = Path(__file__).resolve().parents[1]
 CODE = ("model", "stages/data/loader.py", "stages/data/shard_format.py", "stages/data/kinds.py",
-        "flows/training")  # fmt: skip
+        "flows/config.py", "flows/training")  # fmt: skip
 # files of CODE that only some variants run
 ONLY_FOR: dict[str, Callable[[Variant], bool]] = {
     "model/moe.py": lambda v: v.moe,
@@ -60,50 +64,34 @@ ONLY_FOR: dict[str, Callable[[Variant], bool]] = {
 NOT_RESULTS = {
     "model/flop_formulas.py": "FlopCounterMode formulas for tests and benchmarks",
     "flows/plan.py": "computes ids",
+    "stages/common/paths.py": "where the repository is",
+    "stages/common/inputs.py": "checks that input files exist",
+    "stages/common/processes.py": "processes that die with their parent",
     "flows/train.py": "the command line of the point process",
     "flows/records.py": "where records are written, and the runs table's columns",
     "flows/devices.py": "picks the device (recorded per point) and the MFU peak",
     "stages/params.py": "the schema: the values it validates are hashed into the id",
+    "stages/scaling/families.py": "the law families' names, which the schema validates",
+    "stages/scaling/law.py": "the laws the family registry builds; no point runs them",
     "stages/common/stage.py": "logging set-up and atomic file writes",
     "stages/common/provenance.py": "the git revision, recorded beside the fingerprint",
 }
-MOE_KEYS = ("n_experts", "top_k", "aux_loss_weight", "z_loss_weight")
-# train params that do not change a point's numbers (kept out of its id)
-# (processes: 1 and P processes train the same model up to float rounding, as two devices do:
-# 1e-7 over the first steps, drifting to ~5e-4 over a tiny model's run, tests/flows/training/
-# test_distributed.py)
-NOT_IN_ID = ("threads", "eval_every_tokens", "checkpoint_every_steps", "branch_cooldowns",
-             "log_every_steps", "processes")  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Point:
-    """One grid point's coordinates. ``experts``: the MoE expert count when the grid sweeps it
-    (``grid.experts``); None means ``model.n_experts`` (and leaves the id as it was before the
-    sweep existed)."""
-
-    arch: str  # a variant name (model/archs.py)
-    size: str  # a ladder size name (model/ladder.py)
-    tokens: int  # D: decoder tokens to train on
-    mixture: str  # a key of params.grid.mixtures
-    seed: int
-    experts: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if d["experts"] is None:
-            del d["experts"]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Point:
-        return cls(**{k: d[k] for k in ("arch", "size", "tokens", "mixture", "seed")},
-                   experts=d.get("experts"))  # fmt: skip
-
-    @property
-    def label(self) -> str:
-        arch = self.arch if self.experts is None else f"{self.arch}-e{self.experts}"
-        return f"{arch}-{self.size}-D{self.tokens}-{self.mixture}-s{self.seed}"
+def check_inputs(params: Params, shards: Path, codebook: Path) -> None:
+    """Before a grid trains: the shards exist, and for discrete archs a codebook made from
+    them (stages/common/inputs.py errors name the file and the command that makes it)."""
+    manifest = require(Path(shards) / "manifest.parquet", "shards", "the shards' manifest")
+    require(Path(shards) / "info.json", "shards", "the shards' info")
+    if any(variant(a).base == "discrete" for a in params.grid.archs):
+        require(codebook, "codebook", "the visual codebook (arch discrete)")
+        report = Path(codebook).parent / "report.json"
+        made_from = (
+            json.loads(report.read_text()).get("shards_manifest_sha256")
+            if report.exists()
+            else None
+        )
+        require_made_from(made_from, manifest, Path(codebook), "codebook")
 
 
 def expand_grid(params: Params) -> list[Point]:
@@ -114,23 +102,6 @@ def expand_grid(params: Params) -> list[Point]:
         for e in (g.experts if g.experts and variant(a).moe else [None])
         for s, m, seed, t in product(g.sizes, g.mixtures, g.seeds, sorted(g.tokens))
     ]
-
-
-def for_point(point: Point, params: Params) -> Params:
-    """The params ``point`` trains with: ``model.n_experts`` is its expert count if it has one."""
-    if point.experts is None or point.experts == params.model.n_experts:
-        return params
-    model = params.model.model_copy(update={"n_experts": point.experts})
-    return params.model_copy(update={"model": model})
-
-
-def moe_fields(point: Point, params: Params) -> dict[str, Any]:
-    """The runs-table fields of a MoE point's experts (none for a dense one): ``n_experts``,
-    ``top_k`` and the sparsity S = 1 - top_k / n_experts (Abnar et al. 2025)."""
-    if not variant(point.arch).moe:
-        return {}
-    m = for_point(point, params).model
-    return {"n_experts": m.n_experts, "top_k": m.top_k, "sparsity": 1.0 - m.top_k / m.n_experts}
 
 
 # --------------------------------------------------------------------------- identity
@@ -177,9 +148,10 @@ def file_digest(path: Path) -> str:
 class Fingerprints:
     """The data and code a grid's points are trained from (computed once per process)."""
 
-    data: str  # sha256 of the shards' manifest (which lists every shard's sha256)
+    data: str | None  # sha256 of the shards' manifest (every shard's sha256); None: no data yet
     codebook: str | None  # sha256 of the visual codebook, if there is one
     files: dict[str, str] = field(repr=False)  # code file -> source_digest
+    info: dict[str, Any] | None = field(default=None, repr=False)  # the shards' info.json
 
     @property
     def all_code(self) -> str:
@@ -201,45 +173,39 @@ class Fingerprints:
 
 
 def fingerprints(shards: Path, codebook: Path | None, root: Path = ROOT) -> Fingerprints:
-    """Fingerprints of the shards at ``shards``, the codebook file and the code under ``root``."""
-    data = file_digest(Path(shards) / "manifest.parquet")
+    """Fingerprints of the shards at ``shards`` (none when they do not exist yet), the codebook
+    file and the code under ``root``."""
+    manifest = Path(shards) / "manifest.parquet"
+    data = file_digest(manifest) if manifest.is_file() else None
+    info = load_info(shards) if data is not None else None
     cb = file_digest(codebook) if codebook is not None and Path(codebook).is_file() else None
-    return Fingerprints(data, cb, _digests(Path(root).resolve()))
+    return Fingerprints(data, cb, _digests(Path(root).resolve()), info)
 
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def identity(point: Point, params: Params, fp: Fingerprints) -> dict[str, Any]:
-    """Everything that decides the numbers of ``point``."""
-    v = variant(point.arch)
-    model = for_point(point, params).model.model_dump()
-    used = [*(MOE_KEYS if v.moe else ()), *(("enc_lr_mult",) if v.base == "late" else ())]
-    train = {k: x for k, x in params.train.model_dump().items() if k not in NOT_IN_ID}
-    coords = point.to_dict()
-    coords.pop("experts", None)  # it is model.n_experts below: the 8-expert point of a sweep
-    # is the point of a grid without one
-    return {
-        "point": coords,
-        "mixture": params.grid.mixtures[point.mixture].as_dict(),
-        "model": {k: model[k] for k in used},
-        "train": train,
-        "context_length": params.data.context_length,
-        "data": fp.data_for(point.arch),
-        "code": fp.code(point.arch),
-    }
+def identity(cfg: RunConfig, fp: Fingerprints) -> dict[str, Any]:
+    """Everything that decides the numbers of the point ``cfg`` trains."""
+    arch = cfg.point.arch
+    return {**cfg.identity(), "data": fp.data_for(arch), "code": fp.code(arch)}
 
 
-def point_id(point: Point, params: Params, fp: Fingerprints) -> str:
-    """Hash of everything that changes the point's result."""
-    return _hash(identity(point, params, fp))
+def point_id(cfg: RunConfig, fp: Fingerprints) -> str | None:
+    """Hash of everything that changes the point's result (None before the data exists)."""
+    return _hash(identity(cfg, fp)) if fp.data is not None else None
 
 
-def group_id(point: Point, params: Params, fp: Fingerprints) -> str:
-    """The same without the token budget: the points of a group share one trunk."""
-    ident = identity(point, params, fp)
+def group_id(cfg: RunConfig, fp: Fingerprints) -> str | None:
+    """The same without the token budget: the points of a group share one trunk (its warm-up
+    and constant lr), whatever their budgets' lengths."""
+    if fp.data is None:
+        return None
+    ident = identity(cfg, fp)
     del ident["point"]["tokens"]
+    for k in ("steps", "cooldown_start"):
+        del ident["schedule"][k]
     return _hash(ident)
 
 
@@ -248,12 +214,16 @@ def group_id(point: Point, params: Params, fp: Fingerprints) -> str:
 
 @dataclass(frozen=True)
 class Job:
-    """A point of the plan with its ids and the fingerprint of the code that trains it."""
+    """A point of the plan: its run config, its ids and the fingerprint of its code."""
 
-    point: Point
-    point_id: str
-    group_id: str
+    config: RunConfig
+    point_id: str | None
+    group_id: str | None
     code: str
+
+    @property
+    def point(self) -> Point:
+        return self.config.point
 
     @property
     def label(self) -> str:
@@ -261,11 +231,12 @@ class Job:
 
 
 def plan(params: Params, fp: Fingerprints) -> list[Job]:
-    """Every point of the grid with its ids, in expand_grid's stable order."""
-    return [
-        Job(p, point_id(p, params, fp), group_id(p, params, fp), fp.code(p.arch))
-        for p in expand_grid(params)
-    ]
+    """Every point of the grid with its run config and ids, in expand_grid's stable order."""
+    jobs = []
+    for p in expand_grid(params):
+        cfg = RunConfig.build(params, p, fp.info)
+        jobs.append(Job(cfg, point_id(cfg, fp), group_id(cfg, fp), fp.code(p.arch)))
+    return jobs
 
 
 def chains(jobs: list[Job], shared_trunks: bool) -> list[deque[Job]]:
@@ -288,5 +259,5 @@ def chain_cost(chain: deque[Job]) -> float:
     to it; its cooldowns are a fraction) times (width + 6), the measured shape of a tiny
     model's step time on one thread (overheads make it grow like the width, not like N:
     bench/grid_summary.py)."""
-    p = max(chain, key=lambda j: j.point.tokens).point
-    return p.tokens * (SIZES[p.size] + 6)
+    job = max(chain, key=lambda j: j.point.tokens)
+    return job.point.tokens * (job.config.model.d_model + 6)

@@ -1,8 +1,8 @@
 """The grid's records on disk: a ``record.json`` per point and ``runs.parquet``, the table.
 
 ``results/points/<point_id>/record.json`` is written by flows/training/point.py when a point
-ends (ok or failed); the grid flow adds ``mlflow_run_id`` to it, and writes one itself for a point whose
-process crashed. ``results/runs.parquet`` has one row per finished point of the CURRENT params
+ends (ok or failed), beside the run config its process read (``config.json``); the grid flow
+adds ``mlflow_run_id`` to it, and writes one itself for a point whose process crashed. ``results/runs.parquet`` has one row per finished point of the CURRENT params
 (records of points no longer in the grid stay on disk but out of the table); it is rewritten
 atomically after every finished point, so an interrupted grid still leaves a valid table.
 Columns come in a fixed order with fixed types (:data:`COLUMNS`); a field a newer record adds
@@ -71,12 +71,20 @@ COLUMNS: dict[str, pa.DataType] = {
 }
 
 
+NOT_IN_TABLE = ("config",)  # record fields kept out of the table (in record.json and MLflow)
+
+
 def point_dir(results: Path, point_id: str) -> Path:
     return Path(results) / "points" / point_id
 
 
 def record_path(results: Path, point_id: str) -> Path:
     return point_dir(results, point_id) / "record.json"
+
+
+def config_path(results: Path, point_id: str) -> Path:
+    """The point's run config (flows/config.py), what its process trains with."""
+    return point_dir(results, point_id) / "config.json"
 
 
 def read_record(results: Path, point_id: str) -> dict[str, Any] | None:
@@ -130,7 +138,7 @@ def _cast(value: Any, kind: pa.DataType) -> Any:
 def table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     """The runs table: :data:`COLUMNS` first (typed), then any extra record field (inferred)."""
     rows = list(rows)
-    extra = sorted({k for r in rows for k in r} - set(COLUMNS))
+    extra = sorted({k for r in rows for k in r} - set(COLUMNS) - set(NOT_IN_TABLE))
     arrays, fields = [], []
     for name, kind in COLUMNS.items():
         arrays.append(pa.array([_cast(r.get(name), kind) for r in rows], type=kind))

@@ -19,6 +19,7 @@ the launch planned with is the code it imported (:func:`_server`); otherwise, an
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
 import os
 import runpy
@@ -33,8 +34,10 @@ from typing import Any
 import psutil
 
 from flows import records
-from flows.launch import ROOT, Launch
+from flows.launch import Launch
 from flows.plan import Job
+from stages.common.paths import ROOT
+from stages.common.processes import die_with_parent
 
 POLL_S = 0.5  # how often a point's process is checked and sampled
 LOG_EVERY_S = 5.0  # how often its new metrics go to MLflow while it trains
@@ -69,14 +72,6 @@ def _tail(path: Path, n: int = LOG_TAIL) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
     except FileNotFoundError:
         return ""
-
-
-def _die_with_parent() -> None:  # pragma: no cover (runs in the child)
-    """Linux: the training process gets SIGKILL if the grid process dies."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 # imported once by the fork server: everything a point imports (torch._dynamo: AdamW's first
@@ -115,7 +110,7 @@ def _forked(module: str, argv: list[str], env: dict[str, str], log_path: str) ->
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(15, b"nmm-point", 0, 0, 0)  # PR_SET_NAME
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG (the server dies with the grid)
+    die_with_parent(signal.SIGKILL)  # (the server dies with the grid)
     os.environ.clear()
     os.environ.update(env)
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -150,7 +145,7 @@ class _Child:
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                preexec_fn=functools.partial(die_with_parent, signal.SIGKILL),
                 start_new_session=torchrun,
             )
         self.pid = self.popen.pid
@@ -193,6 +188,7 @@ def train_process(job: Job, launch: Launch, gpu: str | None, run_id: str) -> dic
     log_path, metrics_path = pdir / "train.log", pdir / "metrics.jsonl"
     with log_path.open("a") as log_file:
         log_file.write(f"=== {datetime.now().isoformat(timespec='seconds')} {job.label}\n")
+    launch.write_config(job)
     proc = _Child(job, launch, gpu, log_path)
     ps = psutil.Process(proc.pid)
     t0 = last_log = last_t = time.monotonic()

@@ -1,12 +1,11 @@
-"""What the local grid (flows/grid.py) and a work pool's chains (flows/pool.py) share: the
-Prefect task that trains one point in its own process, the record of a point whose process
-never returned one, and how a path argument is resolved."""
+"""What the local grid (flows/grid/local.py) and a work pool's chains (flows/pool/worker.py)
+share: the Prefect task that trains one point in its own process, and the record of a point
+whose process never returned one."""
 
 from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -30,7 +29,7 @@ def train_point_task(label: str, job: Job, recorder: Recorder, gpu: str | None) 
     run_id = recorder.start(job)
     started = time.monotonic() - t0
     where = f"GPU {gpu}" if gpu is not None else f"CPU, {launch.params.train.threads} thread(s)"
-    if os.environ.get("NMM_WORKER"):  # a work pool's worker (flows/pool.py)
+    if os.environ.get("NMM_WORKER"):  # a work pool's worker (flows/pool/)
         where += f", worker {os.environ['NMM_WORKER']}"
     logger.info("%s (%s): start, attempt %d, on %s", label, job.point_id, attempt, where)
     out = train_process(job, launch, gpu, run_id)
@@ -54,7 +53,3 @@ def crash_record(job: Job, error: BaseException | str) -> dict[str, Any]:
     """The record of ``job`` when its process crashed on every attempt."""
     return records.crash_record(job.point.to_dict(), job.point_id, job.group_id, job.code,
                                 str(error))  # fmt: skip
-
-
-def resolve(path: str | Path) -> Path:
-    return Path(path).expanduser().resolve()

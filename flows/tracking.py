@@ -1,6 +1,6 @@
 """MLflow records of a grid: one experiment per study, a run per launch, a run per point.
 
-Layout (README "The grid"):
+Layout (docs/grid.md):
 
 - experiment ``nmm-<grid.study>``;
 - a **launch run** per launch of the grid flow (tags ``nmm.kind=launch``, the Prefect flow
@@ -9,38 +9,32 @@ Layout (README "The grid"):
 - a **point run** per grid point, found by its tag ``point_id`` before one is created, so a
   retried, resumed or re-launched point keeps its one run; tag ``nmm.launch``: the launch run
   that last trained it (flat, not nested: the UI folds nested runs under their parent).
-  Params: the point, its mixture, ``model``, ``train``, ``data`` (context length, data
-  fingerprints), then the schedule and model shape of its record; tags: arch, moe, size,
+  Params: its run config (flows/config.py: point, model, counts, schedule, optimizer, cadence)
+  and the fingerprints of its data, then ``record.device``; tags: arch, moe, size,
   tokens, mixture, seed, point_id, group_id, code_fingerprint, git_revision, status (error);
   metrics: the curves of ``metrics.jsonl`` (step = optimizer step), ``final/<field>`` from the
   record, and ``system/*`` samples of the point's process tree (CPU %, RSS; peak RSS and CPU
   seconds at the end), which the UI shows in its System metrics tab.
 
 Metric curves are logged incrementally while a point trains (the tag ``nmm.logged_step``
-remembers how far), in ``log_batch`` calls of at most 1000 entries. Every call goes through one
+remembers how far), in batches (stages/common/mlflow_store.py). Every call goes through one
 lock: grid tasks run in threads of one process, and SQLite wants one writer at a time.
 Nothing here imports Prefect.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import re
 import threading
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run, RunStatus, RunTag, ViewType
-from mlflow.exceptions import MlflowException
+from mlflow.entities import Metric, Run, RunStatus, ViewType
 
 from flows.training.loop import read_jsonl
-from stages.common.mlflow_store import EXPERIMENT_KIND, artifact_root, tracking_uri
+from stages.common import mlflow_store as store
 
-BATCH = 1000  # MLflow's limit of entities per log_batch call
 # The launch that last ran a point. Not mlflow.parentRunId: nested runs are folded under their
 # parent in the UI's runs table, and a point outlives its launch (one run per point ever), so
 # point runs stay flat, ready to compare, group (by tags.arch) and chart in the UI.
@@ -49,45 +43,7 @@ LOGGED_TAG = "nmm.logged_step"  # last metrics.jsonl step already in the run
 # Record fields that are tags or params rather than final metrics.
 TAG_FIELDS = ("arch", "moe", "size", "mixture", "seed", "point_id", "group_id", "status",
               "code_fingerprint", "git_revision")  # fmt: skip
-SCHEDULE_FIELDS = (
-    "arch_base",
-    "modality_aware",
-    "width",
-    "depth",
-    "batch_rows",
-    "lr",
-    "steps",
-    "branch_step",
-    "device",
-)
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out |= flatten(v, f"{key}.")
-        else:
-            out[key] = v
-    return out
-
-
-def metric_key(name: str) -> str:
-    """A metrics.jsonl key as a valid MLflow metric name."""
-    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)
-
-
-def _number(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return None
-    return float(v)
-
-
-def _chunks(items: list, n: int = BATCH) -> Iterable[list]:
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
+RECORD_PARAMS = ("device",)  # params known only once the point ran (the rest: its run config)
 
 
 def point_runs(client: MlflowClient, experiment_id: str) -> dict[str, Run]:
@@ -117,32 +73,15 @@ class Tracker:
     """The MLflow side of one grid launch. Thread-safe: every store call holds ``lock``."""
 
     def __init__(self, study: str, uri: str | None = None):
-        self.uri = tracking_uri(uri)
+        self.uri = store.tracking_uri(uri)
         self.client = MlflowClient(self.uri)
         self.lock = threading.RLock()
-        self.experiment = f"nmm-{study}"
-        self.experiment_id = self._experiment(study)
+        self.experiment = store.study_experiment(study)
+        self.experiment_id = store.experiment(self.client, self.experiment, {"nmm.study": study})
         self.parent_id: str | None = None
         self._logged: dict[str, int] = {}  # run_id -> last metrics.jsonl step logged
         self._status: dict[str, str] = {}  # run_id -> its status tag (running, ok, failed)
         self._runs = self._point_runs()  # point_id -> run_id
-
-    def _experiment(self, study: str) -> str:
-        exp = self.client.get_experiment_by_name(self.experiment)
-        if exp is None:
-            try:
-                return self.client.create_experiment(
-                    self.experiment,
-                    artifact_location=artifact_root(self.uri),
-                    tags={"nmm.study": study, **EXPERIMENT_KIND},
-                )
-            except MlflowException:  # created meanwhile by another launch
-                exp = self.client.get_experiment_by_name(self.experiment)
-                if exp is None:
-                    raise
-        if exp.lifecycle_stage == "deleted":  # deleted in the UI: the study lives on
-            self.client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
 
     def _point_runs(self) -> dict[str, str]:
         """Every active point run of the experiment, by its point_id tag (oldest wins)."""
@@ -162,7 +101,7 @@ class Tracker:
                 self.experiment_id, run_name=name, tags={"nmm.kind": "launch", **tags}
             )
             self.parent_id = run.info.run_id
-            self._log(self.parent_id, params=flatten(params))
+            self._log(self.parent_id, params=store.flatten(params))
             for path in artifacts:
                 if path.exists():
                     self.client.log_artifact(self.parent_id, str(path))
@@ -227,9 +166,9 @@ class Tracker:
                     continue
                 last = step
                 for k, v in row.items():
-                    x = _number(v)
+                    x = store.number(v)
                     if k != "step" and x is not None:
-                        metrics.append(Metric(metric_key(k), x, now, step))
+                        metrics.append(Metric(store.metric_key(k), x, now, step))
             for ts, step, sample in system:
                 metrics += [Metric(f"system/{k}", float(v), ts, step) for k, v in sample.items()]
             if metrics:
@@ -252,9 +191,7 @@ class Tracker:
             final = [
                 Metric(f"final/{k}", x, now, step)
                 for k, v in sorted(record.items())
-                if k not in TAG_FIELDS + SCHEDULE_FIELDS
-                and (x := _number(v)) is not None
-                and not math.isnan(x)
+                if k not in TAG_FIELDS + RECORD_PARAMS and (x := store.number(v)) is not None
             ]
             final += [Metric(f"system/{k}", float(v), now, step) for k, v in system.items()]
             status = record.get("status") or "failed"
@@ -265,7 +202,7 @@ class Tracker:
                 self.client.delete_tag(run_id, "error")
             self._log(run_id, metrics=final, tags=tags)
             self._status[run_id] = status
-            derived = {f"record.{k}": record[k] for k in SCHEDULE_FIELDS if k in record}
+            derived = {f"record.{k}": record[k] for k in RECORD_PARAMS if k in record}
             self._log_new_params(run_id, derived)
             for path in artifacts:
                 if path.exists():
@@ -287,19 +224,4 @@ class Tracker:
         params: dict[str, Any] | None = None,
         tags: dict[str, str] | None = None,
     ) -> None:
-        if isinstance(metrics, dict):
-            now = int(time.time() * 1000)
-            metrics = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-        log_batch = self.client.log_batch
-        for chunk in _chunks(list(metrics or []), BATCH):
-            log_batch(run_id, metrics=chunk, synchronous=True)
-        for chunk in _chunks([Param(k, _param_value(v)) for k, v in (params or {}).items()], 100):
-            log_batch(run_id, params=chunk, synchronous=True)
-        # tags last: a tag like nmm.logged_step lands after the metrics it describes
-        for chunk in _chunks([RunTag(k, str(v)) for k, v in (tags or {}).items()], 100):
-            log_batch(run_id, tags=chunk, synchronous=True)
-
-
-def _param_value(v: Any) -> str:
-    s = v if isinstance(v, str) else json.dumps(v)
-    return s[:6000]
+        store.log_batch(self.client, run_id, metrics, params, tags)

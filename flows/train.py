@@ -1,11 +1,13 @@
-"""Train one grid point in this process: ``python -m flows.train --point JSON``.
+"""Train one grid point in this process: ``python -m flows.train --config CONFIG.json``.
 
-The grid flow (flows/grid.py) runs this for every point, one process each (on Linux forked from
-a server that has imported this module already: flows/supervise.py). The training itself (recipe, run, loop, cooldown
-branching, record) is in flows/training/.
+The grid (flows/grid/) runs this for every point, one process each (on Linux forked from a
+server that has imported this module already: flows/supervise.py), with the point's run config
+(flows/config.py) written beside its record; this process reads that config and nothing else of
+the study (never params.yaml). The training itself is in flows/training/.
 
-Example: ``python -m flows.train --point '{"arch": "early", "size": "xxs", "tokens": 100000,
-"mixture": "45-45-10", "seed": 0}'`` trains one point and prints its record.
+Example: ``python -m flows.grid plan --configs --params params.yaml > plan.jsonl`` prints every
+point's run config; one line of it, saved as ``point.json``, trains with ``python -m flows.train
+--config point.json`` and prints the point's record.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from pathlib import Path
 
 import psutil
 
-from flows.plan import Point, for_point
+from flows.config import RunConfig
 from flows.training.dist import teardown
 from flows.training.point import PlanMismatch, train_point
+from flows.training.run import StaleInput
 from stages.common.stage import setup_logging
-from stages.params import ParamsError, load_params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,10 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n")[-1],
     )
-    ap.add_argument(
-        "--point", required=True, help="JSON: arch, size, tokens, mixture, seed[, experts]"
-    )
-    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--config", required=True, help="the point's run config (a JSON file)")
     ap.add_argument("--shards", default="data/shards")
     ap.add_argument("--codebook", default="data/codebook/codebook.pt")
     ap.add_argument("--workdir", default="results")
@@ -43,24 +42,26 @@ def main(argv: list[str] | None = None) -> int:
     startup = time.time() - psutil.Process().create_time()  # interpreter + imports
     setup_logging()
     try:
-        point = Point.from_dict(json.loads(args.point))
-        params = for_point(point, load_params(args.params))
+        cfg = RunConfig.from_json(Path(args.config).read_text())
+    except (OSError, ValueError) as e:
+        print(f"error: --config {args.config}: {e}", file=sys.stderr)
+        return 2
+    try:
         codebook = Path(args.codebook) if Path(args.codebook).exists() else None
         rec = train_point(
-            point,
-            params,
+            cfg,
             shards=Path(args.shards),
             codebook=codebook,
             workdir=Path(args.workdir),
             expect_id=args.point_id,
             startup_s=startup,
         )
-    except (ParamsError, PlanMismatch) as e:
+    except (PlanMismatch, StaleInput, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         teardown()  # torchrun: leave the point's process group
-    print(json.dumps(rec, sort_keys=True))
+    print(json.dumps({k: v for k, v in rec.items() if k != "config"}, sort_keys=True))
     return 0
 
 

@@ -9,10 +9,12 @@ Starts, bound to 127.0.0.1,
 - ``python -m flows.grid serve``: the grid deployment ``nmm-grid/grid``, so that grids can be
   started (with parameters) and scheduled from the Prefect UI; they run in this checkout;
 
-prints their URLs and runs until Ctrl-C, then stops all three. Ports default to 5000 and 4200
+prints their URLs and runs until Ctrl-C, SIGTERM or SIGHUP, then stops all three (each runs in
+a process group of its own, stopped as a group; on Linux they also get SIGTERM if this process
+dies without stopping them). Ports default to 5000 and 4200
 (``--mlflow-port``, ``--prefect-port``; 0 picks free ones).
 
-The same servers on shared stores, for a team or a cluster (README "Scaling out"):
+The same servers on shared stores, for a team or a cluster (docs/scale-out.md):
 ``--store postgresql+psycopg2://USER@HOST/mlflow`` (MLflow's runs and registry on PostgreSQL),
 ``--artifacts s3://BUCKET/mlflow`` (artifacts written by the MLflow server to object storage:
 clients upload through it and need no storage credentials; ``MLFLOW_S3_ENDPOINT_URL`` and the
@@ -45,8 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stages.common.mlflow_store import local_store
+from stages.common.paths import ROOT
+from stages.common.processes import die_with_parent, stop_on_signals
 
-ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 AUTH_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING")
 
@@ -125,7 +128,7 @@ class Servers:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 (lives with the process)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                start_new_session=True)  # fmt: skip
+                                start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
         self.procs[name] = proc
         return proc
 
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"starting MLflow and Prefect (logs in {servers.logs}) ...", flush=True)
     try:
-        with servers.running():
+        with stop_on_signals(), servers.running():
             print(f"MLflow UI:  {servers.mlflow_url}  (experiments nmm-<study>, nmm-scaling-fits)")
             print(f"Prefect UI: {servers.prefect_url}  (Deployments -> nmm-grid/grid -> Run)")
             print("Ctrl-C stops the servers and the deployment.", flush=True)

@@ -75,9 +75,12 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-def _world() -> int:
-    """Processes training this model together (torchrun), 1 without a process group."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+def _all_sum(x: Tensor) -> Tensor:
+    """``x`` summed over the processes training this model together (torchrun; in place), or
+    ``x`` itself without a process group."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
 
 
 def _grouped_mm_ok(x: Tensor, dim: int, hidden: int) -> bool:
@@ -164,64 +167,33 @@ class MoEFFN(nn.Module):
         experts. For group g with N_g tokens and E_g experts, loss_g = E_g * sum_{e in g} f_e P_e
         with f_e = assignments to e / (N_g k) and P_e = mean prob of e over g's tokens; the
         layer's loss is the token-weighted mean sum_g (N_g / N) loss_g: 1 at a uniform router.
+
+        Over several processes (torchrun; each holds some rows of the global batch) the token
+        and assignment counts are summed over the ranks and each rank's terms are taken over
+        these GLOBAL counts, so the ranks' losses sum to the global batch's loss and their
+        gradients to its gradient (flows/training/step.py scales by the number of ranks what DDP
+        averages); ``lb_loss`` and ``z_loss`` are then this rank's shares. In one process the
+        sum is the counts themselves.
         """
-        if _world() > 1:  # one point over several processes: the global batch's statistics
-            return self._routing_stats_global(logits, probs, idx, counts, is_image)
         cfg, E, k = self.cfg, self.cfg.n_experts, self.cfg.top_k
-        N, fdt = probs.shape[0], probs.dtype
-        counts = counts.to(fdt)  # (E,)
-        img_w = is_image.to(fdt)[:, None].expand(N, k).flatten()
+        fdt = probs.dtype
+        img_w = is_image.to(fdt)[:, None].expand(-1, k).flatten()
         img_counts = torch.bincount(idx.flatten(), weights=img_w, minlength=E).to(fdt)  # (E,)
-        n_img = is_image.sum().to(fdt)
+        sizes = torch.stack([probs.new_tensor(float(probs.shape[0])), is_image.sum().to(fdt)])
+        total = _all_sum(torch.cat([counts.to(fdt), img_counts, sizes]).detach())
+        counts_g, img_g, N, n_img = total[:E], total[E : 2 * E], total[2 * E], total[2 * E + 1]
         n_txt = N - n_img
         if cfg.modality_aware:
             n_group = torch.where(self.expert_is_image, n_img, n_txt)  # (E,) N_g of e's group
             n_img_exp = cfg.n_image_experts
             e_group = torch.where(self.expert_is_image, n_img_exp, E - n_img_exp).to(fdt)
         else:
-            n_group = torch.full((E,), float(N), dtype=fdt, device=probs.device)
-            e_group = torch.full((E,), float(E), dtype=fdt, device=probs.device)
-        f = counts / (n_group.clamp(min=1) * k)  # (E,)
-        P = probs.sum(dim=0) / n_group.clamp(min=1)  # (E,)
-        lb_loss = (n_group / max(N, 1) * e_group * f * P).sum()
-        # z-loss over the logits the router actually uses (masked to the group: -inf adds 0)
-        z_loss = logits.logsumexp(dim=-1).square().mean() if N else probs.new_zeros(())
-        return {
-            "aux_loss": cfg.aux_loss_weight * lb_loss + cfg.z_loss_weight * z_loss,
-            "lb_loss": lb_loss.detach(),
-            "z_loss": z_loss.detach(),
-            "load": counts / max(N * k, 1),
-            "image_frac": img_counts / (n_img * k).clamp(min=1),
-            "text_frac": (counts - img_counts) / (n_txt * k).clamp(min=1),
-        }
-
-    def _routing_stats_global(
-        self, logits: Tensor, probs: Tensor, idx: Tensor, counts: Tensor, is_image: Tensor
-    ) -> dict[str, Tensor]:
-        """:meth:`routing_stats` of a point trained over several processes (torchrun; each holds
-        some rows of the global batch): the token and assignment counts are all-reduced, and each
-        rank's terms are taken over the GLOBAL counts, so the ranks' losses sum to the global
-        batch's loss and their gradients to its gradient (flows/training/dist.py scales by the
-        number of ranks what DDP averages). ``lb_loss`` and ``z_loss`` are this rank's shares."""
-        cfg, E, k = self.cfg, self.cfg.n_experts, self.cfg.top_k
-        fdt = probs.dtype
-        img_w = is_image.to(fdt)[:, None].expand(-1, k).flatten()
-        img_counts = torch.bincount(idx.flatten(), weights=img_w, minlength=E).to(fdt)
-        sizes = torch.stack([probs.new_tensor(float(probs.shape[0])), is_image.sum().to(fdt)])
-        total = torch.cat([counts.to(fdt), img_counts, sizes]).detach()
-        dist.all_reduce(total)
-        counts_g, img_g, N, n_img = total[:E], total[E : 2 * E], total[2 * E], total[2 * E + 1]
-        n_txt = N - n_img
-        if cfg.modality_aware:
-            n_group = torch.where(self.expert_is_image, n_img, n_txt)
-            n_img_exp = cfg.n_image_experts
-            e_group = torch.where(self.expert_is_image, n_img_exp, E - n_img_exp).to(fdt)
-        else:
             n_group = N.expand(E)
             e_group = torch.full((E,), float(E), dtype=fdt, device=probs.device)
-        f = counts_g / (n_group.clamp(min=1) * k)
-        P = probs.sum(dim=0) / n_group.clamp(min=1)  # this rank's tokens, the global count
+        f = counts_g / (n_group.clamp(min=1) * k)  # (E,)
+        P = probs.sum(dim=0) / n_group.clamp(min=1)  # (E,) this rank's tokens, the global count
         lb_loss = (n_group / N.clamp(min=1) * e_group * f * P).sum()
+        # z-loss over the logits the router actually uses (masked to the group: -inf adds 0)
         z_loss = logits.logsumexp(dim=-1).square().sum() / N.clamp(min=1)
         return {
             "aux_loss": cfg.aux_loss_weight * lb_loss + cfg.z_loss_weight * z_loss,

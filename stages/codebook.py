@@ -2,38 +2,38 @@
 
 Reads ``data/shards`` (train split, image kinds) and params ``codebook``; writes
 ``data/codebook/codebook.pt`` (:meth:`model.discrete.VisualCodebook.save`) and
-``data/codebook/report.json`` (MSE against random codes, perplexity, iterations). The method,
+``data/codebook/report.json`` (MSE against random codes, perplexity, iterations, and the sha256
+of the shards' manifest it was made from, which the grid checks). The method,
 its memory bound and its determinism are described in stages/data/codebook.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 from pathlib import Path
 
-from stages.common.stage import fresh_dir, setup_logging
+from stages.common.inputs import digest, require
+from stages.common.stage import entry_point, fresh_dir, parser
 from stages.data.codebook import CodebookError, build_codebook
 from stages.params import load_params
 
 log = logging.getLogger(__name__)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--shards", default="data/shards")
-    ap.add_argument("--out", default="data/codebook")
+    ap = parser(__doc__, shards="data/shards", out="data/codebook")
     args = ap.parse_args(argv)
-    setup_logging()
     params = load_params(args.params)
+    manifest = require(Path(args.shards) / "manifest.parquet", "shards", "the shards' manifest")
     try:
         codebook, report = build_codebook(Path(args.shards), params.codebook)
     except CodebookError as e:
         log.error("%s", e)
         return 1
+    report["shards_manifest_sha256"] = digest(manifest)  # what it was made from
     out = fresh_dir(args.out)
     codebook.save(out / "codebook.pt")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

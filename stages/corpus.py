@@ -9,12 +9,11 @@ floor of the text (synthetic only).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
-from stages.common.stage import setup_logging
+from stages.common.stage import entry_point, parser
 from stages.data.corpus import build_corpus
 from stages.data.ingest import IngestError
 from stages.params import load_params
@@ -22,13 +21,11 @@ from stages.params import load_params
 log = logging.getLogger(__name__)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", default="data/corpus")
+    ap = parser(__doc__, out="data/corpus")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU)")
     args = ap.parse_args(argv)
-    setup_logging()
     params = load_params(args.params)
     try:
         report = build_corpus(params, Path(args.out), args.workers)

@@ -17,11 +17,13 @@ import logging
 import sys
 from pathlib import Path
 
-from stages.common.stage import setup_logging
+from stages.common.inputs import require
+from stages.common.stage import entry_point
 from stages.data.shard_format import text_floors
-from stages.params import FAMILY_NAMES, REPO_PARAMS, FitParams, ParamsError, load_params
-from stages.scaling.fit import FitError, TargetFit, fit_table, load_runs, write_metrics
+from stages.params import FAMILY_NAMES, REPO_PARAMS, FitParams, load_params
+from stages.scaling.fit import TargetFit, fit_table, write_metrics
 from stages.scaling.law import law_from_entry
+from stages.scaling.runs import FitError, load_runs
 from stages.scaling.sparsity import fit_sparsity_table
 
 log = logging.getLogger(__name__)
@@ -88,9 +90,9 @@ def predict(fits_path: str | Path, N: float, D: float, arch: str | None, target:
     return f"{arch}/{target} ({entry.get('law', 'paper')} law) at N={N:g}, D={D:g}: L = {L:.6g}"
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    setup_logging()
     if argv[:1] == ["predict"]:
         pp = argparse.ArgumentParser(
             prog="python -m stages.fit predict",
@@ -103,11 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         pp.add_argument("--arch", default=None, help="default: the only arch")
         pp.add_argument("--target", default=None, help="default: avg, or the only target")
         a = pp.parse_args(argv[1:])
-        try:
-            print(predict(a.fits, a.N, a.D, a.arch, a.target))
-        except (FitError, FileNotFoundError) as e:
-            log.error("%s", e)
-            return 2
+        require(a.fits, "fit", "the fits")
+        print(predict(a.fits, a.N, a.D, a.arch, a.target))
         return 0
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
@@ -144,27 +143,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-mlflow", action="store_true", help="do not log or register in MLflow")
     args = ap.parse_args(argv)
-    try:
-        if args.params is None and not Path("params.yaml").exists():
-            log.info("no params.yaml here: the fit settings of %s", REPO_PARAMS)
-            params = load_params(REPO_PARAMS)
-        else:
-            params = load_params(args.params or "params.yaml")
-        fit = params.fit
-        if args.law is not None:
-            families = list(
-                dict.fromkeys([*fit.families, args.law] if args.law != "auto" else fit.families)
-            )
-            fit = fit.model_copy(update={"law": args.law, "families": families})
-        floors = text_floors(args.floors) if args.floors else None
-        mixtures = {k: m.as_dict() for k, m in params.grid.mixtures.items()}
-        run_fit(
-            args.runs, args.out, fit, params.seed, args.plots, not args.no_mlflow,
-            args.plot_data, floors, mixtures, args.sparsity,
-        )  # fmt: skip
-    except (ParamsError, FitError) as e:
-        log.error("%s", e)
-        return 2
+    if args.params is None and not Path("params.yaml").exists():
+        log.info("no params.yaml here: the fit settings of %s", REPO_PARAMS)
+        params = load_params(REPO_PARAMS)
+    else:
+        params = load_params(args.params or "params.yaml")
+    require(args.runs, "grid", "the runs table")
+    if args.floors:
+        require(args.floors, "shards", "the shards' info (--floors)")
+    fit = params.fit
+    if args.law is not None:
+        families = list(
+            dict.fromkeys([*fit.families, args.law] if args.law != "auto" else fit.families)
+        )
+        fit = fit.model_copy(update={"law": args.law, "families": families})
+    floors = text_floors(args.floors) if args.floors else None
+    mixtures = {k: m.as_dict() for k, m in params.grid.mixtures.items()}
+    run_fit(
+        args.runs, args.out, fit, params.seed, args.plots, not args.no_mlflow,
+        args.plot_data, floors, mixtures, args.sparsity,
+    )  # fmt: skip
     return 0
 
 

@@ -10,7 +10,8 @@ key (the repository's copy, :data:`REPO_PARAMS`, is the reference study and the 
 new one); a missing key is an error naming it. Code that needs a study without a file (tests,
 benchmarks, the fit CLI on a foreign table) starts from the repository's params.yaml and
 overrides sections (:func:`study_params`). The allowed architectures and sizes come from their
-registries in model/ (model/archs.py, model/ladder.py), the data kinds from stages/data/kinds.py.
+registries in model/ (model/archs.py, model/ladder.py), the data kinds from stages/data/kinds.py,
+the law families from stages/scaling/families.py.
 
 Run ``python -m stages.params [params.yaml]`` to check a file without running anything.
 """
@@ -29,9 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from model.archs import VARIANTS
 from model.config import image_tokens
 from model.ladder import SIZES
+from stages.common.inputs import InputError
+from stages.common.paths import ROOT
 from stages.data.kinds import KINDS
+from stages.scaling.families import FAMILIES
 
-REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+REPO_PARAMS = ROOT / "params.yaml"
 ARCHS = tuple(VARIANTS)
 LADDER = tuple(SIZES)
 
@@ -208,7 +212,7 @@ class GridParams(Strict):
     workers: PosInt  # grid points trained at once (one process each)
     retries: NonNegInt
     # None: train here (grid.workers processes); a name: each chain is a flow run on that
-    # Prefect work pool (flows/pool.py), its workers on any machine
+    # Prefect work pool (flows/pool/), its workers on any machine
     work_pool: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] | None
 
     @model_validator(mode="after")
@@ -293,7 +297,7 @@ class FitMlflow(Strict):
     tracking_uri: str | None  # null: stages/common/mlflow_store.py tracking_uri()
 
 
-FAMILY_NAMES = ("paper", "shared", "floor", "smooth_min")  # stages/scaling/families.py
+FAMILY_NAMES = tuple(FAMILIES)  # the law families (stages/scaling/families.py)
 
 
 class FitParams(Strict):
@@ -361,7 +365,7 @@ class Params(Strict):
         return self
 
 
-class ParamsError(ValueError):
+class ParamsError(InputError, ValueError):
     """params.yaml is invalid; the message lists every problem with its key."""
 
 

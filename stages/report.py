@@ -10,7 +10,7 @@ figures and their data) and points (results/points: loss curves, MoE routing), i
   loss on name and value tokens by entity-rank decade against tokens seen (synthetic world);
 - a table of the fitted E, alpha, beta, a, b, c, d with bootstrap intervals beside the paper's
   Table 2, every fit with the synthetic corpus's entropy floor beside its E;
-- the paper's qualitative findings (and the brief's claim about discrete tokens), each marked
+- the paper's qualitative findings (and one claim about discrete tokens it does not make), each marked
   reproduced / not reproduced / inconclusive / not tested on this study, with the numbers
   behind the verdict (results/report/findings.json);
 - whether the grid is past the optimisation transient and each arch's law holds out of sample
@@ -29,12 +29,11 @@ import logging
 import sys
 from pathlib import Path
 
-from stages.common.stage import fresh_dir, setup_logging
+from stages.common.stage import entry_point, fresh_dir
 from stages.data.shard_format import text_floors
 from stages.reporting import figures as figs
 from stages.reporting.document import render_markdown, to_html
 from stages.reporting.evidence import (
-    ReportError,
     equal_compute_table,
     load_inputs,
     load_sparsity,
@@ -98,17 +97,13 @@ def run_report(results: str | Path = "results", shards: str | Path = "data/shard
     return results / "report.md"
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", default="results", help="the grid's and fit's outputs")
     ap.add_argument("--shards", default="data/shards", help="for the entropy floor (info.json)")
     args = ap.parse_args(argv)
-    setup_logging()
-    try:
-        run_report(args.results, args.shards)
-    except ReportError as e:
-        log.error("%s", e)
-        return 2
+    run_report(args.results, args.shards)
     return 0
 
 

@@ -8,29 +8,28 @@ corpus, tokenizer and params give byte-identical shards (fixed tar mtime, stable
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 from pathlib import Path
 
-from stages.common.stage import setup_logging
+from stages.common.inputs import require
+from stages.common.stage import entry_point, parser
 from stages.data.shards import build_shards
 from stages.params import load_params
 
 log = logging.getLogger(__name__)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--corpus", default="data/corpus")
-    ap.add_argument("--tokenizer", default="data/tokenizer/tokenizer.json")
-    ap.add_argument("--out", default="data/shards")
+    ap = parser(__doc__, corpus="data/corpus", tokenizer="data/tokenizer/tokenizer.json",
+                out="data/shards")  # fmt: skip
     ap.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU)")
     args = ap.parse_args(argv)
-    setup_logging()
     params = load_params(args.params)
+    require(Path(args.corpus) / "report.json", "corpus", "the corpus")
+    require(args.tokenizer, "tokenizer", "the tokenizer")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
     rows = build_shards(
         Path(args.corpus), Path(args.tokenizer), Path(args.out), params.shards, args.workers

@@ -8,26 +8,27 @@ boundary and placeholder tokens (see stages/data/shard_format.py for how they ar
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
-from stages.common.stage import setup_logging
+from stages.common.inputs import require
+from stages.common.stage import entry_point, parser
 from stages.data.tokenizer import build, special_ids
 from stages.params import load_params
 
 log = logging.getLogger(__name__)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--corpus", default="data/corpus")
-    ap.add_argument("--out", default="data/tokenizer")
+    ap = parser(__doc__, corpus="data/corpus", out="data/tokenizer")
     args = ap.parse_args(argv)
-    setup_logging()
     params = load_params(args.params)
+    if params.tokenizer.source == "train":
+        require(Path(args.corpus) / "report.json", "corpus", "the corpus")
+    else:
+        require(params.tokenizer.path, None, "your tokenizer (tokenizer.path)")
     tok = build(params.tokenizer, Path(args.corpus))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

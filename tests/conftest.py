@@ -14,7 +14,7 @@ from stages.data.shards import build_shards
 from stages.data.tokenizer import build as build_tokenizer
 from stages.params import REPO_PARAMS, Params, merge, read_yaml, study_params
 
-# One thread per test process, as training runs: tiny matmuls are slower with two (STACK-NOTES).
+# One thread per test process, as training runs: tiny matmuls are slower with two threads.
 torch.set_num_threads(1)
 
 TINY_PARAMS = {

@@ -135,7 +135,7 @@ def test_dvc_repro_in_a_fresh_checkout_runs_every_stage_then_nothing(tmp_path):
     fifth = run([*dvc, "repro"], repo, env)
     assert "Running stage 'grid'" in fifth and "'trained': 0" in fifth
     layers.write_text(layers.read_text().replace("eps: float = 1e-5", "eps: float = 1e-6"))
-    plan = run([sys.executable, "-m", "flows.grid", "plan"], repo, env).splitlines()
-    lines = [line.split() for line in plan if len(line.split()) == 4]
-    assert len(lines) == 16 and {x[3] for x in lines} == {"train"}
-    assert not {x[0] for x in lines} & set(grown)
+    plan = run([sys.executable, "-m", "flows.grid", "plan", "--json"], repo, env).splitlines()
+    rows = [json.loads(line) for line in plan if line.startswith("{")]
+    assert len(rows) == 16 and {r["status"] for r in rows} == {"train"}
+    assert not {r["point_id"] for r in rows} & set(grown)

@@ -15,19 +15,23 @@ import yaml
 from tests import import_graph as ig
 
 ROOT = ig.ROOT
-# model/ <- stages/common, stages/params + stages/data <- flows/, stages/scaling <- reporting
-# <- the entry points (stages/*.py, flows/grid.py ...). A module imports its own layer or below.
+# model/ <- stages/common, stages/params + stages/data (+ the law families and forms it names)
+# <- flows/, stages/scaling <- reporting <- the entry points (stages/*.py, python -m flows.grid
+# ...). A module imports its own layer or below.
 LAYERS = [
     ("model", 0),
     ("stages.common", 0),
     ("stages.data", 1),
     ("stages.params", 1),
+    ("stages.scaling.families", 1),  # the law-family registry the params schema reads
+    ("stages.scaling.law", 1),
     ("flows", 2),
     ("stages.scaling", 2),
     ("stages.reporting", 3),
 ]
 ENTRY_POINTS = {"stages.corpus", "stages.tokenizer", "stages.shards", "stages.codebook",
-                "stages.fit", "stages.report", "flows.grid", "flows.train", "flows.ui"}  # fmt: skip
+                "stages.fit", "stages.report", "flows.grid.__main__", "flows.pool.__main__",
+                "flows.train", "flows.ui"}  # fmt: skip
 
 
 def _layer(module: str) -> tuple[str, int]:
@@ -68,15 +72,19 @@ def _covered(path: str, deps: list[str]) -> bool:
 def test_every_stage_lists_the_code_its_command_runs():
     """A code edit reruns exactly the stages that run that code (flows/ui.py never the grid).
     The one exception is documented in dvc.yaml: the params schema takes allowed names from
-    model/archs.py and model/ladder.py (and what they import), which only the stages that run
-    models list (shards: model/config.py's image_tokens is real work)."""
+    model/archs.py, model/ladder.py and stages/scaling/families.py (and what they import), which
+    only the stages that run models or fits list (shards: model/config.py's image_tokens is
+    real work)."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     registries = ig.closure("model.archs") | ig.closure("model.ladder")
+    registries |= ig.closure("stages.scaling.families")
     for name, stage in stages.items():
         deps = [d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]]
         entry = re.match(r"python -m ([\w.]+)", stage["cmd"]).group(1)
+        if f"{entry}.__main__" in ig.modules():  # python -m of a package runs its __main__
+            entry = f"{entry}.__main__"
         ran = ig.closure(entry)
-        if entry == "flows.grid":
+        if entry == "flows.grid.__main__":
             ran |= ig.closure("flows.train")  # one process per point
         ran -= registries - ({"model.config"} if name == "shards" else set())
         missing = sorted(ig.path_of(m) for m in ran if not _covered(ig.path_of(m), deps))
@@ -119,7 +127,7 @@ def test_nothing_cites_a_file_that_is_not_in_the_repository():
     texts = [ROOT / "README.md", ROOT / "dvc.yaml", ROOT / "params.yaml", ROOT / "Makefile"]
     for d in ("model", "stages", "flows", "tests", "bench"):
         texts += sorted((ROOT / d).rglob("*.py")) + sorted((ROOT / d).rglob("*.j2"))
-    texts += sorted((ROOT / "tests").rglob("*.yaml"))
+    texts += sorted((ROOT / "tests").rglob("*.yaml")) + sorted((ROOT / "docs").rglob("*.md"))
     missing = []
     for path in texts:
         for cited in CITED.findall(path.read_text()):

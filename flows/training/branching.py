@@ -21,7 +21,6 @@ from pathlib import Path
 
 from flows.training import dist
 from flows.training.loop import MetricsLog, advance
-from flows.training.recipe import schedule
 from flows.training.run import Run, checkpoint_meta
 
 log = logging.getLogger(__name__)
@@ -38,13 +37,13 @@ def drop_stale(gdir: Path, fingerprint: str) -> list[Path]:
     return stale
 
 
-def trunk(run: Run, gdir: Path, fail_at: int | None = None) -> Path:
+def trunk(run: Run, gdir: Path) -> Path:
     """The group's trunk checkpoint at ``run``'s cooldown start, trained here if it is missing
     (resuming the trunk from its latest checkpoint)."""
-    params = run.params
     gdir.mkdir(parents=True, exist_ok=True)
     drop_stale(gdir, run.code["fingerprint"])
-    cs = run.sched.cooldown_start
+    sched = run.cfg.schedule
+    cs = sched.cooldown_start
     branch = gdir / f"branch-{cs:08d}.pt"
     if branch.exists():
         return branch
@@ -54,14 +53,9 @@ def trunk(run: Run, gdir: Path, fail_at: int | None = None) -> Path:
             latest = gdir / f"trunk-replay-{cs:08d}.pt"  # replay the trunk to it, aside
         if latest.exists():
             run.load(latest)
-    budgets = {  # every budget of the group gets its checkpoint as the trunk passes it
-        schedule(
-            t, run.counts.N, params.train, params.data.context_length, run.cfg.moe is not None
-        ).cooldown_start
-        for t in params.grid.tokens
-    } | {cs}
-    save_at = {s: gdir / f"branch-{s:08d}.pt" for s in budgets if s >= run.c.step}
+    # every budget of the group gets its checkpoint as the trunk passes it
+    save_at = {s: gdir / f"branch-{s:08d}.pt" for s in run.cfg.branch_steps if s >= run.c.step}
     metrics = MetricsLog(gdir / "metrics.jsonl", run.c.step)
-    advance(run, cs, run.sched.trunk_lr, latest, metrics, save_at, fail_at)
+    advance(run, cs, sched.trunk_lr, latest, metrics, save_at)
     run.save(latest)
     return branch

@@ -18,12 +18,13 @@ training path is unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 
 import torch
 import torch.distributed as dist
+
+from stages.common.processes import die_with_parent
 
 
 def world() -> int:
@@ -44,23 +45,14 @@ def setup() -> None:
     GPU when there are GPUs. Nothing without torchrun."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
-    _die_with_torchrun()
+    # Linux: this rank is killed when torchrun dies (torchrun starts its ranks in sessions of
+    # their own, so a kill of torchrun's process group would leave them training)
+    die_with_parent(signal.SIGKILL)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl")
     else:
         dist.init_process_group("gloo")
-
-
-def _die_with_torchrun() -> None:
-    """Linux: this rank is killed when torchrun dies (torchrun starts its ranks in sessions of
-    their own, so a kill of torchrun's process group would leave them training)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PDEATHSIG
-        if os.getppid() == 1:  # torchrun died before the line above
-            os._exit(1)
 
 
 def teardown() -> None:

@@ -2,14 +2,16 @@
 
 A point trains in three segments: the group's shared trunk (flows/training/branching.py), its
 own cooldown (flows/training/loop.py), then a final evaluation. Trunk and branch save
-checkpoints every ``train.checkpoint_every_steps``; a point killed and restarted continues from
-its last checkpoint and ends with the same metrics as an uninterrupted run.
+checkpoints every ``checkpoint_every_steps``; a point killed and restarted continues from its
+last checkpoint and ends with the same metrics as an uninterrupted run.
 
 Its record, ``results/points/<point_id>/record.json`` (layout: flows/records.py), holds its
 coordinates, model shape, schedule, final validation losses, token and FLOP counts, timings,
-status (``ok`` or ``failed`` with the reason), the fingerprint of the code that trained it and
-the git revision. Final losses per fit target are ``loss_<kind>`` and ``loss_avg``; the
-evaluation's breakdowns (images blanked, per word role, per entity rank) are ``eval_*``. A point whose record says ``ok`` is returned as is, never trained again.
+status (``ok`` or ``failed`` with the reason), the fingerprint of the code that trained it, the
+git revision and its run config (``config``). Final losses per fit target are ``loss_<kind>``
+and ``loss_avg``; the evaluation's breakdowns (images blanked, per word role, per entity rank)
+are ``eval_*``. MoE points also write ``routing.json``. A point whose record says ``ok`` is
+returned as is, never trained again.
 """
 
 from __future__ import annotations
@@ -23,17 +25,19 @@ from typing import Any
 import torch
 
 from flows import records
+from flows.config import RunConfig
 from flows.devices import peak_flops
-from flows.plan import CODE, Point, fingerprints, group_id, point_id
+from flows.plan import CODE, fingerprints, group_id, point_id
 from flows.training import dist
 from flows.training.branching import trunk
-from flows.training.loop import Diverged, MetricsLog, advance, fault_step, read_jsonl
+from flows.training.evaluate import evaluate
+from flows.training.loop import Diverged, MetricsLog, advance, read_jsonl
 from flows.training.run import Run, checkpoint_meta
+from flows.training.step import fault_step
 from model.archs import variant
 from model.counting import training_compute
 from stages.common.provenance import git_revision
 from stages.data.kinds import KINDS, TARGETS
-from stages.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +47,7 @@ class PlanMismatch(RuntimeError):
 
 
 def train_point(
-    point: Point,
-    params: Params,
+    cfg: RunConfig,
     *,
     shards: Path,
     codebook: Path | None,
@@ -52,7 +55,7 @@ def train_point(
     expect_id: str | None = None,
     startup_s: float | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) one point; return its record (see the module docstring).
+    """Train (or resume) the point of ``cfg``; return its record (see the module docstring).
 
     ``expect_id``: the id the grid planned; a different id here (the code or the data changed
     since) raises :class:`PlanMismatch` before any work. ``startup_s``: the seconds this
@@ -61,10 +64,12 @@ def train_point(
     workdir = Path(workdir)
     dist.setup()  # under torchrun (train.processes > 1): join the point's process group
     fp = fingerprints(shards, codebook)
-    pid, gid = point_id(point, params, fp), group_id(point, params, fp)
+    pid, gid = point_id(cfg, fp), group_id(cfg, fp)
+    if pid is None:
+        raise FileNotFoundError(f"no shards at {shards}: make them with `dvc repro shards`")
     if expect_id is not None and pid != expect_id:
         raise PlanMismatch(
-            f"{point.label}: planned as {expect_id} but its id is now {pid}: the code or the "
+            f"{cfg.point.label}: planned as {expect_id} but its id is now {pid}: the code or the "
             "data changed since the grid planned it; launch the grid again"
         )
     done = records.read_record(workdir, pid)
@@ -73,12 +78,12 @@ def train_point(
     pdir = records.point_dir(workdir, pid)
     pdir.mkdir(parents=True, exist_ok=True)
     wall0 = time.perf_counter()
-    if params.train.device != "cuda" and not torch.cuda.is_available():
-        torch.set_num_threads(params.train.threads)
-    code = {"fingerprint": fp.code(point.arch), "git_revision": str(git_revision(paths=CODE))}
-    run = Run(point, params, shards, codebook, code)
-    rec: dict[str, Any] = _describe(point, run, pid, gid)
-    fail_at = fault_step(pid)
+    if cfg.device != "cuda" and not torch.cuda.is_available():
+        torch.set_num_threads(cfg.threads)
+    code = {"fingerprint": fp.code(cfg.point.arch), "git_revision": str(git_revision(paths=CODE))}
+    run = Run(cfg, shards, codebook, code)
+    run.fault_at = fault_step(pid)
+    rec: dict[str, Any] = _describe(run, pid, gid)
     latest = pdir / "latest.pt"
     stale = latest.exists() and checkpoint_meta(latest)[0] != code["fingerprint"]
     dist.barrier()  # several processes: every rank has read it before rank 0 deletes it
@@ -92,20 +97,21 @@ def train_point(
             metrics = MetricsLog(pdir / "metrics.jsonl", run.c.step)
         else:
             trunk_rows: list[dict] = []
-            if params.train.branch_cooldowns:  # (never with a cosine schedule: validated)
+            if cfg.branch_cooldowns:  # (never with a cosine schedule: validated)
                 gdir = workdir / "groups" / gid
-                run.load(trunk(run, gdir, fail_at))
+                run.load(trunk(run, gdir))
                 trunk_rows = list(read_jsonl(gdir / "metrics.jsonl"))
             metrics = MetricsLog(pdir / "metrics.jsonl", run.c.step, trunk_rows)
-        advance(run, run.sched.steps, run.sched.lr_at, latest, metrics, fail_at=fail_at)
-        final = run.evaluate()
-        metrics.log(run.c.step, run.c.tokens, final)
-        if run.cfg.moe is not None and dist.writer():
-            (pdir / "routing.json").write_text(json.dumps(run.routing_table()))
-        for k, v in final.items():  # the fit targets as loss_*, the breakdowns as eval_*
+        sched = cfg.schedule
+        rec["train_loss"] = advance(run, sched.steps, sched.lr_at, latest, metrics)
+        final = evaluate(run)
+        metrics.log(run.c.step, run.c.tokens, final.metrics)
+        if final.routing is not None and dist.writer():
+            routing = {"arch": cfg.point.arch, "size": cfg.point.size, **final.routing}
+            (pdir / "routing.json").write_text(json.dumps(routing))
+        for k, v in final.metrics.items():  # the fit targets as loss_*, the breakdowns as eval_*
             name = k.removeprefix("val_")
             rec[f"loss_{name}" if name in TARGETS else f"eval_{name}"] = v
-        rec["train_loss"] = getattr(run, "last_loss", None)
         rec["status"], rec["error"] = "ok", None
     except Diverged as e:
         rec["status"], rec["error"] = "failed", str(e)
@@ -119,33 +125,37 @@ def train_point(
     return rec
 
 
-def _describe(point: Point, run: Run, pid: str, gid: str) -> dict[str, Any]:
-    v, cfg, s = variant(point.arch), run.cfg, run.sched
+def _describe(run: Run, pid: str, gid: str) -> dict[str, Any]:
+    cfg = run.cfg
+    p, v, m, s = cfg.point, variant(cfg.point.arch), cfg.model, cfg.schedule
     return {
         "point_id": pid,
         "group_id": gid,
         "code_fingerprint": run.code["fingerprint"],
         "git_revision": run.code["git_revision"],
-        "arch": point.arch,
+        "arch": p.arch,
         "arch_base": v.base,
         "moe": v.moe,
         "modality_aware": v.modality_aware,
-        "size": point.size,
-        "tokens_budget": point.tokens,
-        "mixture": point.mixture,
-        "seed": point.seed,
-        "width": cfg.d_model,
-        "depth": cfg.n_layers,
-        "N": run.counts.N,
-        "N_v": run.counts.N_v,
-        "N_total": run.counts.N_total,
+        "size": p.size,
+        "tokens_budget": p.tokens,
+        "mixture": p.mixture,
+        "seed": p.seed,
+        "width": m.d_model,
+        "depth": m.n_layers,
+        "N": cfg.counts.N,
+        "N_v": cfg.counts.N_v,
+        "N_total": cfg.counts.N_total,
         "batch_rows": s.batch_rows,
         "lr": s.lr,
         "steps": s.steps,
         "branch_step": s.cooldown_start,
         "device": str(run.device),
         "processes": dist.world(),
+        **cfg.moe_fields(),
         **{f"loss_{k}": None for k in (*KINDS, "avg")},
+        "train_loss": None,
+        "config": cfg.to_dict(),
     }
 
 
@@ -163,11 +173,11 @@ def _totals(run: Run, wall: float, startup_s: float | None) -> dict[str, Any]:
         "D": c.tokens,
         "D_image": c.image_tokens,
         "D_text": c.text_targets,
-        "C": training_compute(cfg, c.tokens, c.image_tokens),
+        "C": training_compute(cfg.model, c.tokens, c.image_tokens),
         "flops": c.flops,
         "wall_s": wall,
         "train_s": c.train_seconds,
         "tokens_per_s": c.tokens / train_s,
         # (several processes: the global batch's FLOPs on as many devices)
-        "mfu": c.flops / train_s / peak_flops(run.device, run.params.train.threads) / dist.world(),
+        "mfu": c.flops / train_s / peak_flops(run.device, cfg.threads) / dist.world(),
     }

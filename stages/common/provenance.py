@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository
+from stages.common.paths import ROOT
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,10 @@ class Batch:
     target_tags: torch.Tensor  # (B, L) int64: word tag of each target (rank * 4 + role; 0: none)
 
     def rows(self, start: int, stop: int) -> Batch:
-        """Rows [start, stop) with their images (one rank's share of a global batch)."""
+        """Rows [start, stop) with their images (one rank's share of a global batch); all of
+        them: the batch itself."""
+        if (start, stop) == (0, self.tokens.shape[0]):
+            return self
         keep = (self.image_index[:, 0] >= start) & (self.image_index[:, 0] < stop)
         index = self.image_index[keep].clone()
         index[:, 0] -= start

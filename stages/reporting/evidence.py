@@ -15,21 +15,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stages.common.inputs import InputError, require
 from stages.data.kinds import TARGETS
-from stages.scaling.fit import split_experts
+from stages.scaling.runs import split_experts
 
 log = logging.getLogger(__name__)
 
 
-class ReportError(ValueError):
+class ReportError(InputError, ValueError):
     """An input of the report is missing or unusable; the message names it."""
 
 
 def load_inputs(results: Path) -> tuple[pd.DataFrame, dict]:
     runs_path, fits_path = results / "runs.parquet", results / "fits.json"
-    for p in (runs_path, fits_path):
-        if not p.exists():
-            raise ReportError(f"{p} not found: run the grid and fit stages first (dvc repro)")
+    require(runs_path, "grid", "the runs table")
+    require(fits_path, "fit", "the fits")
     runs = pd.read_parquet(runs_path)
     runs = runs[runs.status == "ok"].copy()
     if runs.empty:

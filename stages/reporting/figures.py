@@ -15,7 +15,9 @@ import pandas as pd
 
 from stages.common.figures import plain_log_y, save, slug, subplots
 from stages.data.kinds import TARGETS
+from stages.scaling import plots
 from stages.scaling.law import fitted_law
+from stages.scaling.plots import Series
 
 
 def arch_color(archs: list[str]) -> dict[str, str]:
@@ -23,25 +25,19 @@ def arch_color(archs: list[str]) -> dict[str, str]:
 
 
 def loss_vs_compute(runs: pd.DataFrame, fits: dict, archs: list[str], out: Path) -> Path:
-    """Paper Fig. 2: validation loss vs training FLOPs per arch, with its fitted frontier."""
-    colors = arch_color(archs)
-    fig, axes = subplots(2, 2, figsize=(10, 7.5))
-    for ax, target in zip(axes.flat, TARGETS, strict=True):
+    """Paper Fig. 2: validation loss vs training FLOPs per arch, with its fitted frontier, one
+    panel per target."""
+    panels = {}
+    for target in TARGETS:
+        series = []
         for arch in archs:
             r = runs[runs.arch == arch]
-            ax.scatter(r.C, r[f"loss_{target}"], s=10, alpha=0.5, color=colors[arch])
-            f = fits.get(f"{arch}/{target}")
-            if f and f.get("c") is not None and f.get("c_coef") is not None:
-                C = np.geomspace(r.C.min(), r.C.max(), 50)
-                ax.plot(C, f["c_coef"] * C ** f["c"], color=colors[arch], lw=1.5,
-                        label=f"{arch}: L ∝ C^{f['c']:.3f}")  # fmt: skip
-            else:
-                ax.plot([], [], color=colors[arch], label=f"{arch} (no fit)")
-        ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel=f"loss ({target})")
-        ax.set_title(f"{target}: loss vs compute, fitted frontier")
-        plain_log_y(ax)
-        ax.legend(fontsize=7)
-    return save(fig, out / "loss_vs_compute.png")
+            f = fits.get(f"{arch}/{target}") or {}
+            ok = f.get("c") is not None and f.get("c_coef") is not None
+            frontier = (f["c_coef"], f["c"]) if ok else None
+            series.append(Series(arch, r.C.to_numpy(), r[f"loss_{target}"].to_numpy(), frontier))
+        panels[f"{target}: loss vs compute, fitted frontier"] = series
+    return plots.loss_vs_compute(panels, out / "loss_vs_compute.png", ncols=2)
 
 
 def equal_compute(table: pd.DataFrame, out: Path) -> Path:
@@ -92,29 +88,15 @@ def optimal_allocation(fits: dict, archs: list[str], out: Path) -> Path:
 
 
 def predicted_vs_observed(plot_data: Path, archs: list[str], out: Path) -> Path:
-    """Observed vs predicted avg loss of every arch; held-out (top-compute) runs highlighted."""
-    colors = arch_color(archs)
-    fig, ax = subplots(figsize=(5.4, 5))
-    lo, hi = np.inf, -np.inf
+    """Observed vs predicted avg loss of every arch; held-out (top-compute) runs highlighted
+    (the fit stage's data: stages/scaling/plots.py)."""
+    series = {}
     for arch in archs:
-        path = plot_data / f"pred_obs_{slug(arch)}_avg.csv"
-        if not path.exists():
-            continue
-        d = pd.read_csv(path)
-        d = d[np.isfinite(d.predicted)]
-        held = d.heldout.astype(bool)
-        ax.scatter(d.observed[~held], d.predicted[~held], s=12, color=colors[arch], label=arch)
-        ax.scatter(d.observed[held], d.predicted[held], s=40, color=colors[arch],
-                   marker="*", edgecolor="k", linewidth=0.5)  # fmt: skip
-        lo = min(lo, d.observed.min(), d.predicted.min())
-        hi = max(hi, d.observed.max(), d.predicted.max())
-    if np.isfinite(lo):
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-    ax.scatter([], [], marker="*", color="grey", edgecolor="k", label="held out (top C)")
-    ax.set(xlabel="observed loss (avg)", ylabel="predicted by the held-in fit")
-    ax.set_title("extrapolation to the highest-compute runs", fontsize=9)
-    ax.legend(fontsize=7)
-    return save(fig, out / "predicted_vs_observed.png")
+        path = plots.pred_obs_csv(plot_data, arch, "avg")
+        if path.exists():
+            series[arch] = pd.read_csv(path)
+    title = "extrapolation to the highest-compute runs (avg loss)"
+    return plots.predicted_vs_observed(series, title, out / "predicted_vs_observed.png")
 
 
 def moe_routing(routings: dict[str, dict], out: Path) -> Path:

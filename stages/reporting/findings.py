@@ -155,7 +155,7 @@ def discrete_worst(runs: pd.DataFrame) -> Finding:
     """Effect: the mean relative gap of discrete's avg loss over the worse of early and late at
     matched runs (> 0: discrete is the worst), its interval by a bootstrap over them."""
     claim = "Discrete visual tokens do worst (vs early and late fusion on continuous patches)"
-    source = "the project brief (not in the paper, which has no discrete variant)"
+    source = "this pipeline's question (not in the paper, which has no discrete variant)"
     others = [a for a in ("early", "late") if a in set(runs.arch)]
     if "discrete" not in set(runs.arch) or not others:
         return Finding(claim, source, "not tested", "needs discrete and early or late runs")

@@ -19,6 +19,9 @@ B = e^b, E = e^e):
 Each family evaluates ``log_pred(theta, x, y)`` for a batch of parameter vectors (B, P) at
 centred log N, log D (x = log N - mean, y = log D - mean; centring removes the near-collinearity
 of a and alpha) and returns log L (B, n) and d log L / d theta (B, n, P).
+
+:data:`FAMILIES` is the one registry of the family names: the params schema takes the allowed
+``fit.law`` and ``fit.families`` from it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from stages.params import FitParams
 from stages.scaling.law import Law, SmoothMinLaw
 
 
@@ -90,8 +92,9 @@ class Family:
     ) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
-    def grid(self, fit: FitParams) -> np.ndarray:
-        """The start grid, every combination of ``fit.init``'s values (uncentred theta)."""
+    def grid(self, fit: Any) -> np.ndarray:
+        """The start grid, every combination of ``fit.init``'s values (uncentred theta;
+        ``fit``: params ``fit``, which imports this registry: so not typed here)."""
         values = (getattr(fit.init, INIT[c]) for c in self.coords)
         return np.array(list(itertools.product(*values)), float)
 

@@ -20,8 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from stages.params import FitParams
-
 log = logging.getLogger(__name__)
 
 N_PARAMS = 5  # the most any family has: E, A, B, alpha, beta
@@ -200,7 +198,7 @@ def law_hash(laws: dict[str, Law], ratios: dict[str, float]) -> str:
 
 
 def regression_exponents(
-    law: Law, C_min: float, C_max: float, ratio: float, D_range: tuple[float, float], fit: FitParams
+    law: Law, C_min: float, C_max: float, ratio: float, D_range: tuple[float, float], fit: Any
 ) -> dict[str, float]:
     """The paper's iso-FLOP regression (Sec. 3.1, App. C, Table 9).
 
@@ -209,7 +207,9 @@ def regression_exponents(
     a parabola through the three grid points around it), then regress log N_opt and log D_opt on
     log C and log D_opt on log N_opt. A budget whose argmin hits the sweep's edge is dropped.
     ``ratio`` = C / 6ND, held at its median in the data (1 for 6ND; for late fusion
-    1 + N_v D_v / N D: the vision/decoder size and token ratios are assumed constant).
+    1 + N_v D_v / N D: the vision/decoder size and token ratios are assumed constant). ``fit``:
+    params ``fit`` (its ``sweep``; typed loosely so that the params schema can import this
+    module's neighbour, the family registry).
     """
     C = np.geomspace(C_min, C_max, fit.sweep.budgets)
     logD = np.linspace(
@@ -321,8 +321,8 @@ class Budget:
         return cls(float(C.min()), float(C.max()), float(D.min()), float(D.max()), ratio)
 
 
-def exponents(law: Law, budget: Budget, fit: FitParams) -> dict[str, float]:
-    """a, b, d in closed form and by the iso-FLOP regression."""
+def exponents(law: Law, budget: Budget, fit: Any) -> dict[str, float]:
+    """a, b, d in closed form and by the iso-FLOP regression (``fit``: params ``fit``)."""
     reg = regression_exponents(
         law, budget.C_min, budget.C_max, budget.ratio, (budget.D_min, budget.D_max), fit
     )

@@ -4,12 +4,16 @@ Per arch: loss vs compute with the fitted frontier L = c_coef C^c (paper Fig. 2)
 target: iso-FLOP curves of the fitted law with N_opt marked (Fig. 3), and predicted vs observed
 loss with the held-out (highest-compute) runs highlighted (Table 10). The CSVs are what
 ``dvc plots`` renders. Figures are drawn headless (stages/common/figures.py).
+
+:func:`loss_vs_compute` and :func:`predicted_vs_observed` draw any number of series: the report
+(stages/reporting/figures.py) calls them for all archs at once.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,43 +26,66 @@ log = logging.getLogger(__name__)
 ISOFLOP_BUDGETS = 6  # curves per iso-FLOP figure
 
 
-def loss_vs_compute(fits: list[TargetFit], out: Path, data: Path) -> list[Path]:
-    """One arch: every target's runs (loss vs C, log-log), frontier vertices and fitted line."""
+@dataclass
+class Series:
+    """Runs of one arch or target on a loss-vs-compute panel, with the fitted frontier
+    L = c_coef C^c (None: no fit) and optionally its vertices highlighted."""
+
+    label: str
+    C: np.ndarray
+    loss: np.ndarray
+    frontier: tuple[float, float] | None  # (c_coef, c)
+    on_frontier: np.ndarray | None = None
+
+
+def loss_vs_compute(panels: dict[str, list[Series]], out: Path, ncols: int = 1) -> Path:
+    """Paper Fig. 2: validation loss vs training FLOPs (log-log), one panel per title, each
+    series' runs with its fitted frontier. The fit stage draws one panel per arch (its
+    targets), the report one per target (its archs)."""
+    rows = -(-len(panels) // ncols)
+    fig, axes = subplots(rows, ncols, figsize=(5 * ncols + 1.4, 3.8 * rows + 0.6), squeeze=False)
+    for ax, (title, series) in zip(axes.flat, panels.items(), strict=False):
+        for i, s in enumerate(series):
+            color = f"C{i % 10}"
+            ax.scatter(s.C, s.loss, s=10, alpha=0.5, color=color)
+            if s.on_frontier is not None:
+                ax.scatter(s.C[s.on_frontier], s.loss[s.on_frontier], s=30, color=color,
+                           edgecolor="k")  # fmt: skip
+            if s.frontier is not None and np.isfinite(s.frontier[1]):
+                C = np.geomspace(np.min(s.C), np.max(s.C), 50)
+                coef, c = s.frontier
+                ax.plot(C, coef * C**c, color=color, lw=1.5, label=f"{s.label}: L ∝ C^{c:.3f}")
+            else:
+                ax.plot([], [], color=color, label=f"{s.label} (no fit)")
+        ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="validation loss")
+        ax.set_title(title, fontsize=9)
+        plain_log_y(ax)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    return save(fig, out)
+
+
+def frontier_series(label: str, f: TargetFit) -> Series:
+    """The runs of one fit, its frontier and the frontier's vertices."""
+    r, fr = f.runs, f.frontier
+    return Series(label, r.C.to_numpy(), r.loss.to_numpy(), (fr["c_coef"], fr["c"]),
+                  r.on_frontier.to_numpy(bool))  # fmt: skip
+
+
+def _loss_vs_compute(fits: list[TargetFit], out: Path, data: Path) -> list[Path]:
+    """One arch: every target's runs, frontier vertices and fitted frontier, and its CSV."""
     arch = fits[0].arch
     rows = []
-    fig, ax = subplots(figsize=(6.4, 4.4))
-    for i, f in enumerate(fits):
+    for f in fits:
         r, fr = f.runs, f.frontier
         line = fr["c_coef"] * r.C.to_numpy() ** fr["c"]
-        rows.append(
-            r.assign(target=f.target, frontier=line)[
-                ["target", "N", "D", "C", "loss", "on_frontier", "frontier"]
-            ]
-        )
-        color = f"C{i % 10}"
-        ax.scatter(r.C, r.loss, s=12, alpha=0.5, color=color, label=f"{f.target}")
-        ax.scatter(r.C[r.on_frontier], r.loss[r.on_frontier], s=30, color=color, edgecolor="k")
-        if np.isfinite(fr["c"]):
-            C = np.geomspace(r.C.min(), r.C.max(), 50)
-            ax.plot(
-                C,
-                fr["c_coef"] * C ** fr["c"],
-                color=color,
-                lw=1.5,
-                label=f"{fr['c_coef']:.3g} C^{fr['c']:.4f}",
-            )
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="compute C (FLOPs)",
-        ylabel="validation loss",
-        title=f"{arch}: loss vs compute",
-    )
-    plain_log_y(ax)
-    ax.legend(fontsize=7)
+        rows.append(r.assign(target=f.target, frontier=line)[
+            ["target", "N", "D", "C", "loss", "on_frontier", "frontier"]])  # fmt: skip
     csv = data / f"loss_compute_{slug(arch)}.csv"
     pd.concat(rows).to_csv(csv, index=False)
-    return [save(fig, out / f"loss_compute_{slug(arch)}.png"), csv]
+    panels = {f"{arch}: loss vs compute": [frontier_series(f.target, f) for f in fits]}
+    return [loss_vs_compute(panels, out / f"loss_compute_{slug(arch)}.png"), csv]
 
 
 def isoflop(f: TargetFit, out: Path, data: Path) -> list[Path]:
@@ -107,35 +134,54 @@ def isoflop(f: TargetFit, out: Path, data: Path) -> list[Path]:
     return [save(fig, out / f"{stem}.png"), data / f"{stem}.csv"]
 
 
-def predicted_vs_observed(f: TargetFit, out: Path, data_dir: Path) -> list[Path]:
-    """Observed loss vs the prediction of the fit made without the held-out runs (if any)."""
+def pred_obs_csv(data: Path, arch: str, target: str) -> Path:
+    """Where the fit stage writes the observed and predicted losses of one arch/target (what
+    the report draws again, all archs together)."""
+    return Path(data) / f"pred_obs_{slug(arch)}_{slug(target)}.csv"
+
+
+def predicted_vs_observed(series: dict[str, pd.DataFrame], title: str, out: Path) -> Path:
+    """Observed vs predicted loss of each series (columns ``observed``, ``predicted``,
+    ``heldout``), the held-out (top-compute) runs starred: how well a law fitted without them
+    extrapolates (paper Table 10). The fit stage draws one arch/target, the report every arch."""
+    fig, ax = subplots(figsize=(5.2, 4.8))
+    lo, hi, bad = np.inf, -np.inf, 0
+    for i, (label, d) in enumerate(series.items()):
+        finite = np.isfinite(d.predicted.to_numpy(float))
+        bad += int((~finite).sum())  # a degenerate law can overflow (A N^-alpha, alpha < 0)
+        d = d[finite]
+        held = d.heldout.astype(bool).to_numpy()
+        color = f"C{i % 10}"
+        ax.scatter(d.observed[~held], d.predicted[~held], s=12, color=color, label=label)
+        ax.scatter(d.observed[held], d.predicted[held], s=40, color=color, marker="*",
+                   edgecolor="k", linewidth=0.5)  # fmt: skip
+        if len(d):
+            lo = min(lo, d.observed.min(), d.predicted.min())
+            hi = max(hi, d.observed.max(), d.predicted.max())
+    if np.isfinite(lo):
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    if bad:
+        ax.text(0.02, 0.98, f"{bad} prediction(s) not finite", transform=ax.transAxes,
+                va="top", fontsize=7)  # fmt: skip
+    ax.scatter([], [], marker="*", color="grey", edgecolor="k", label="held out (top C)")
+    ax.set(xlabel="observed loss", ylabel="predicted by the held-in fit")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    return save(fig, out)
+
+
+def _predicted_vs_observed(f: TargetFit, out: Path, data_dir: Path) -> list[Path]:
+    """One arch/target: observed vs the prediction of the fit made without the held-out runs
+    (if any), and its CSV."""
     r = f.runs
     pred = r.pred_holdout if r.pred_holdout.notna().all() else r.pred
     data = pd.DataFrame(
         {"N": r.N, "D": r.D, "C": r.C, "observed": r.loss, "predicted": pred, "heldout": r.heldout}
     )
-    fig, ax = subplots(figsize=(4.8, 4.6))
-    held = data.heldout.to_numpy()
-    bad = ~np.isfinite(data.predicted.to_numpy(float))
-    if bad.any():  # a degenerate law can overflow (A N^-alpha with A = 0, alpha < 0)
-        ax.text(0.02, 0.98, f"{bad.sum()} prediction(s) not finite", transform=ax.transAxes,
-                va="top", fontsize=7)  # fmt: skip
-        held = held & ~bad
-    shown = data[~bad]
-    ax.scatter(data.observed[~held & ~bad], data.predicted[~held & ~bad], s=14, label="held-in")
-    ax.scatter(
-        data.observed[held], data.predicted[held], s=28, color="C3", label="held-out (top C)"
-    )
-    lim = [
-        min(shown.observed.min(), shown.predicted.min()),
-        max(shown.observed.max(), shown.predicted.max()),
-    ]
-    ax.plot(lim, lim, "k--", lw=0.8)
-    ax.set(xlabel="observed loss", ylabel="predicted loss", title=f"{f.key}: extrapolation")
-    ax.legend(fontsize=7)
-    stem = f"pred_obs_{slug(f.arch)}_{slug(f.target)}"
-    data.to_csv(data_dir / f"{stem}.csv", index=False)
-    return [save(fig, out / f"{stem}.png"), data_dir / f"{stem}.csv"]
+    csv = pred_obs_csv(data_dir, f.arch, f.target)
+    data.to_csv(csv, index=False)
+    png = out / csv.with_suffix(".png").name
+    return [predicted_vs_observed({f.target: data}, f"{f.key}: extrapolation", png), csv]
 
 
 def write_plots(
@@ -155,8 +201,8 @@ def write_plots(
         by_arch[f.arch].append(f)
     files: dict[str, list[Path]] = {}
     for arch, group in by_arch.items():
-        files[arch] = loss_vs_compute(group, out, data)
+        files[arch] = _loss_vs_compute(group, out, data)
         for f in group:
-            files[f.key] = isoflop(f, out, data) + predicted_vs_observed(f, out, data)
+            files[f.key] = isoflop(f, out, data) + _predicted_vs_observed(f, out, data)
     log.info("wrote %d figures to %s", sum(len(v) for v in files.values()) // 2, out)
     return files

@@ -9,8 +9,8 @@ to the dense terms a sparsity term and a sparsity-parameter interaction:
 
 N the active parameters, D the tokens, S = 1 - top_k/n_experts the fraction of inactive experts.
 The exponents lambda and delta take either sign, so this covers Abnar et al.'s c/(1-S)^lambda
-and d/((1-S)^delta N^gamma) whichever way they are written (shared/PAPER.md does not give the
-paper's exact parametrisation; this is the general one). A, B, C, G > 0; alpha, beta, gamma > 0
+and d/((1-S)^delta N^gamma) whichever way they are written (the paper does not print its exact
+parametrisation; this is the general one). A, B, C, G > 0; alpha, beta, gamma > 0
 and |lambda|, |delta| < 2 (:class:`Sparse` says why).
 
 It is fitted like every family (stages/scaling/families.py): Huber on log residuals, batched
@@ -23,7 +23,7 @@ errors, its extrapolation to the top-compute runs, to each expert count left out
 more), and the loss change from the fewest to the most experts at the runs' median N and D, with
 bootstrap intervals.
 
-Input: a prepared runs table (stages/scaling/fit.py :func:`prepare_runs`) with ``sparsity`` and
+Input: a prepared runs table (stages/scaling/runs.py :func:`prepare_runs`) with ``sparsity`` and
 ``moe_arch`` columns; output: one :class:`SparsityFit` per (MoE arch, target) with two or more
 sparsities, :meth:`SparsityFit.metrics` its entry in results/sparsity.json.
 """
@@ -41,9 +41,10 @@ import numpy as np
 import pandas as pd
 
 from stages.params import FitParams
+from stages.scaling.bootstrap import interval, resamples
 from stages.scaling.families import FAMILIES, Family, Points, _lse
-from stages.scaling.fit import FitError, interval, resamples
 from stages.scaling.law import enough_points, errors, holdout_mask
+from stages.scaling.runs import FitError
 from stages.scaling.search import SearchResult, fit_family, refit
 
 log = logging.getLogger(__name__)

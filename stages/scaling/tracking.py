@@ -37,13 +37,12 @@ import cloudpickle
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.entities import Metric, Param, RunTag
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
 import stages.scaling.law
-from stages.common.mlflow_store import EXPERIMENT_KIND, tracking_uri
+from stages.common import mlflow_store as store
 from stages.common.provenance import git_revision
 from stages.params import FitParams
 from stages.scaling.fit import TargetFit
@@ -133,25 +132,6 @@ def file_md5(path: str | Path) -> str:
         return hashlib.file_digest(f, "md5").hexdigest()
 
 
-def flat_metrics(entry: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """A fits.json entry as MLflow metrics: nested keys joined by '.', NaN/None dropped."""
-    out: dict[str, float] = {}
-    for k, v in entry.items():
-        if isinstance(v, dict):
-            out.update(flat_metrics(v, f"{prefix}{k}."))
-        elif isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v):
-            out[f"{prefix}{k}"] = float(v)
-    return out
-
-
-def experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    tags = EXPERIMENT_KIND
-    return client.create_experiment(name, artifact_location=artifact_location, tags=tags)
-
-
 def latest_version(client: MlflowClient, name: str):
     versions = client.search_model_versions(f"name = '{name}'")
     return max(versions, key=lambda v: int(v.version), default=None)
@@ -214,19 +194,18 @@ def log_fits(
     plot_files: dict[str, list[Path]] | None = None,
     runs_path: str | Path | None = None,
     fits_path: str | Path | None = None,
-    artifact_location: str | None = None,
     extra: list[str | Path] = (),
 ) -> dict[str, dict[str, Any]]:
     """Log every fit to MLflow and register a model per arch (see the module docstring).
 
     Returns per arch: run_id, model name, version, whether the version is new, seconds spent
     registering. ``plot_files`` are :func:`stages.scaling.plots.write_plots`' files per arch and
-    per arch/target. ``artifact_location`` applies when the experiment is created here.
+    per arch/target.
     ``extra``: more files logged beside fits.json (the sparsity-aware laws).
     """
-    mlflow.set_tracking_uri(tracking_uri(fit.mlflow.tracking_uri))
+    mlflow.set_tracking_uri(store.tracking_uri(fit.mlflow.tracking_uri))
     client = MlflowClient()
-    exp = experiment_id(client, fit.mlflow.experiment, artifact_location)
+    exp = store.experiment(client, fit.mlflow.experiment)
     rev = git_revision()
     tags = {"git_commit": rev.commit, "git_dirty": str(rev.dirty).lower()}
     if runs_path is not None and Path(runs_path).is_file():
@@ -250,7 +229,6 @@ def log_fits(
     for f in fits.values():
         by_arch.setdefault(f.arch, []).append(f)
     out: dict[str, dict[str, Any]] = {}
-    now = int(time.time() * 1000)
     for arch, group in sorted(by_arch.items()):
         name = f"{fit.mlflow.model_prefix}{arch}"
         with (
@@ -258,34 +236,23 @@ def log_fits(
             tempfile.TemporaryDirectory() as tmp,
         ):
             run_tags = {**tags, "arch": arch, "kind": "scaling-law-fit"}
-            client.log_batch(
-                parent.info.run_id,
-                params=[Param(k, str(v)) for k, v in settings.items()],
-                tags=[RunTag(k, v) for k, v in run_tags.items()],
-            )
+            settings_ = {k: str(v) for k, v in settings.items()}
+            store.log_batch(client, parent.info.run_id, params=settings_, tags=run_tags)
             for f in group:
                 with mlflow.start_run(
                     experiment_id=exp, run_name=f"fit-{f.key}", nested=True
                 ) as child:
-                    entry = f.metrics()
-                    metrics = flat_metrics(entry)
-                    client.log_batch(
+                    store.log_batch(
+                        client,
                         child.info.run_id,
-                        metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
-                        params=[
-                            Param("arch", arch),
-                            Param("target", f.target),
-                            Param("n_points", str(len(f.runs))),
-                        ],
-                        tags=[
-                            RunTag(k, v)
-                            for k, v in {
-                                **run_tags,
-                                "target": f.target,
-                                "law": f.choice,
-                                "law_why": f.why[:5000],
-                            }.items()
-                        ],  # fmt: skip
+                        metrics=store.numbers(f.metrics()),
+                        params={"arch": arch, "target": f.target, "n_points": str(len(f.runs))},
+                        tags={
+                            **run_tags,
+                            "target": f.target,
+                            "law": f.choice,
+                            "law_why": f.why[:5000],
+                        },  # fmt: skip
                     )
                     for path in plot_files.get(f.key, []):
                         mlflow.log_artifact(str(path), artifact_path="plots")

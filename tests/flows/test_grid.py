@@ -16,12 +16,14 @@ from mlflow import MlflowClient
 
 from flows import records, supervise
 from flows.collect import collect
-from flows.devices import check_batch_split, device_slots
-from flows.grid import grid_flow, main
+from flows.config import Point, RunConfig, check_batch_split
+from flows.devices import device_slots
+from flows.grid.__main__ import main
+from flows.grid.flow import grid_flow
 from flows.launch import Launch
-from flows.plan import Job, Point, chains, expand_grid, fingerprints, plan
+from flows.plan import Job, chains, fingerprints, plan
 from flows.tracking import Tracker
-from flows.training.loop import FAULT_ENV
+from flows.training.step import FAULT_ENV
 from model.ladder import SIZES
 from stages.params import Params, ParamsError, load_params, validate_params
 from tests.flows.conftest import grid_params, write_params
@@ -116,9 +118,10 @@ def test_each_point_gets_one_gpu_or_one_pinned_cpu_thread(monkeypatch, tmp_path)
     assert launch(cpu).env(None)["CUDA_VISIBLE_DEVICES"] == ""  # GPUs hidden
     two = validate_params(grid_params(grid={"workers": 3}, train={"processes": 2}))
     assert device_slots(two) == ["2,3", "5,7"]  # 2 GPUs a point, as many points as fit
-    assert launch(two).command(Job(Point("early", "xxs", 2048, "45-45-10", 0), "p", "g", "c"))[
-        1:5
-    ] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    job = Job(RunConfig.build(two, Point("early", "xxs", 2048, "45-45-10", 0), None), "p", "g", "c")
+    cmd = launch(two).command(job)
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert cmd[cmd.index("--config") + 1] == str(tmp_path / "points" / "p" / "config.json")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert device_slots(params) == [None] * 3
     with pytest.raises(ParamsError, match="train.device"):
@@ -185,7 +188,7 @@ def test_help_explains_run_plan_and_serve(capsys):
 def test_the_fault_hook_is_not_a_parameter_of_the_flow():
     """Test hooks stay out of the flow's parameters (its run form in the Prefect UI)."""
     names = set(grid_flow.parameters.properties)
-    assert names == {"params_path", "shards", "codebook", "results", "tracking_uri"}
+    assert names == {"params_path", "shards", "codebook", "results", "tracking_uri", "work_pool"}
 
 
 def test_bad_params_stop_the_cli_before_prefect_starts(tmp_path, capsys):
@@ -206,8 +209,9 @@ def test_processes_that_do_not_split_the_batch_stop_the_cli_before_any_compute(
     err = capsys.readouterr().err
     assert "train.processes=3" in err and "early xxs (4 rows)" in err and "[1, 2, 4]" in err
     assert not results.exists()
+    fp = fingerprints(tiny_data.shards, None)
     ok = validate_params(grid_params(train={"processes": 2}))
-    check_batch_split(ok, expand_grid(ok), tiny_data.shards)  # 2 rows a rank: no error
+    check_batch_split([j.config for j in plan(ok, fp)])  # 2 rows a rank: no error
     # rows grow with N (batch_exponent 1): xxs 1 row, m 8; 4 processes split m only
     mixed = validate_params(
         grid_params(
@@ -216,8 +220,29 @@ def test_processes_that_do_not_split_the_batch_stop_the_cli_before_any_compute(
         )
     )
     with pytest.raises(ParamsError, match=r"early xxs \(1 rows\).*in \[1\]") as e:
-        check_batch_split(mixed, expand_grid(mixed), tiny_data.shards)
+        check_batch_split([j.config for j in plan(mixed, fp)])
     assert "early m" not in str(e.value)
+
+
+def test_missing_inputs_stop_the_cli_naming_the_file_and_the_stage(tiny_data, tmp_path, capsys):
+    params = write_params(tmp_path / "params.yaml", grid={"archs": ["early", "discrete"]})
+    args = ["run", "--params", str(params), "--results", str(tmp_path / "results")]
+    assert main([*args, "--shards", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.parquet not found" in err and "dvc repro shards" in err
+    assert (
+        main([*args, "--shards", str(tiny_data.shards), "--codebook", str(tmp_path / "cb.pt")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "cb.pt not found" in err and "dvc repro codebook" in err
+    (tmp_path / "cb.pt").write_bytes(b"codes")
+    (tmp_path / "report.json").write_text(json.dumps({"shards_manifest_sha256": "older"}))
+    assert (
+        main([*args, "--shards", str(tiny_data.shards), "--codebook", str(tmp_path / "cb.pt")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "made from another manifest.parquet" in err and "dvc repro codebook" in err
+    assert not (tmp_path / "results").exists()
 
 
 # --------------------------------------------------------------------------- end to end
@@ -256,8 +281,9 @@ def test_grid_trains_every_point_and_records_it(reference, mlflow_uri):
         assert run.data.tags["nmm.launch"] == launches[0].info.run_id
         for tag in ("arch", "moe", "size", "tokens", "mixture", "group_id", "status"):
             assert tag in run.data.tags
-        assert run.data.params["train.batch_rows_ref"] == "4"
-        assert run.data.params["record.steps"] == str(row["steps"])
+        assert run.data.params["schedule.batch_rows"] == "4"
+        assert run.data.params["schedule.steps"] == str(row["steps"])
+        assert run.data.params["counts.N"] == str(row["N"])
         m = run.data.metrics
         assert m["final/loss_avg"] == row["loss_avg"]
         for key in ("train_loss", "lr", "val_avg", "val_text", "tokens_per_s", "mfu"):

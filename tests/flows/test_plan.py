@@ -1,4 +1,5 @@
-"""flows/plan.py: a point's id knows its params, data and code; the dry run prints the plan.
+"""flows/plan.py: a point's id knows its run config, data and code; the dry run prints the plan
+(before any data exists, too).
 
 Code edits are made in a copy of the fingerprinted files (flows/plan.py CODE) under a temp root:
 a comment, docstring or formatting edit changes no id; a changed constant changes the ids of
@@ -6,25 +7,17 @@ the variants that run the file, and only those."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
 from flows import records
-from flows.grid import main
-from flows.plan import (
-    CODE,
-    NOT_RESULTS,
-    ROOT,
-    code_files,
-    fingerprints,
-    for_point,
-    group_id,
-    moe_fields,
-    plan,
-)
+from flows.grid.__main__ import main
+from flows.plan import CODE, NOT_RESULTS, code_files, fingerprints, group_id, plan
 from model.archs import VARIANTS
+from stages.common.paths import ROOT
 from stages.params import load_params, study_params
 from tests import import_graph as ig
 from tests.flows.conftest import write_params
@@ -72,7 +65,7 @@ def test_comment_docstring_and_formatting_edits_change_no_id(tiny_data, code):
         "class RMSNorm(nn.Module):\n",
         "# a comment\nclass RMSNorm(nn.Module):  # another\n\n",
     )
-    _edit(code / "flows" / "training" / "loop.py", "    tp, save_at = ", "    tp,   save_at = ")
+    _edit(code / "flows" / "training" / "loop.py", "    cfg, save_at = ", "    cfg,   save_at = ")
     assert _ids(params, tiny_data.shards, code) == before
 
 
@@ -94,9 +87,10 @@ def test_a_changed_constant_in_a_model_file_changes_every_id(tiny_data, code):
             lambda v: v.moe,
         ),
         ("model/discrete.py", "1 << 20", "1 << 21", lambda v: v.base == "discrete"),
-        ("flows/training/recipe.py", "eps=1e-8", "eps=1e-7", lambda v: True),
+        ("flows/training/run.py", "eps=1e-8", "eps=1e-7", lambda v: True),
+        ("flows/config.py", "1.0 - math.sqrt(frac)", "1.0 - frac", lambda v: True),
     ],
-    ids=["moe", "discrete", "recipe"],
+    ids=["moe", "discrete", "optimizer", "lr-shape"],
 )
 def test_a_change_retrains_the_variants_that_run_the_file(tiny_data, code, path, old, new, touched):
     params = study_params(ALL)
@@ -141,8 +135,8 @@ def test_a_sweep_of_expert_counts_adds_moe_points_and_keeps_the_ids_it_shares(ti
         assert jobs[f"{arch}-e8-xxs-{rest}"].point_id == pid
         four = jobs[f"{arch}-e4-xxs-{rest}"]
         assert four.point_id != pid and four.point.experts == 4
-        assert for_point(four.point, swept).model.n_experts == 4
-        assert moe_fields(four.point, swept) == {"n_experts": 4, "top_k": 1, "sparsity": 0.75}
+        assert four.config.model.moe.n_experts == 4
+        assert four.config.moe_fields() == {"n_experts": 4, "top_k": 1, "sparsity": 0.75}
     assert len(jobs) == len(before) + sum(VARIANTS[a].moe for a in VARIANTS) * 2
 
 
@@ -152,7 +146,7 @@ def test_a_group_is_its_points_without_the_budget(tiny_data):
     by_group: dict[str, list] = {}
     for j in jobs:
         by_group.setdefault(j.group_id, []).append(j)
-        assert j.group_id == group_id(j.point, params, fingerprints(tiny_data.shards, None))
+        assert j.group_id == group_id(j.config, fingerprints(tiny_data.shards, None))
     assert len(by_group) == len(VARIANTS) and all(len(g) == 2 for g in by_group.values())
     assert len({j.point_id for j in jobs}) == len(jobs)
 
@@ -174,10 +168,53 @@ def test_the_dry_run_prints_every_point_with_its_ids_and_status(tiny_data, tmp_p
     results = tmp_path / "results"
     records.write_record(results, jobs[0].point_id, {"point_id": jobs[0].point_id, "status": "ok"})
     args = ["plan", "--params", str(params_path), "--shards", str(tiny_data.shards)]
-    assert main([*args, "--codebook", str(tmp_path / "none.pt"), "--results", str(results)]) == 0
+    args += ["--codebook", str(tmp_path / "none.pt"), "--results", str(results)]
+    assert main(args) == 0
     out, err = capsys.readouterr()
-    lines = [line.split() for line in out.splitlines()]
-    assert [(x[0], x[1], x[2]) for x in lines] == [(j.point_id, j.group_id, j.label) for j in jobs]
-    assert [x[3] for x in lines] == ["done"] + ["train"] * (len(jobs) - 1)
+    header, *lines = [line.split() for line in out.splitlines()]
+    assert header == ["point_id", "label", "N", "D", "C", "steps", "batch_tokens", "lr", "status"]
+    assert [(x[0], x[1]) for x in lines] == [(j.point_id, j.label) for j in jobs]
+    assert [x[-1] for x in lines] == ["done"] + ["train"] * (len(jobs) - 1)
+    assert [int(x[2]) for x in lines] == [j.config.counts.N for j in jobs]
     assert f"{len(jobs)} points: 1 done, {len(jobs) - 1} to train" in err
+    assert main([*args, "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for row, j in zip(rows, jobs, strict=True):
+        c = j.config
+        assert (row["point_id"], row["group_id"], row["label"]) == (j.point_id, j.group_id, j.label)
+        assert (row["N"], row["D"], row["steps"]) == (c.counts.N, j.point.tokens, c.schedule.steps)
+        assert row["lr"] == c.schedule.lr and row["batch_tokens"] == c.batch_tokens
+        assert row["C"] == pytest.approx(c.compute()) and row["vocab_source"] == "shards"
+    assert [r["status"] for r in rows] == ["done"] + ["train"] * (len(jobs) - 1)
     assert not (results / "runs.parquet").exists()  # nothing trained, nothing written
+
+
+def test_the_dry_run_works_before_any_data_exists(tiny_data, tmp_path, capsys):
+    """A fresh clone: no shards, no codebook. The plan has every point's N, D, C, schedule and
+    lr (none of them depend on the data: N excludes the embeddings), and no ids yet."""
+    params_path = write_params(tmp_path / "params.yaml", grid={"archs": list(VARIANTS)})
+    args = ["plan", "--params", str(params_path), "--shards", str(tmp_path / "no-shards")]
+    args += ["--codebook", str(tmp_path / "none.pt"), "--results", str(tmp_path / "r"), "--json"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    before = [json.loads(line) for line in out.splitlines()]
+    assert "no shards yet" in err
+    assert all(r["point_id"] is None and r["status"] == "train" for r in before)
+    assert all(r["vocab_source"] == "params" for r in before)
+    with_data = ["plan", "--params", str(params_path), "--shards", str(tiny_data.shards)]
+    assert main([*with_data, *args[5:]]) == 0
+    after = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    same = ("label", "N", "N_v", "D", "steps", "batch_tokens", "lr", "warmup_steps")
+    assert [{k: r[k] for k in same} for r in before] == [{k: r[k] for k in same} for r in after]
+    assert all(r["point_id"] for r in after)
+
+
+def test_the_point_process_reads_its_run_config_not_params(tiny_data, tmp_path):
+    """The config printed by ``plan --configs`` round-trips through JSON to the same object,
+    and the point process (flows/train.py) imports no parser of params.yaml."""
+    params_path = write_params(tmp_path / "params.yaml")
+    jobs = plan(load_params(params_path), fingerprints(tiny_data.shards, None))
+    for j in jobs:
+        assert type(j.config).from_json(j.config.to_json()) == j.config
+    source = (ROOT / "flows" / "train.py").read_text()
+    assert "load_params" not in source and "read_yaml" not in source

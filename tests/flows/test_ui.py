@@ -3,7 +3,7 @@ deployment, a fit registered through the MLflow server, REST checks, and headles
 screenshots of both UIs (Debian's chromium, installed by `make test`).
 
 With SCREENSHOTS_DIR set (`make screenshots`), the screenshots are also copied there (the
-README's docs/screenshots/).
+docs/screenshots/, shown in docs/uis.md).
 """
 
 from __future__ import annotations
@@ -11,16 +11,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
-from flows.ui import Servers, free_port
+from flows.ui import Servers, free_port, port_in_use
+from stages.common.paths import ROOT
 from stages.fit import run_fit
 from stages.params import validate_params
 from tests.flows.conftest import grid_params, write_params
@@ -141,3 +145,41 @@ def test_both_uis_show_a_grid_started_from_the_prefect_deployment(tiny_data, tmp
         out.mkdir(parents=True, exist_ok=True)
         for png in shots.glob("*.png"):
             shutil.copy2(png, out / png.name)
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_to_the_ui_command_stops_every_server_it_started(tmp_path, sig):
+    """`kill` of `python -m flows.ui` (or a closed terminal) takes its servers with it: no
+    process it started is left, both ports are free for the next `make ui`."""
+    ports = free_port(), free_port()
+    cmd = [sys.executable, "-m", "flows.ui", "--mlflow-port", str(ports[0]),
+           "--prefect-port", str(ports[1]), "--store", f"sqlite:///{tmp_path / 'm.db'}",
+           "--artifacts", str(tmp_path / "mlruns"), "--no-serve"]  # fmt: skip
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        for line in proc.stdout:  # up when it says how to stop it
+            if "Ctrl-C stops" in line:
+                break
+        assert proc.poll() is None, "flows.ui exited before its servers were up"
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert len(started) >= 2 and all(port_in_use(p) for p in ports)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=90) == 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(map(_alive, started)):
+            time.sleep(0.5)
+        assert not [p.pid for p in started if _alive(p)]
+        assert not any(port_in_use(p) for p in ports)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,4 +1,4 @@
-"""Points over many machines (flows/pool.py): a Prefect server on PostgreSQL, a process work pool
+"""Points over many machines (flows/pool/): a Prefect server on PostgreSQL, a process work pool
 and two workers on loopback train a 6-point grid; one worker is killed (-9, with its whole
 process tree, as a machine dies) in the middle of a point. The point's chain is marked Crashed by
 the zombie automation when its heartbeats stop, submitted again, finished by the other worker,
@@ -20,7 +20,8 @@ import pytest
 from mlflow import MlflowClient
 
 from flows import records
-from flows.ui import ROOT, Servers, free_port
+from flows.ui import Servers, free_port
+from stages.common.paths import ROOT
 from tests.flows.conftest import write_params
 from tests.flows.test_ui import _json
 

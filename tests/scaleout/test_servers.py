@@ -18,7 +18,8 @@ import pytest
 from mlflow import MlflowClient
 
 from flows import records
-from flows.ui import ROOT, Servers, free_port
+from flows.ui import Servers, free_port
+from stages.common.paths import ROOT
 from stages.fit import run_fit
 from stages.params import validate_params
 from tests.flows.conftest import grid_params, write_params

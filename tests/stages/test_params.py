@@ -3,13 +3,13 @@ its own (params.yaml lists every key)."""
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from model.archs import VARIANTS
 from model.ladder import SIZES
+from stages.common.paths import ROOT
 from stages.params import (
     REPO_PARAMS,
     Params,
@@ -20,8 +20,6 @@ from stages.params import (
     study_params,
     validate_params,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _error(raw) -> str:

@@ -9,7 +9,6 @@ a restart end with the uninterrupted 2-process numbers (the same reductions in t
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -18,29 +17,25 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from flows import records
-from flows.launch import ROOT
-from flows.plan import Point, fingerprints, point_id
+from flows.config import Point
 from flows.training.loop import read_jsonl
-from tests.flows.training.test_point import LOSSES, tiny_params
+from stages.common.paths import ROOT
+from tests.flows.training.test_point import LOSSES, config, pid_of, tiny_params
 
 pytestmark = [pytest.mark.scaleout, pytest.mark.slow]
 
 
 def _cmd(tiny_data, params, point: Point, workdir: Path, procs: int) -> list[str]:
-    path = workdir / "params.yaml"
     workdir.mkdir(parents=True, exist_ok=True)
-    raw = json.loads(params.model_dump_json())
-    raw["train"]["processes"] = procs
-    path.write_text(yaml.safe_dump(raw))
+    path = workdir / "config.json"
+    path.write_text(config(tiny_data, params, point).with_(processes=procs).to_json())
     run = [sys.executable]
     if procs > 1:
         run += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
-    return [*run, "-m", "flows.train", "--point", json.dumps(point.to_dict()), "--params",
-            str(path), "--shards", str(tiny_data.shards), "--codebook", str(workdir / "none.pt"),
-            "--workdir", str(workdir)]  # fmt: skip
+    return [*run, "-m", "flows.train", "--config", str(path), "--shards", str(tiny_data.shards),
+            "--codebook", str(workdir / "none.pt"), "--workdir", str(workdir)]  # fmt: skip
 
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -50,7 +45,7 @@ def _train(tiny_data, params, point, workdir, procs) -> tuple[dict, list[dict]]:
     out = subprocess.run(_cmd(tiny_data, params, point, workdir, procs), cwd=ROOT, env=ENV,
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    pid = point_id(point, params, fingerprints(tiny_data.shards, None))
+    pid = pid_of(tiny_data, params, point)
     rec = records.read_record(workdir, pid)
     return rec, list(read_jsonl(records.point_dir(workdir, pid) / "metrics.jsonl"))
 

@@ -1,5 +1,5 @@
-"""flows/training/: the recipe, cooldown branching, resume after kill -9, failure records, and
-checkpoints that only the code that wrote them may resume."""
+"""flows/training/ and the run config: the recipe, cooldown branching, resume after kill -9,
+failure records, and checkpoints that only the code that wrote them may resume."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import time
 
 import pytest
 import torch
-import yaml
 
-from flows.plan import Point, fingerprints, point_id
+from flows.config import Point, RunConfig, schedule
+from flows.plan import fingerprints, point_id
 from flows.train import main as train_main
-from flows.training.loop import FAULT_ENV
 from flows.training.point import train_point
-from flows.training.recipe import schedule
 from flows.training.run import checkpoint_meta
+from flows.training.step import FAULT_ENV
 from stages.data.kinds import TARGETS
+from stages.data.shard_format import load_info
 from stages.params import study_params
 
 TINY_TRAIN = {
@@ -44,19 +44,32 @@ def tiny_params(tiny_data, **train):
     return study_params({k: data[k] for k in ("corpus", "tokenizer", "shards")}, raw)
 
 
-def _train(tiny_data, params, workdir, tokens, **kw):
-    point = Point("early", "xxs", tokens, "45-45-10", 0)
-    return train_point(point, params, shards=tiny_data.shards, codebook=None, workdir=workdir, **kw)
+def config(tiny_data, params, point: Point) -> RunConfig:
+    return RunConfig.build(params, point, load_info(tiny_data.shards))
+
+
+def pid_of(tiny_data, params, point: Point) -> str:
+    return point_id(config(tiny_data, params, point), fingerprints(tiny_data.shards, None))
+
+
+def _train(tiny_data, params, workdir, tokens, arch="early", **kw):
+    cfg = config(tiny_data, params, Point(arch, "xxs", tokens, "45-45-10", 0))
+    return train_point(cfg, shards=tiny_data.shards, codebook=None, workdir=workdir, **kw)
 
 
 LOSSES = ("loss_caption", "loss_interleaved", "loss_text", "loss_avg", "train_loss")
 
 
 def test_schedule_is_a_function_of_n_with_a_1_minus_sqrt_cooldown():
-    tp = study_params({"train": {"batch_rows_ref": 8, "batch_exponent": 0.25}}).train
-    small, big = schedule(400_000, 50_000, tp, 256), schedule(400_000, 2_000_000, tp, 256)
+    params = study_params(
+        {"train": {"batch_rows_ref": 8, "batch_exponent": 0.25}, "data": {"context_length": 256}}
+    )
+    small, big = (
+        schedule(400_000, 50_000, params, False),
+        schedule(400_000, 2_000_000, params, False),
+    )
     assert small.lr > big.lr and small.batch_rows <= big.batch_rows
-    s = schedule(100 * 8 * 256, 100_000, tp, 256)
+    s = schedule(100 * 8 * 256, 100_000, params, False)
     assert s.cooldown_start == s.steps - round(0.2 * s.steps)
     lrs = [s.lr_at(i) for i in range(s.steps)]
     assert lrs[0] < lrs[s.warmup_steps] == pytest.approx(s.lr)  # warmup, then constant
@@ -66,15 +79,35 @@ def test_schedule_is_a_function_of_n_with_a_1_minus_sqrt_cooldown():
     assert lrs[mid] == pytest.approx(s.lr * (1 - frac**0.5))
 
 
+def test_the_run_config_is_the_one_place_the_recipe_is_worked_out(tiny_data):
+    """N, the schedule, the lr law and the branch steps of a point, from params, once."""
+    params = tiny_params(tiny_data)
+    cfg = config(tiny_data, params, Point("early", "xs", 4096, "45-45-10", 0))
+    tp = params.train
+    assert cfg.schedule.lr == tp.lr_ref * (cfg.counts.N / tp.n_ref) ** tp.lr_exponent
+    assert cfg.batch_tokens == cfg.schedule.batch_rows * params.data.context_length
+    assert cfg.schedule.steps == round(4096 / cfg.batch_tokens)
+    assert (
+        cfg.model.d_model == 48
+        and cfg.model.vocab_size == load_info(tiny_data.shards)["vocab_size"]
+    )
+    budgets = [schedule(t, cfg.counts.N, params, False).cooldown_start for t in params.grid.tokens]
+    assert cfg.branch_steps == tuple(sorted(set(budgets)))
+    moe = config(tiny_data, params, Point("early-moe", "xs", 4096, "45-45-10", 0))
+    assert moe.schedule.warmup_steps > cfg.schedule.warmup_steps  # MoE warms up longer
+    assert moe.counts.N > cfg.counts.N  # + the routers
+
+
 def test_point_id_tracks_what_changes_the_result(tiny_data):
-    p, fp = tiny_params(tiny_data), fingerprints(tiny_data.shards, None)
+    p = tiny_params(tiny_data)
     pt = Point("early", "xxs", 2048, "45-45-10", 0)
-    same = point_id(pt, tiny_params(tiny_data, threads=2, checkpoint_every_steps=7), fp)
-    assert point_id(pt, p, fp) == same
-    assert point_id(pt, tiny_params(tiny_data, lr_ref=1e-3), fp) != same
-    other = dataclasses.replace(fp, data="other-data")
-    assert point_id(pt, p, other) != same
-    assert point_id(Point("early", "xxs", 4096, "45-45-10", 0), p, fp) != same
+    same = pid_of(tiny_data, tiny_params(tiny_data, threads=2, checkpoint_every_steps=7), pt)
+    assert pid_of(tiny_data, p, pt) == same
+    assert pid_of(tiny_data, tiny_params(tiny_data, processes=2), pt) == same  # how, not what
+    assert pid_of(tiny_data, tiny_params(tiny_data, lr_ref=1e-3), pt) != same
+    other = dataclasses.replace(fingerprints(tiny_data.shards, None), data="other-data")
+    assert point_id(config(tiny_data, p, pt), other) != same
+    assert pid_of(tiny_data, p, Point("early", "xxs", 4096, "45-45-10", 0)) != same
 
 
 def test_a_branched_cooldown_equals_a_separately_trained_point(tiny_data, tmp_path):
@@ -92,38 +125,36 @@ def test_a_branched_cooldown_equals_a_separately_trained_point(tiny_data, tmp_pa
     assert len(trunk) == 2  # one checkpoint per budget's cooldown start
 
 
-def test_a_nan_loss_is_recorded_as_failed(tiny_data, tmp_path, monkeypatch):
-    params = tiny_params(tiny_data)
-    pid = point_id(
-        Point("early", "xxs", 2048, "45-45-10", 0), params, fingerprints(tiny_data.shards, None)
-    )
+@pytest.mark.parametrize("log_every", [1, 4])
+def test_a_nan_loss_is_recorded_as_failed(tiny_data, tmp_path, monkeypatch, log_every):
+    """The losses are read at log steps (log_every 4: steps 0-3 in one read); the NaN of step 2
+    is named, and no checkpoint is written after it."""
+    params = tiny_params(tiny_data, log_every_steps=log_every, branch_cooldowns=False)
+    pid = pid_of(tiny_data, params, Point("early", "xxs", 2048, "45-45-10", 0))
     monkeypatch.setenv(FAULT_ENV, json.dumps({pid: 2}))  # the test hook: NaN at step 2
     rec = _train(tiny_data, params, tmp_path, 2048)
     assert rec["status"] == "failed" and "non-finite" in rec["error"] and "step 2" in rec["error"]
     saved = json.loads(next((tmp_path / "points").glob("*/record.json")).read_text())
     assert saved["status"] == "failed"
+    latest = tmp_path / "points" / pid / "latest.pt"
+    assert checkpoint_meta(latest)[1] == 2  # the checkpoint before the NaN, not after it
+    state = torch.load(latest, weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def _config_file(tiny_data, params, point: Point, path) -> str:
+    path.write_text(config(tiny_data, params, point).to_json())
+    return str(path)
 
 
 @pytest.mark.slow
 def test_kill_9_then_rerun_gives_the_same_metrics(tiny_data, tmp_path):
     params = tiny_params(tiny_data, checkpoint_every_steps=1)
     ref = _train(tiny_data, params, tmp_path / "ref", 4096)
-    raw = json.loads(params.model_dump_json())
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    point = json.dumps(Point("early", "xxs", 4096, "45-45-10", 0).to_dict())
-    cmd = [
-        sys.executable,
-        "-m",
-        "flows.train",
-        "--point",
-        point,
-        "--params",
-        str(tmp_path / "params.yaml"),
-        "--shards",
-        str(tiny_data.shards),
-        "--workdir",
-        str(tmp_path / "killed"),
-    ]
+    point = Point("early", "xxs", 4096, "45-45-10", 0)
+    cmd = [sys.executable, "-m", "flows.train",
+           "--config", _config_file(tiny_data, params, point, tmp_path / "config.json"),
+           "--shards", str(tiny_data.shards), "--workdir", str(tmp_path / "killed")]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     work = tmp_path / "killed"
@@ -148,10 +179,7 @@ def test_kill_9_then_rerun_gives_the_same_metrics(tiny_data, tmp_path):
 def test_a_moe_point_records_which_experts_see_image_and_text_tokens(tiny_data, tmp_path):
     params = tiny_params(tiny_data)
     for arch in ("early-moe", "early-moe-aware"):
-        point = Point(arch, "xxs", 2048, "45-45-10", 0)
-        rec = train_point(
-            point, params, shards=tiny_data.shards, codebook=None, workdir=tmp_path / arch
-        )
+        rec = _train(tiny_data, params, tmp_path / arch, 2048, arch=arch)
         routing = json.loads(
             (tmp_path / arch / "points" / rec["point_id"] / "routing.json").read_text()
         )
@@ -172,11 +200,9 @@ def test_a_moe_point_records_which_experts_see_image_and_text_tokens(tiny_data, 
 
 def test_a_point_of_an_expert_sweep_trains_its_own_expert_count(tiny_data, tmp_path, capsys):
     params = tiny_params(tiny_data)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(json.loads(params.model_dump_json())))
     point = Point("early-moe", "xxs", 2048, "45-45-10", 0, experts=4)
-    expect = point_id(point, params, fingerprints(tiny_data.shards, None))
-    rc = train_main(["--point", json.dumps(point.to_dict()), "--params", str(path),
+    expect = pid_of(tiny_data, params, point)
+    rc = train_main(["--config", _config_file(tiny_data, params, point, tmp_path / "c.json"),
                      "--shards", str(tiny_data.shards), "--codebook", str(tmp_path / "none.pt"),
                      "--workdir", str(tmp_path), "--point-id", expect])  # fmt: skip
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -203,9 +229,7 @@ def test_checkpoints_written_by_other_code_are_never_resumed_or_branched_from(
     [gdir] = (work / "groups").iterdir()
     latest = gdir / "trunk-latest.pt"
     _tamper(latest, latest, "other-code")  # the trunk 4096 would resume from
-    pid = point_id(
-        Point("early", "xxs", 4096, "45-45-10", 0), params, fingerprints(tiny_data.shards, None)
-    )
+    pid = pid_of(tiny_data, params, Point("early", "xxs", 4096, "45-45-10", 0))
     (work / "points" / pid).mkdir(parents=True)
     _tamper(latest, work / "points" / pid / "latest.pt", "other-code")  # and its own checkpoint
     rec = _train(tiny_data, params, work, 4096)
@@ -232,15 +256,16 @@ def test_the_evaluation_splits_the_loss_by_role_rank_and_blanked_images(tiny_dat
 
 
 def test_cosine_schedule_and_a_longer_moe_warmup():
-    tp = study_params(
-        {"train": {"schedule": "cosine", "branch_cooldowns": False, "moe_warmup_mult": 2.5}}
-    ).train
-    s = schedule(200 * 512, 100_000, tp, 256)
+    params = study_params(
+        {"train": {"schedule": "cosine", "branch_cooldowns": False, "moe_warmup_mult": 2.5},
+         "data": {"context_length": 256}}
+    )  # fmt: skip
+    s = schedule(200 * 512, 100_000, params, False)
     lrs = [s.lr_at(i) for i in range(s.steps)]
     assert lrs[s.warmup_steps] == pytest.approx(s.lr)
     mid = s.warmup_steps + (s.steps - s.warmup_steps) // 2
     assert lrs[mid] == pytest.approx(0.5 * s.lr, rel=0.02) and lrs[-1] < 0.01 * s.lr
-    moe = schedule(200 * 512, 100_000, tp, 256, moe=True)
+    moe = schedule(200 * 512, 100_000, params, True)
     assert moe.warmup_steps == pytest.approx(2.5 * s.warmup_steps, abs=1)
     from stages.params import ParamsError
 

@@ -137,7 +137,8 @@ def test_degenerate_fits_still_give_a_report(tmp_path):
 def test_several_mixtures_give_the_table_3_comparison(tmp_path):
     """Two mixtures of one arch: each fitted as its own arch, and the report's table and figure
     of E, a, b against the caption share (paper Table 3)."""
-    from stages.scaling.fit import fit_table, prepare_runs
+    from stages.scaling.fit import fit_table
+    from stages.scaling.runs import prepare_runs
 
     rows = []
     for mix, share, b_scale in (("45-45-10", 0.45, 1.0), ("20-40-40", 0.20, 1.5)):

@@ -18,9 +18,10 @@ from stages.common.stage import run_per_kind
 from stages.fit import main
 from stages.params import FitStarts, study_params
 from stages.scaling.families import FAMILIES, Points
-from stages.scaling.fit import fit_target, prepare_runs
+from stages.scaling.fit import fit_target
 from stages.scaling.law import Law, SmoothMinLaw, below_floor
 from stages.scaling.optimize import minimize_batched
+from stages.scaling.runs import prepare_runs
 from stages.scaling.search import Objective
 
 STARTS = FitStarts(
@@ -165,7 +166,7 @@ def test_every_family_reports_its_errors_and_the_choice_says_why():
 def test_without_a_floor_the_floor_family_is_not_fitted_and_cannot_be_forced():
     m = fit_target(study(TRUE["paper"][0]), "x", "avg", FIT).metrics()
     assert "floor" not in m["families"]
-    from stages.scaling.fit import FitError
+    from stages.scaling.runs import FitError
 
     with pytest.raises(FitError, match="floor family needs a known floor"):
         fit_target(study(TRUE["paper"][0]), "x", "avg", FIT.model_copy(update={"law": "floor"}))

@@ -16,9 +16,11 @@ import pytest
 from stages.common.stage import run_per_kind
 from stages.fit import main
 from stages.params import FitParams, FitStarts, study_params
+from stages.scaling.bootstrap import bootstrap
 from stages.scaling.families import FAMILIES, Points
-from stages.scaling.fit import FitError, bootstrap, fit_table, fit_target, prepare_runs
+from stages.scaling.fit import fit_table, fit_target
 from stages.scaling.law import Law, loss_frontier
+from stages.scaling.runs import FitError, prepare_runs
 from stages.scaling.search import fit_law, lbfgs, start_grid
 from tests.conftest import write_study
 
@@ -300,24 +302,23 @@ def test_mlflow_logs_and_registers_a_version_only_when_the_fit_changes(tmp_path)
             )
         }
     )
-    where = (tmp_path / "artifacts").as_uri()
     df = prepare_runs(
         pd.concat(
             [study(EARLY, arch="early", target=t, seed=i) for i, t in enumerate(["avg", "text"])]
         )
     )
     fits = fit_table(df, fit)
-    first = log_fits(fits, fit, artifact_location=where)["early"]
+    first = log_fits(fits, fit)["early"]
     assert first["model"] == "scaling-law-early" and first["version"] == "1" and first["created"]
-    again = log_fits(fits, fit, artifact_location=where)["early"]
+    again = log_fits(fits, fit)["early"]
     assert again["version"] == "1" and not again["created"]
     changed = fit_table(prepare_runs(study(EARLY, arch="early", target="avg", seed=7)), fit)
-    assert log_fits(changed, fit, artifact_location=where)["early"]["version"] == "2"
+    assert log_fits(changed, fit)["early"]["version"] == "2"
 
     client = mlflow.MlflowClient()
     run = client.get_run(first["run_id"])
     assert run.data.tags["arch"] == "early" and "git_commit" in run.data.tags
-    assert str(tmp_path / "artifacts") in run.info.artifact_uri
+    assert str(tmp_path / "mlruns") in run.info.artifact_uri  # beside the SQLite store
     children = client.search_runs(
         [run.info.experiment_id], f"tags.mlflow.parentRunId = '{first['run_id']}'"
     )

@@ -17,7 +17,8 @@ import pytest
 
 from stages.fit import main
 from stages.params import study_params
-from stages.scaling.fit import FitError, fit_table, prepare_runs
+from stages.scaling.fit import fit_table
+from stages.scaling.runs import FitError, prepare_runs
 from stages.scaling.sparsity import SPARSE, SparsityLaw, fit_sparsity_table, start_grid
 
 TRUE = SparsityLaw(1.8, 60.0, 200.0, 0.15, 30.0, 0.35, 0.40, 0.8, 0.6, 0.3)

@@ -1,0 +1,86 @@
+"""The training step: one optimizer step of a point on its global batch, in any number of
+processes.
+
+One process is a world of one (flows/training/dist.py: its all-reduces return their input), so
+there is one step path. Every rank draws the same global batch from the same seeded loader and
+trains on its share of the rows; its loss is its rows' summed token loss over the batch's
+*global* target count, so the ranks' losses sum to the global batch's, and DDP's average of
+their gradients, times the number of ranks, is the global batch's gradient (in one process
+every factor is exactly 1: the numbers are those of a plain step).
+
+The step returns its metrics as device tensors (:class:`StepMetrics`); nothing here waits for
+the device (the target and image counts come from the batch on the host). The loop
+(flows/training/loop.py) reads them at its log steps.
+
+Test hook (fault injection): the environment variable ``NMM_TEST_NAN_AT``, a JSON mapping
+``{point_id: step}``, forces that point's loss to NaN at that step (:func:`fault_step`, read by
+the point when it starts: flows/training/point.py). It is never a parameter of the flow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from flows.training import dist
+from flows.training.run import Run
+from model.counting import step_flops
+
+FAULT_ENV = "NMM_TEST_NAN_AT"
+
+
+def fault_step(point_id: str | None) -> int | None:
+    """The step at which ``$NMM_TEST_NAN_AT`` asks this point's loss to be NaN (tests only)."""
+    raw = os.environ.get(FAULT_ENV)
+    return json.loads(raw).get(point_id) if raw and point_id else None
+
+
+@dataclass
+class StepMetrics:
+    """One step's numbers: device tensors until someone reads them, and host counts."""
+
+    loss: torch.Tensor  # what was minimised (cross-entropy + MoE auxiliary loss), global batch
+    ce: torch.Tensor  # the cross-entropy on text targets, global batch
+    aux: torch.Tensor | None  # the MoE auxiliary loss (None for a dense model)
+    flops: float  # model FLOPs of the step (model/counting.py step_flops)
+
+
+def train_step(run: Run, lr: float) -> StepMetrics:
+    """One optimizer step of ``run`` at learning rate ``lr`` (its counters advance by one)."""
+    t0 = time.perf_counter()
+    batch = run.loader.next_batch()  # the global batch: every rank draws the same
+    n_targets = int(batch.loss_mask.bool().sum())  # (on the host: no device sync)
+    mine = batch.rows(*dist.shard(batch.tokens.shape[0])).to(run.device)
+    for g in run.opt.param_groups:
+        g["lr"] = lr * g["lr_mult"]
+    t1 = time.perf_counter()
+    run.timing["data"] += t1 - t0
+    with torch.autocast("cuda", torch.bfloat16, enabled=run.device.type == "cuda"):
+        out = run.forward(mine)
+    n = dist.all_sum(out.n_targets.detach().to(torch.float64))
+    # (a rank whose rows hold no text target adds 0: the model divides by max(n, 1))
+    share = out.loss * (out.n_targets / n.clamp(min=1)).to(out.loss.dtype)
+    loss = share + out.aux_loss
+    if run.c.step == run.fault_at:
+        loss = loss * float("nan")
+    parts = dist.all_sum(torch.stack([loss.detach(), share.detach(), out.aux_loss.detach()]))
+    (loss * dist.world()).backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+
+    cfg, c = run.cfg.model, run.c
+    dt = time.perf_counter() - t1
+    c.train_seconds += dt
+    run.timing["steps"] += dt
+    c.step += 1
+    c.tokens += batch.tokens.numel()
+    c.image_tokens += len(batch.images) * cfg.image_tokens
+    c.text_targets += n_targets
+    flops = step_flops(cfg, *batch.tokens.shape, n_targets, len(batch.images))
+    c.flops += flops
+    return StepMetrics(parts[0], parts[1], parts[2] if out.moe else None, flops)
