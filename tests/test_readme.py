@@ -44,11 +44,14 @@ def test_the_readme_verdicts_are_the_reports():
 
 def test_shipped_text_speaks_of_nothing_a_user_cannot_see():
     """No working-process words or files that are not in the repository, in any shipped text."""
-    words = re.compile(r"this stop|the brief\b|brief's|STACK-NOTES|DEVELOPERS\.md|shared/[A-Z]+")
+    # (written with classes so that this pattern does not find itself in a grep of the repository)
+    words = re.compile(
+        r"this st[o]p|the brie[f]\b|brie[f]'s|STACK-NOTE[S]|DEVELOPERS\.m[d]|shared/[A-Z]+"
+    )
     shipped = [ROOT / "README.md", ROOT / "dvc.yaml", ROOT / "params.yaml", ROOT / "Makefile",
                ROOT / "pyproject.toml", ROOT / "results" / "report.md"]  # fmt: skip
     for d in ("model", "stages", "flows", "tests", "bench", "docs"):
         shipped += [p for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".md", ".j2", ".yaml")]
     found = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in shipped
-             for m in words.finditer(p.read_text()) if p.name != "test_readme.py"]  # fmt: skip
+             for m in words.finditer(p.read_text())]  # fmt: skip
     assert not found, "\n".join(found)
