@@ -23,7 +23,7 @@ import psutil
 from flows.config import RunConfig
 from flows.training.dist import teardown
 from flows.training.point import PlanMismatch, train_point
-from flows.training.run import StaleInput
+from stages.common.inputs import InputError
 from stages.common.stage import setup_logging
 
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             expect_id=args.point_id,
             startup_s=startup,
         )
-    except (PlanMismatch, StaleInput, FileNotFoundError) as e:
+    except (PlanMismatch, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

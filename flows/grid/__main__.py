@@ -30,9 +30,9 @@ from pathlib import Path
 from flows import records
 from flows.config import check_batch_split
 from flows.plan import Job, check_inputs, fingerprints, plan
-from stages.common.inputs import MissingInput, StaleInput
+from stages.common.inputs import InputError
 from stages.common.paths import resolve
-from stages.params import Params, ParamsError, load_params
+from stages.params import Params, load_params
 
 PLAN_COLUMNS = ("label", "N", "D", "C", "steps", "batch_tokens", "lr", "status")
 
@@ -42,11 +42,11 @@ def _jobs(params: Params, args: argparse.Namespace) -> list[Job]:
     return plan(params, fingerprints(resolve(args.shards), cb if cb.exists() else None))
 
 
-def plan_rows(params: Params, args: argparse.Namespace) -> list[dict]:
+def plan_rows(jobs: list[Job], results: Path) -> list[dict]:
     """The plan's rows: each point's ids, run-config summary and status (done | train)."""
     rows = []
-    for j in _jobs(params, args):
-        rec = records.read_record(resolve(args.results), j.point_id) if j.point_id else None
+    for j in jobs:
+        rec = records.read_record(results, j.point_id) if j.point_id else None
         status = "done" if records.is_done(rec) else "train"
         rows.append({"point_id": j.point_id, "group_id": j.group_id, "label": j.label,
                      **j.config.summary(), "status": status})  # fmt: skip
@@ -60,9 +60,10 @@ def _cell(v) -> str:
 
 
 def print_plan(params: Params, args: argparse.Namespace) -> int:
-    rows = plan_rows(params, args)
+    jobs = _jobs(params, args)
+    rows = plan_rows(jobs, resolve(args.results))
     if args.configs:
-        for j in _jobs(params, args):
+        for j in jobs:
             print(j.config.to_json())
     elif args.json:
         for r in rows:
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             check_inputs(params, resolve(args.shards), resolve(args.codebook))
             check_batch_split([j.config for j in _jobs(params, args)])
-    except (ParamsError, MissingInput, StaleInput) as e:
+    except InputError as e:  # a bad params file, a missing or stale input
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.command == "plan":

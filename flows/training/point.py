@@ -36,6 +36,7 @@ from flows.training.run import Run, checkpoint_meta
 from flows.training.step import fault_step
 from model.archs import variant
 from model.counting import training_compute
+from stages.common.inputs import require
 from stages.common.provenance import git_revision
 from stages.data.kinds import KINDS, TARGETS
 
@@ -66,7 +67,7 @@ def train_point(
     fp = fingerprints(shards, codebook)
     pid, gid = point_id(cfg, fp), group_id(cfg, fp)
     if pid is None:
-        raise FileNotFoundError(f"no shards at {shards}: make them with `dvc repro shards`")
+        require(Path(shards) / "manifest.parquet", "shards", "the shards' manifest")
     if expect_id is not None and pid != expect_id:
         raise PlanMismatch(
             f"{cfg.point.label}: planned as {expect_id} but its id is now {pid}: the code or the "

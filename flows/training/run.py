@@ -20,15 +20,12 @@ from flows.config import RunConfig
 from flows.devices import choose_device
 from flows.training import dist
 from model.model import MultimodalLM
+from stages.common.inputs import StaleInput, how_to_make, require
 from stages.data.loader import PackedLoader
 
 
 class StaleCheckpoint(RuntimeError):
     """A checkpoint written by other code (or before checkpoints carried a fingerprint)."""
-
-
-class StaleInput(RuntimeError):
-    """An input file that does not match the run config (made by other params or code)."""
 
 
 @dataclass
@@ -82,16 +79,12 @@ class Run:
         if cfg.model.arch == "discrete":
             from model.discrete import VisualCodebook
 
-            if codebook is None or not Path(codebook).exists():
-                raise FileNotFoundError(
-                    f"arch {cfg.point.arch!r} needs the visual codebook ({codebook or 'none given'}"
-                    "): make it with `dvc repro codebook` (python -m stages.codebook)"
-                )
+            require(codebook or "(none given)", "codebook", f"arch {cfg.point.arch}'s codebook")
             cb = VisualCodebook.from_file(codebook)
             if cb.size != cfg.model.codebook_size:
                 raise StaleInput(
                     f"{codebook} has {cb.size} codes but codebook.n_codes is "
-                    f"{cfg.model.codebook_size}: remake it with `dvc repro codebook`"
+                    f"{cfg.model.codebook_size}: remake it with {how_to_make('codebook')}"
                 )
         self.device = choose_device(cfg.device)
         if dist.world() > 1 and self.device.type == "cuda":  # this rank's GPU (dist.setup)
