@@ -11,7 +11,9 @@ in a temp dir, then prints, side by side in one run:
    status, final losses, tokens/s and MFU;
 5. training throughput of a wider model (bf16, eager vs compile): tokens/s and MFU;
 6. one point over 1 and N processes (``train.processes``: torchrun, DDP over NCCL, one GPU per
-   rank; needs N >= 2 GPUs): status, final losses and their relative difference, tokens/s.
+   rank; needs N >= 2 GPUs): status, final losses and their relative difference, tokens/s;
+7. the plan's memory estimate (flows/memory.py, bf16) against ``torch.cuda.max_memory_allocated``
+   of a training step, activation checkpointing off and on (width 512, depth 8, 4 x 1024 tokens).
 
     python bench/gpu_check.py [--out gpu_check.json]
     python bench/gpu_check.py --torchrun-on-cpu   # section 6 only, gloo on CPU (no GPU needed)
@@ -225,6 +227,40 @@ def check_torchrun(raw: dict, shards: Path, work: Path, device: str, n: int) -> 
     return out
 
 
+def check_memory(params_raw: dict, shards: Path) -> dict:
+    """Section 7: the estimate vs the CUDA allocator's peak of the third step."""
+    from flows.memory import estimate
+    from flows.training.run import Run
+    from flows.training.step import train_step
+
+    out = {}
+    for arch in ("early", "late", "early-moe"):
+        for ac in (False, True):
+            raw = json.loads(json.dumps(params_raw))
+            raw["data"] = {"context_length": 1024}
+            raw["train"] = {"batch_rows_ref": 4, "activation_checkpointing": ac, "device": "cuda"}
+            params = study_params(raw)
+            cfg = RunConfig.build(params, Point(arch, "w512d8", 10**7, "45-45-10", 0),
+                                  load_info(shards))  # fmt: skip
+            run = Run(cfg, shards, None, {"fingerprint": "gpu-check"})
+            for _ in range(2):
+                train_step(run, 1e-4)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            train_step(run, 1e-4)
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            est = estimate(cfg).total
+            key = f"{arch} checkpointing {'on' if ac else 'off'}"
+            out[key] = {"measured_mib": peak / 2**20, "estimate_mib": est / 2**20,
+                        "ratio": est / peak}  # fmt: skip
+            print(f"  {key}: measured {peak / 2**20:.0f} MiB, estimate {est / 2**20:.0f} MiB, "
+                  f"ratio {est / peak:.2f}")  # fmt: skip
+            del run
+            torch.cuda.empty_cache()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
@@ -286,6 +322,8 @@ def main() -> int:
     else:
         print("  needs 2 or more GPUs (NCCL: one GPU per rank); skipped")
         res["torchrun"] = {"skipped": f"{n} GPU"}
+    print("7. the memory estimate vs the CUDA allocator's peak (bf16)")
+    section("memory", lambda: check_memory(json.loads(json.dumps(TINY_PARAMS)), data.shards))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
     return 0

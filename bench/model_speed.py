@@ -29,8 +29,8 @@ from bench.tiny_model import Block as RefBlock  # noqa: E402
 from model.config import ModelConfig, MoEConfig  # noqa: E402
 from model.counting import count_params  # noqa: E402
 from model.discrete import VisualCodebook  # noqa: E402
-from model.ladder import size_config  # noqa: E402
 from model.model import MultimodalLM  # noqa: E402
+from model.sizes import size_config  # noqa: E402
 from stages.data.loader import PackedLoader  # noqa: E402
 from stages.data.shard_format import load_info  # noqa: E402
 

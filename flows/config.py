@@ -18,8 +18,10 @@ warmup_tokens_ref·(N/n_ref)^warmup_exponent tokens (times ``moe_warmup_mult`` f
 
 A config can be built before any data exists (``info=None``): the vocabulary size and the image
 geometry then come from params (``vocab_source: params``); N, the schedule and the memory they
-imply do not depend on the vocabulary (N excludes the embeddings), the FLOPs per token do a
-little.
+imply do not depend on the vocabulary when N excludes the embeddings (``model.count_embeddings:
+false``, the default); with the paper's convention (``true``) N moves a little with it, as the
+FLOPs per token always do. The learning rate comes from the law above (``lr_source: law``) or
+from the size registry's per-size value (``lr_source: sizes``; the paper's Table 6).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from typing import Any
 
 from model.archs import variant
 from model.config import ModelConfig, MoEConfig
-from model.counting import Counts, count_params, flops_per_token, training_compute
-from model.ladder import size_config
+from model.counting import Counts, count_params, flops_per_token
+from model.sizes import size, size_config
 from stages.params import Params, ParamsError
 
 # ModelConfig fields that only some variants use: the others keep the defaults, so that a
@@ -46,7 +48,7 @@ class Point:
     (``grid.experts``); None means ``model.n_experts``."""
 
     arch: str  # a variant name (model/archs.py)
-    size: str  # a ladder size name (model/ladder.py)
+    size: str  # a size of model/sizes.py
     tokens: int  # D: decoder tokens to train on
     mixture: str  # a key of params.grid.mixtures
     seed: int
@@ -98,8 +100,11 @@ class Schedule:
         return self.trunk_lr(self.cooldown_start) * (1.0 - math.sqrt(frac))
 
 
-def schedule(tokens: int, n: int, params: Params, moe: bool) -> Schedule:
-    """The schedule of a point of ``tokens`` tokens and ``n`` parameters (params ``train``)."""
+def schedule(
+    tokens: int, n: int, params: Params, moe: bool, size_lr: float | None = None
+) -> Schedule:
+    """The schedule of a point of ``tokens`` tokens and ``n`` parameters (params ``train``);
+    with ``train.lr_source: sizes`` the peak lr is ``size_lr``, the size's own."""
     tp, context = params.train, params.data.context_length
     scale = n / tp.n_ref
     rows = 2 ** max(0, round(math.log2(max(1.0, tp.batch_rows_ref * scale**tp.batch_exponent))))
@@ -109,7 +114,12 @@ def schedule(tokens: int, n: int, params: Params, moe: bool) -> Schedule:
     warmup_tokens *= tp.moe_warmup_mult if moe else 1.0
     warmup = max(1, math.ceil(warmup_tokens / batch_tokens))
     cooldown = max(1, round(tp.cooldown_fraction * steps))
-    lr = tp.lr_ref * scale**tp.lr_exponent
+    if tp.lr_source == "sizes":
+        if size_lr is None:
+            raise ParamsError("train.lr_source is 'sizes' but this size has no lr of its own")
+        lr = size_lr
+    else:
+        lr = tp.lr_ref * scale**tp.lr_exponent
     return Schedule(rows, lr, warmup, steps, steps - cooldown, tp.schedule)
 
 
@@ -169,10 +179,15 @@ class RunConfig:
     branch_steps: tuple[int, ...]  # cooldown starts of every budget of the point's group
     processes: int
     threads: int
+    sharding: str  # none | fsdp
+    micro_batch_rows: int  # rows per forward/backward pass on each process
+    activation_checkpointing: bool
     vocab_source: str  # shards | params (planned before the data existed)
-    image_share: float | None  # expected share of image tokens in a batch (None: no data yet)
+    image_share: float | None  # expected share of image tokens in a batch: the shards', or
+    # before them params plan.image_share (None: unknown)
     HOW = ("eval_every_steps", "log_every_steps", "checkpoint_every_steps", "branch_cooldowns",
-           "branch_steps", "processes", "threads", "vocab_source", "image_share")  # fmt: skip
+           "branch_steps", "processes", "threads", "sharding", "micro_batch_rows",
+           "activation_checkpointing", "vocab_source", "image_share")  # fmt: skip
 
     @classmethod
     def build(cls, params: Params, point: Point, info: dict[str, Any] | None) -> RunConfig:
@@ -197,9 +212,13 @@ class RunConfig:
             enc_lr_mult=mp.enc_lr_mult if late else _UNUSED.enc_lr_mult,
         )
         model = size_config(point.size, v.config(base, moe))
-        counts = count_params(model)
-        sched = schedule(point.tokens, counts.N, params, v.moe)
-        budgets = {schedule(t, counts.N, params, v.moe).cooldown_start for t in params.grid.tokens}
+        counts = count_params(model, with_embeddings=mp.count_embeddings)
+        lr = size(point.size).lr
+        sched = schedule(point.tokens, counts.N, params, v.moe, lr)
+        budgets = {
+            schedule(t, counts.N, params, v.moe, lr).cooldown_start for t in params.grid.tokens
+        }
+        share = sched.batch_rows // tp.processes  # rows each process trains per step
         batch_tokens = sched.batch_rows * params.data.context_length
         return cls(
             point=point,
@@ -222,9 +241,14 @@ class RunConfig:
             branch_steps=tuple(sorted(budgets | {sched.cooldown_start})),
             processes=tp.processes,
             threads=tp.threads,
+            sharding=tp.sharding,
+            micro_batch_rows=min(tp.micro_batch_rows or share, share) or 1,
+            activation_checkpointing=tp.activation_checkpointing,
             vocab_source=shape["vocab_source"],
-            image_share=image_share(
-                info, model.image_tokens, params.grid.mixtures[point.mixture].as_dict()
+            image_share=(
+                image_share(info, model.image_tokens, params.grid.mixtures[point.mixture].as_dict())
+                if info is not None
+                else params.plan.image_share  # before the data: the share the study states
             ),
         )
 
@@ -244,7 +268,7 @@ class RunConfig:
         for late fusion with D_v = ``image_tokens``, by default the budget's expected share)."""
         if image_tokens is None:
             image_tokens = (self.image_share or 0.0) * self.point.tokens
-        return training_compute(self.model, self.point.tokens, image_tokens)
+        return 6.0 * (self.counts.N_v * image_tokens + self.counts.N * self.point.tokens)
 
     def moe_fields(self) -> dict[str, Any]:
         """The runs-table fields of a MoE point's experts (none for a dense one): ``n_experts``,
@@ -334,6 +358,14 @@ def check_batch_split(configs: list[RunConfig]) -> None:
     into P equal parts, one per rank (flows/training/dist.py), or the point would fail only
     once its processes had started. Raises ParamsError naming the sizes whose rows do not
     split, and the processes that would."""
+    uneven = sorted({f"{c.point.arch} {c.point.size} ({c.schedule.batch_rows // c.processes} rows)"
+                     for c in configs
+                     if (c.schedule.batch_rows // c.processes) % c.micro_batch_rows})  # fmt: skip
+    if uneven:
+        raise ParamsError(
+            f"train.micro_batch_rows={configs[0].micro_batch_rows} does not divide the rows "
+            f"each process trains per step for {', '.join(uneven)}: use a power of two"
+        )
     if not configs or configs[0].processes == 1:
         return
     procs = configs[0].processes
@@ -350,4 +382,28 @@ def check_batch_split(configs: list[RunConfig]) -> None:
             f"train.processes={procs} does not divide the batch rows of {sizes}: each process "
             f"trains an equal share of every batch. Use train.processes in {fits}, or more "
             "rows (train.batch_rows_ref, train.batch_exponent)"
+        )
+
+
+def check_trainable(configs: list[RunConfig]) -> None:
+    """Before any compute: what the plan can size but training does not do yet. FSDP
+    (``train.sharding: fsdp``) and gradient accumulation (``train.micro_batch_rows`` below a
+    process's share of the batch) are planned (flows/memory.py) but not trained; a study that
+    asks for them stops here, named, instead of training something else."""
+    if not configs:
+        return
+    c = configs[0]
+    if c.sharding == "fsdp":
+        raise ParamsError(
+            "train.sharding is 'fsdp': the plan sizes it (python -m flows.grid plan), but "
+            "training does not shard yet; use train.sharding: none (each process holds the "
+            "whole model, DDP)"
+        )
+    acc = sorted({f"{x.point.arch} {x.point.size}" for x in configs
+                  if x.micro_batch_rows * x.processes < x.schedule.batch_rows})  # fmt: skip
+    if acc:
+        raise ParamsError(
+            f"train.micro_batch_rows={c.micro_batch_rows} is fewer rows than each process "
+            f"trains per step for {', '.join(acc)}: the plan sizes gradient accumulation, but "
+            "training does not accumulate yet; use train.micro_batch_rows: null"
         )

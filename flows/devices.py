@@ -7,6 +7,7 @@ or ``grid.workers`` CPU slots). torch is imported only when a device is chosen.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -27,14 +28,62 @@ PEAK_FLOPS = {
 }
 
 
-def choose_device(want: str) -> torch.device:
-    """``cpu``, ``cuda``, or for ``auto`` a GPU when one is visible, else the CPU."""
+log = logging.getLogger(__name__)
+
+
+def torch_build() -> str:
+    """This torch's version and build: ``2.13.0+cpu, a CPU build``, ``2.13.0, CUDA 12.8``."""
     import torch
 
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ParamsError("train.device is 'cuda' but no GPU is visible")
-    cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
-    return torch.device("cuda" if cuda else "cpu")
+    if torch.version.cuda:
+        return f"{torch.__version__}, CUDA {torch.version.cuda}"
+    if getattr(torch.version, "hip", None):
+        return f"{torch.__version__}, ROCm {torch.version.hip}"
+    return f"{torch.__version__}, a CPU build"
+
+
+def cuda_unavailable() -> str | None:
+    """Why no GPU can be used here (None when one can): a CPU build of torch, no working driver,
+    or no device visible."""
+    import torch
+
+    if not (torch.version.cuda or getattr(torch.version, "hip", None)):
+        return (
+            f"this torch is a CPU build ({torch.__version__}): install a CUDA build (`make install` "
+            "on a machine with a GPU gets one from the package index)"
+        )
+    if torch.cuda.is_available():  # (no CUDA context is created here)
+        return None
+    try:  # no usable GPU: initialising says why (the driver's error), or nothing if none is seen
+        torch.cuda.init()
+    except Exception as e:  # noqa: BLE001 (torch raises RuntimeError or AssertionError)
+        return f"torch ({torch_build()}) cannot use a GPU: {e}"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    hint = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+    return f"no GPU is visible{hint}"
+
+
+def require_cuda() -> None:
+    """ParamsError naming why, when ``train.device: cuda`` cannot have a GPU here."""
+    why = cuda_unavailable()
+    if why:
+        raise ParamsError(f"train.device is 'cuda' but {why}; or set train.device: auto | cpu")
+
+
+def choose_device(want: str) -> torch.device:
+    """``cpu``, ``cuda`` (a GPU, or ParamsError naming why there is none), or for ``auto`` a
+    GPU when one is usable, else the CPU (logged, with the torch build)."""
+    import torch
+
+    if want == "cuda":
+        require_cuda()
+        return torch.device("cuda")
+    if want == "cpu":
+        return torch.device("cpu")
+    why = cuda_unavailable()
+    choice = torch.device("cpu" if why else "cuda")
+    log.info("train.device auto: %s (torch %s%s)", choice, torch_build(), f"; {why}" if why else "")
+    return choice
 
 
 def device_slots(params: Params) -> list[str | None]:
@@ -45,11 +94,11 @@ def device_slots(params: Params) -> list[str | None]:
         return [None] * workers
     import torch
 
-    n = torch.cuda.device_count()
-    if n == 0:
-        if want == "cuda":
-            raise ParamsError("train.device is 'cuda' but no GPU is visible")
+    if want == "cuda":
+        require_cuda()
+    elif cuda_unavailable():
         return [None] * workers
+    n = torch.cuda.device_count()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = [s.strip() for s in visible.split(",")] if visible else [str(i) for i in range(n)]
     per = params.train.processes  # GPUs per point (torchrun): "0,1", "2,3", ...

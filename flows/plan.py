@@ -46,7 +46,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-from flows.config import Point, RunConfig
+from flows.config import Point, RunConfig, check_batch_split, check_trainable
 from model.archs import Variant, variant
 from stages.common.inputs import require, require_made_from
 from stages.common.paths import ROOT
@@ -64,6 +64,7 @@ ONLY_FOR: dict[str, Callable[[Variant], bool]] = {
 NOT_RESULTS = {
     "model/flop_formulas.py": "FlopCounterMode formulas for tests and benchmarks",
     "flows/plan.py": "computes ids",
+    "flows/memory.py": "sizes points before they run (memory per device, GPU-hours)",
     "stages/common/paths.py": "where the repository is",
     "stages/common/inputs.py": "checks that input files exist",
     "stages/common/processes.py": "processes that die with their parent",
@@ -237,6 +238,19 @@ def plan(params: Params, fp: Fingerprints) -> list[Job]:
         cfg = RunConfig.build(params, p, fp.info)
         jobs.append(Job(cfg, point_id(cfg, fp), group_id(cfg, fp), fp.code(p.arch)))
     return jobs
+
+
+def check_plan(jobs: list[Job], params: Params, trainable: bool = True) -> None:
+    """Before anything starts: every point's batch splits over its processes, every point fits
+    the stated memory per device (flows/memory.py), and (``trainable``: for a run, not a plan)
+    it asks for nothing training cannot do yet. Raises ParamsError naming what to change."""
+    from flows.memory import check_memory
+
+    configs = [j.config for j in jobs]
+    check_batch_split(configs)
+    check_memory(configs, params)
+    if trainable:
+        check_trainable(configs)
 
 
 def chains(jobs: list[Job], shared_trunks: bool) -> list[deque[Job]]:

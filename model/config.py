@@ -4,7 +4,7 @@
 ``early`` (patches projected straight in), ``late`` (a ViT encoder trained from scratch + MLP
 connector), ``discrete`` (codebook ids appended to the vocabulary); ``moe`` swaps dense FFNs
 for mixture-of-experts FFNs in any of them. The named variants a study trains are in
-model/archs.py, the size ladder that fills widths and depths in model/ladder.py.
+model/archs.py, the size ladder that fills widths and depths in model/sizes.py.
 """
 
 from __future__ import annotations

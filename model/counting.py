@@ -4,7 +4,8 @@ Conventions (paper §2.1 and App. C, following Kaplan et al. / Hoffmann et al.):
 
 - ``N``: non-embedding parameters of the decoder that a token uses: the blocks and final norm,
   plus early fusion's patch projection; for MoE only the *active* ones (router + top_k experts
-  per layer). The token embedding and the output head are excluded.
+  per layer). The token embedding and the output head are excluded, unless a study counts
+  them as the paper's Table 6 does (``model.count_embeddings``: ``count_params(cfg, True)``).
 - ``N_v``: late fusion's vision side (patch embedding, positions, ViT encoder, connector),
   reported separately. ``N_total``: every parameter (all experts, embeddings, head).
 - ``C`` (training compute, paper convention): ``6·N·D`` for early, discrete and MoE, and
@@ -67,7 +68,9 @@ def _vision(cfg: ModelConfig) -> tuple[int, int]:
     return params, cfg.patch_dim * e + cfg.enc_layers * blk_mm + connector_mm
 
 
-def count_params(cfg: ModelConfig) -> Counts:
+def count_params(cfg: ModelConfig, with_embeddings: bool = False) -> Counts:
+    """The counts of ``cfg``; ``with_embeddings``: N also counts the token embedding and the
+    output head (the paper's Table 6 convention; ours by default leaves them out)."""
     active, _, total = _decoder_layer(cfg)
     n = cfg.n_layers * active + cfg.d_model
     n_total_dec = cfg.n_layers * total + cfg.d_model
@@ -76,6 +79,7 @@ def count_params(cfg: ModelConfig) -> Counts:
         n_total_dec += cfg.patch_dim * cfg.d_model + cfg.d_model
     n_v = _vision(cfg)[0] if cfg.arch == "late" else 0
     emb = cfg.total_vocab * cfg.d_model + cfg.d_model * cfg.vocab_size
+    n += emb if with_embeddings else 0
     return Counts(N=n, N_v=n_v, N_total=n_total_dec + n_v + emb, N_embedding=emb)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from model.config import MoEConfig
 from model.layers import RMSNorm, SwiGLU
@@ -110,11 +111,17 @@ class Transformer(nn.Module):
             Block(dim, n_heads, ffn_hidden, eps, moe) for _ in range(n_layers)
         )
         self.norm = RMSNorm(dim, eps)
+        # activation checkpointing: keep each block's input only, recompute the rest in backward
+        self.checkpointing = False
 
     def forward(self, x, rope=None, mask=None, is_image=None) -> tuple[torch.Tensor, list[dict]]:
         aux = []
+        recompute = self.checkpointing and torch.is_grad_enabled()
         for blk in self.blocks:
-            x, a = blk(x, rope, mask, is_image)
+            if recompute:
+                x, a = checkpoint(blk, x, rope, mask, is_image, use_reentrant=False)
+            else:
+                x, a = blk(x, rope, mask, is_image)
             if a is not None:
                 aux.append(a)
         return self.norm(x), aux

@@ -103,6 +103,13 @@ class MultimodalLM(nn.Module):
             if isinstance(w, nn.Parameter):
                 nn.init.normal_(w, std=0.02)
 
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """Recompute each block's activations (decoder and ViT encoder) in the backward pass
+        instead of keeping them: the same numbers, less memory, ~1/3 more compute."""
+        self.decoder.checkpointing = on
+        if self.cfg.arch == "late":
+            self.vision.encoder.checkpointing = on
+
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(decoder-side, vision-encoder) parameters: late fusion's encoder gets its own lr."""
         vision = list(self.vision.parameters()) if self.cfg.arch == "late" else []

@@ -10,7 +10,7 @@ key (the repository's copy, :data:`REPO_PARAMS`, is the reference study and the 
 new one); a missing key is an error naming it. Code that needs a study without a file (tests,
 benchmarks, the fit CLI on a foreign table) starts from the repository's params.yaml and
 overrides sections (:func:`study_params`). The allowed architectures and sizes come from their
-registries in model/ (model/archs.py, model/ladder.py), the data kinds from stages/data/kinds.py,
+registries in model/ (model/archs.py, model/sizes.py), the data kinds from stages/data/kinds.py,
 the law families from stages/scaling/families.py.
 
 Run ``python -m stages.params [params.yaml]`` to check a file without running anything.
@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model.archs import VARIANTS
 from model.config import image_tokens
-from model.ladder import SIZES
+from model.sizes import SIZES, check_size
 from stages.common.inputs import InputError
 from stages.common.paths import ROOT
 from stages.data.kinds import KINDS
@@ -37,7 +37,7 @@ from stages.scaling.families import FAMILIES
 
 REPO_PARAMS = ROOT / "params.yaml"
 ARCHS = tuple(VARIANTS)
-LADDER = tuple(SIZES)
+SIZE_NAMES = tuple(SIZES)
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -179,13 +179,16 @@ class DataParams(Strict):
 
 
 class ModelParams(Strict):
-    """Settings every grid point shares (sizes come from the ladder in model/ladder.py)."""
+    """Settings every grid point shares (sizes come from the ladder in model/sizes.py)."""
 
     n_experts: Annotated[int, Field(ge=2)]  # paper: 8 experts, top-1
     top_k: PosInt
     aux_loss_weight: Annotated[float, Field(ge=0.0)]
     z_loss_weight: Annotated[float, Field(ge=0.0)]
     enc_lr_mult: Annotated[float, Field(gt=0.0)]  # late fusion encoder lr multiple
+    # N counts the token embedding and output head too (the paper's Table 6); false: N is the
+    # non-embedding count (Kaplan et al.)
+    count_embeddings: bool
 
     @model_validator(mode="after")
     def _top_k(self) -> ModelParams:
@@ -202,7 +205,8 @@ class GridParams(Strict):
 
     study: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     archs: list[Literal[ARCHS]] = Field(min_length=1)
-    sizes: list[Literal[LADDER]] = Field(min_length=1)
+    # a named size of model/sizes.py (the laptop ladder, the paper's Table 6) or wWIDTHdDEPTH
+    sizes: list[Annotated[str, AfterValidator(check_size)]] = Field(min_length=1)
     tokens: list[PosInt] = Field(min_length=1)
     mixtures: dict[str, Mixture]
     seeds: list[NonNegInt] = Field(min_length=1)
@@ -243,6 +247,9 @@ class TrainParams(Strict):
             )
         return self
 
+    # law: lr = lr_ref·(N/n_ref)^lr_exponent; sizes: each size's own lr (model/sizes.py: the
+    # paper's Table 6 sizes have one)
+    lr_source: Literal["law", "sizes"]
     lr_ref: Annotated[float, Field(gt=0.0)]
     lr_exponent: float
     n_ref: Annotated[float, Field(gt=0.0)]
@@ -262,10 +269,29 @@ class TrainParams(Strict):
     checkpoint_every_steps: PosInt
     divergence_loss: Annotated[float, Field(gt=0.0)]  # train loss above this = failed
     branch_cooldowns: bool  # one constant-lr trunk per (arch, size, mixture, seed)
-    threads: PosInt
-    processes: PosInt  # per point: > 1 launches it with torchrun (DDP; flows/training/dist.py)  # torch threads per point process on CPU
+    threads: PosInt  # torch threads per point process on CPU
+    processes: PosInt  # per point: > 1 launches it with torchrun (DDP; flows/training/dist.py)
+    # none: each process holds the whole model (DDP); fsdp: parameters, gradients and optimizer
+    # state sharded over the processes (planned: the plan's memory; training refuses it so far)
+    sharding: Literal["none", "fsdp"]
+    # rows per forward/backward pass on each process; null: its whole share of the batch. Fewer
+    # rows than the share would accumulate gradients (planned: training refuses it so far)
+    micro_batch_rows: PosInt | None
+    activation_checkpointing: bool  # recompute each block's activations in the backward pass
     device: Literal["auto", "cpu", "cuda"]
     compile: bool  # torch.compile on GPU
+
+
+class PlanParams(Strict):
+    """What ``python -m flows.grid plan`` sizes a study against (flows/memory.py): the memory
+    one GPU offers, its peak dense bf16 FLOP/s and the model FLOP utilisation expected of it."""
+
+    gpu_memory_gib: Annotated[float, Field(gt=0.0)]  # usable per GPU (a point must fit it)
+    gpu_peak_tflops: Annotated[float, Field(gt=0.0)]  # dense bf16 peak of one GPU
+    mfu: Annotated[float, Field(gt=0.0, le=1.0)]  # model FLOPs utilisation, for GPU-hours
+    # the share of image tokens among a batch's tokens, to plan with before the shards exist
+    # (they measure it); null: unknown (then planned as text only)
+    image_share: Fraction | None
 
 
 class FitStarts(Strict):
@@ -342,6 +368,7 @@ class Params(Strict):
     model: ModelParams
     grid: GridParams
     train: TrainParams
+    plan: PlanParams
     fit: FitParams
 
     @model_validator(mode="after")
@@ -352,6 +379,18 @@ class Params(Strict):
                 f"data.context_length={self.data.context_length} cannot hold one image of "
                 f"{self.shards.image_tokens} tokens: allowed >= {need}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _sizes_have_lr(self) -> Params:
+        if self.train.lr_source == "sizes":
+            missing = [s for s in self.grid.sizes if SIZES.get(s) is None or SIZES[s].lr is None]
+            if missing:
+                have = [n for n, s in SIZES.items() if s.lr is not None]
+                raise ValueError(
+                    f"train.lr_source is 'sizes' but grid.sizes {missing} have no lr of their "
+                    f"own (sizes with one: {', '.join(have)}); use lr_source: law"
+                )
         return self
 
     @model_validator(mode="after")

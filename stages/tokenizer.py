@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from stages.common.inputs import require
+from stages.common.inputs import require, require_set
 from stages.common.stage import entry_point, parser
 from stages.data.tokenizer import build, special_ids
 from stages.params import load_params
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     if params.tokenizer.source == "train":
         require(Path(args.corpus) / "report.json", "corpus", "the corpus")
     else:
+        require_set("tokenizer.path", params.tokenizer.path)
         require(params.tokenizer.path, None, "your tokenizer (tokenizer.path)")
     tok = build(params.tokenizer, Path(args.corpus))
     out = Path(args.out)

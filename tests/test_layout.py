@@ -72,11 +72,11 @@ def _covered(path: str, deps: list[str]) -> bool:
 def test_every_stage_lists_the_code_its_command_runs():
     """A code edit reruns exactly the stages that run that code (flows/ui.py never the grid).
     The one exception is documented in dvc.yaml: the params schema takes allowed names from
-    model/archs.py, model/ladder.py and stages/scaling/families.py (and what they import), which
+    model/archs.py, model/sizes.py and stages/scaling/families.py (and what they import), which
     only the stages that run models or fits list (shards: model/config.py's image_tokens is
     real work)."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    registries = ig.closure("model.archs") | ig.closure("model.ladder")
+    registries = ig.closure("model.archs") | ig.closure("model.sizes")
     registries |= ig.closure("stages.scaling.families")
     for name, stage in stages.items():
         deps = [d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]]

@@ -28,13 +28,15 @@ import sys
 from pathlib import Path
 
 from flows import records
-from flows.config import check_batch_split
-from flows.plan import Job, check_inputs, fingerprints, plan
+from flows.devices import require_cuda
+from flows.memory import estimate, gpu_hours, trained_steps
+from flows.plan import Job, check_inputs, check_plan, fingerprints, plan
 from stages.common.inputs import InputError
 from stages.common.paths import resolve
 from stages.params import Params, load_params
 
-PLAN_COLUMNS = ("label", "N", "D", "C", "steps", "batch_tokens", "lr", "status")
+PLAN_COLUMNS = ("label", "N", "D", "C", "steps", "batch_tokens", "lr", "memory_gib",
+                "gpu_hours", "status")  # fmt: skip
 
 
 def _jobs(params: Params, args: argparse.Namespace) -> list[Job]:
@@ -42,14 +44,26 @@ def _jobs(params: Params, args: argparse.Namespace) -> list[Job]:
     return plan(params, fingerprints(resolve(args.shards), cb if cb.exists() else None))
 
 
-def plan_rows(jobs: list[Job], results: Path) -> list[dict]:
-    """The plan's rows: each point's ids, run-config summary and status (done | train)."""
+def plan_rows(jobs: list[Job], results: Path, params: Params) -> list[dict]:
+    """The plan's rows: each point's ids, run-config summary, memory per device (GiB) and its
+    parts, GPU-hours (its whole run; ``gpu_hours_trained``: what the grid spends on it, shared
+    trunks counted once) and status (done | train)."""
     rows = []
-    for j in jobs:
+    trained = trained_steps([j.config for j in jobs])
+    for j, steps in zip(jobs, trained, strict=True):
         rec = records.read_record(results, j.point_id) if j.point_id else None
         status = "done" if records.is_done(rec) else "train"
+        mem = estimate(j.config, params.plan.image_share)
+        cost = {
+            "memory_gib": mem.gib,
+            "memory": {
+                k: v / 2**30 if isinstance(v, float) else v for k, v in mem.as_dict().items()
+            },
+            "gpu_hours": gpu_hours(j.config, params),
+            "gpu_hours_trained": gpu_hours(j.config, params, steps),
+        }
         rows.append({"point_id": j.point_id, "group_id": j.group_id, "label": j.label,
-                     **j.config.summary(), "status": status})  # fmt: skip
+                     **j.config.summary(), **cost, "status": status})  # fmt: skip
     return rows
 
 
@@ -61,7 +75,7 @@ def _cell(v) -> str:
 
 def print_plan(params: Params, args: argparse.Namespace) -> int:
     jobs = _jobs(params, args)
-    rows = plan_rows(jobs, resolve(args.results))
+    rows = plan_rows(jobs, resolve(args.results), params)
     if args.configs:
         for j in jobs:
             print(j.config.to_json())
@@ -78,6 +92,19 @@ def print_plan(params: Params, args: argparse.Namespace) -> int:
     todo = sum(r["status"] == "train" for r in rows)
     note = "" if rows and rows[0]["point_id"] else " (no shards yet: ids come with the data)"
     print(f"{len(rows)} points: {len(rows) - todo} done, {todo} to train{note}", file=sys.stderr)
+    pl, left = params.plan, sum(r["gpu_hours_trained"] for r in rows if r["status"] == "train")
+    print(
+        f"peak memory per device {max(r['memory_gib'] for r in rows):.3g} GiB (of "
+        f"{pl.gpu_memory_gib:g}; {rows[0]['memory']['precision']}); GPU-hours "
+        f"{sum(r['gpu_hours_trained'] for r in rows):.4g} in all, {left:.4g} to train (at "
+        f"{pl.mfu:.0%} MFU of {pl.gpu_peak_tflops:g} TFLOP/s; shared trunks counted once)",
+        file=sys.stderr,
+    )
+    try:
+        check_plan(jobs, params, trainable=False)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -176,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         if args.command == "run":
             check_inputs(params, resolve(args.shards), resolve(args.codebook))
-            check_batch_split([j.config for j in _jobs(params, args)])
+            check_plan(_jobs(params, args), params)
+            if not (args.work_pool or params.grid.work_pool) and params.train.device == "cuda":
+                require_cuda()  # trains here: a GPU must be usable here
     except InputError as e:  # a bad params file, a missing or stale input
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -40,10 +40,10 @@ from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from tqdm import tqdm
 
-from flows.config import check_batch_split
+from flows.devices import require_cuda
 from flows.grid.local import LocalRunner
 from flows.launch import Launch, exclusive
-from flows.plan import CODE, Job, chains, check_inputs, fingerprints, plan
+from flows.plan import CODE, Job, chains, check_inputs, check_plan, fingerprints, plan
 from flows.pool.submit import PoolRunner
 from flows.tracking import Tracker
 from stages.common.paths import resolve
@@ -119,8 +119,10 @@ def grid_flow(
     cb = cb if cb.exists() else None
     fp = fingerprints(shards_dir, cb)
     jobs = plan(params, fp)
-    check_batch_split([j.config for j in jobs])
+    check_plan(jobs, params)
     pool = work_pool or params.grid.work_pool
+    if not pool and params.train.device == "cuda":  # here, not on a pool's machines
+        require_cuda()
     with exclusive(results_dir):
         tracker = Tracker(params.grid.study, tracking_uri)
         rev = str(git_revision(paths=CODE))

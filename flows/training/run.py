@@ -91,6 +91,7 @@ class Run:
             self.device = torch.device("cuda", torch.cuda.current_device())
         torch.manual_seed(cfg.point.seed)
         self.model = MultimodalLM(cfg.model, cb).to(self.device)
+        self.model.set_activation_checkpointing(cfg.activation_checkpointing)
         self.opt = build_optimizer(self.model, cfg)
         self.loader = PackedLoader(
             shards, cfg.schedule.batch_rows, cfg.context_length, cfg.mixture, seed=cfg.point.seed

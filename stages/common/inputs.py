@@ -28,6 +28,20 @@ class InputError(Exception):
     what and how to fix it, and an entry point prints it instead of a traceback."""
 
 
+class Placeholder(InputError):
+    """A study file's value still reads ``<...>``: the study says where the user's data goes,
+    and the value has not been set."""
+
+
+def require_set(key: str, value: str | None) -> None:
+    """Raise :class:`Placeholder` if ``value`` (params key ``key``) is a ``<...>`` placeholder."""
+    if isinstance(value, str) and value.strip().startswith("<") and value.strip().endswith(">"):
+        raise Placeholder(
+            f"{key} is the placeholder {value!r}: set it in the params file to your own "
+            "(a path, URL or glob) before running this stage"
+        )
+
+
 class MissingInput(InputError, FileNotFoundError):
     """An input file is missing; the message names it and what makes it."""
 

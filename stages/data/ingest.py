@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageFile
 from tqdm import tqdm
 
+from stages.common.inputs import require_set
 from stages.data.corpus_format import (
     IMAGE_EXTS,
     META_EXT,
@@ -323,7 +324,8 @@ def expand(patterns: list[str], kind: str) -> list[str]:
     Raises IngestError naming a pattern that matches no file, or a file of an unknown format.
     """
     files: list[str] = []
-    for pattern in patterns:
+    for i, pattern in enumerate(patterns):
+        require_set(f"corpus.files.{kind}[{i}]", pattern)
         pat = os.path.expanduser(pattern)
         matches = sorted(p for p in glob.glob(pat, recursive=True) if os.path.isfile(p))
         if not matches and os.path.isfile(pat):  # a literal name with glob characters

@@ -14,7 +14,7 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from flows import records, supervise
+from flows import devices, records, supervise
 from flows.collect import collect
 from flows.config import Point, RunConfig, check_batch_split
 from flows.devices import device_slots
@@ -24,7 +24,7 @@ from flows.launch import Launch
 from flows.plan import Job, chains, fingerprints, plan
 from flows.tracking import Tracker
 from flows.training.step import FAULT_ENV
-from model.ladder import SIZES
+from model.sizes import SIZES
 from stages.params import Params, ParamsError, load_params, validate_params
 from tests.flows.conftest import grid_params, write_params
 
@@ -81,7 +81,7 @@ def test_a_groups_points_chain_in_ascending_tokens(tiny_data):
     assert [c[0].point.size for c in groups] == ["xs", "xs", "xxs", "xxs"]  # longest first
     alone = chains(jobs, shared_trunks=False)
     assert len(alone) == 12
-    costs = [c[0].point.tokens * (SIZES[c[0].point.size] + 6) for c in alone]
+    costs = [c[0].point.tokens * (SIZES[c[0].point.size].shape.width + 6) for c in alone]
     assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1]
 
 
@@ -103,7 +103,12 @@ def test_each_point_gets_one_gpu_or_one_pinned_cpu_thread(monkeypatch, tmp_path)
     def launch(params: Params) -> Launch:
         return Launch(params, tmp_path, tmp_path, None, tmp_path, None, "rev", None)  # type: ignore[arg-type]
 
+    # a machine with 4 usable GPUs (this one may have a CPU build of torch: devices' check of
+    # the build and the driver answers as a GPU machine's would)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(
+        devices, "cuda_unavailable", lambda: None if torch.cuda.device_count() else "no GPU"
+    )
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5,7")
     params = validate_params(grid_params(grid={"workers": 3}, train={"threads": 2}))
     assert device_slots(params) == ["2", "3", "5"]  # at most grid.workers, one GPU each

@@ -172,7 +172,8 @@ def test_the_dry_run_prints_every_point_with_its_ids_and_status(tiny_data, tmp_p
     assert main(args) == 0
     out, err = capsys.readouterr()
     header, *lines = [line.split() for line in out.splitlines()]
-    assert header == ["point_id", "label", "N", "D", "C", "steps", "batch_tokens", "lr", "status"]
+    assert header == ["point_id", "label", "N", "D", "C", "steps", "batch_tokens", "lr",
+                      "memory_gib", "gpu_hours", "status"]  # fmt: skip
     assert [(x[0], x[1]) for x in lines] == [(j.point_id, j.label) for j in jobs]
     assert [x[-1] for x in lines] == ["done"] + ["train"] * (len(jobs) - 1)
     assert [int(x[2]) for x in lines] == [j.config.counts.N for j in jobs]

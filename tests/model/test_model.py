@@ -13,8 +13,8 @@ from model.config import ModelConfig, MoEConfig
 from model.counting import count_params, step_flops, training_compute
 from model.discrete import VisualCodebook
 from model.flop_formulas import register_flop_formulas
-from model.ladder import SIZES, config_for_width, size_config
 from model.model import MultimodalLM, load_model, save_model
+from model.sizes import LADDER, config_for_width, size_config
 from stages.data.loader import PackedLoader
 from stages.data.shard_format import load_info
 
@@ -174,11 +174,11 @@ def test_weights_round_trip_bit_identically(tiny_data, batch, name, tmp_path):
 
 
 def test_the_size_ladder_is_smooth_and_answers_a_target_n():
-    ns = [count_params(size_config(s)).N for s in SIZES]
+    ns = [count_params(size_config(s)).N for s in LADDER]
     assert ns == sorted(ns)
     ratios = [b / a for a, b in zip(ns, ns[1:], strict=False)]
     assert all(1.5 < r < 3.5 for r in ratios), ratios
-    for s in SIZES:
+    for s in LADDER:
         cfg = size_config(s)
         assert cfg.n_layers == size_config("xxs").n_layers  # depth fixed, width grows
         assert cfg.enc_d_model == max(16, round(cfg.d_model / 2 / 16) * 16)

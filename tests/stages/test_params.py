@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from model.archs import VARIANTS
-from model.ladder import SIZES
+from model.sizes import SIZES
 from stages.common.paths import ROOT
 from stages.params import (
     REPO_PARAMS,
@@ -70,7 +70,10 @@ def test_allowed_archs_and_sizes_come_from_the_registries_in_model():
     assert ok.grid.archs == list(VARIANTS)
     msg = _error({"grid": {"archs": ["early", "mid"], "sizes": ["huge"]}})
     assert "grid.archs.1" in msg and all(f"'{a}'" in msg for a in VARIANTS)
-    assert "grid.sizes.0" in msg and all(f"'{s}'" in msg for s in SIZES)
+    assert "grid.sizes.0" in msg and all(s in msg for s in SIZES) and "wWIDTHdDEPTH" in msg
+    # a size by width and depth; a width that is not a multiple of 16 is refused, named
+    assert study_params({"grid": {"sizes": ["w1024d24", "xs"]}}).grid.sizes == ["w1024d24", "xs"]
+    assert "multiple of 16" in _error({"grid": {"sizes": ["w1000d24"]}})
 
 
 def test_unknown_key_names_it_and_lists_allowed_keys():

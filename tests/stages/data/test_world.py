@@ -11,7 +11,7 @@ import pytest
 
 from model.config import ModelConfig
 from model.counting import step_flops
-from model.ladder import SIZES, size_config
+from model.sizes import LADDER, SIZES, size_config
 from stages.data.synthetic import make_doc
 from stages.data.tokenizer import train_bpe
 from stages.data.world import Zipf, feistel, keyed, vocabulary, world
@@ -88,7 +88,7 @@ def test_the_vocabulary_is_small_enough_for_the_smallest_models_output_layer(tok
     and the output layer costs the smallest ladder model a minority of its FLOPs."""
     V = tokenizer.get_vocab_size()
     assert V < 600  # 256 bytes + 6 specials + the words and their prefixes
-    cfg = size_config(min(SIZES, key=SIZES.get), ModelConfig(vocab_size=V))
+    cfg = size_config(min(LADDER, key=lambda s: SIZES[s].shape.width), ModelConfig(vocab_size=V))
     rows, ctx = 4, 256
     targets = rows * ctx // 2  # about half the positions are text targets in the mixture
     head = 6 * targets * cfg.d_model * V
