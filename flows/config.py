@@ -383,27 +383,3 @@ def check_batch_split(configs: list[RunConfig]) -> None:
             f"trains an equal share of every batch. Use train.processes in {fits}, or more "
             "rows (train.batch_rows_ref, train.batch_exponent)"
         )
-
-
-def check_trainable(configs: list[RunConfig]) -> None:
-    """Before any compute: what the plan can size but training does not do yet. FSDP
-    (``train.sharding: fsdp``) and gradient accumulation (``train.micro_batch_rows`` below a
-    process's share of the batch) are planned (flows/memory.py) but not trained; a study that
-    asks for them stops here, named, instead of training something else."""
-    if not configs:
-        return
-    c = configs[0]
-    if c.sharding == "fsdp":
-        raise ParamsError(
-            "train.sharding is 'fsdp': the plan sizes it (python -m flows.grid plan), but "
-            "training does not shard yet; use train.sharding: none (each process holds the "
-            "whole model, DDP)"
-        )
-    acc = sorted({f"{x.point.arch} {x.point.size}" for x in configs
-                  if x.micro_batch_rows * x.processes < x.schedule.batch_rows})  # fmt: skip
-    if acc:
-        raise ParamsError(
-            f"train.micro_batch_rows={c.micro_batch_rows} is fewer rows than each process "
-            f"trains per step for {', '.join(acc)}: the plan sizes gradient accumulation, but "
-            "training does not accumulate yet; use train.micro_batch_rows: null"
-        )

@@ -46,7 +46,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-from flows.config import Point, RunConfig, check_batch_split, check_trainable
+from flows.config import Point, RunConfig, check_batch_split
 from model.archs import Variant, variant
 from stages.common.inputs import require, require_made_from
 from stages.common.paths import ROOT
@@ -240,17 +240,15 @@ def plan(params: Params, fp: Fingerprints) -> list[Job]:
     return jobs
 
 
-def check_plan(jobs: list[Job], params: Params, trainable: bool = True) -> None:
-    """Before anything starts: every point's batch splits over its processes, every point fits
-    the stated memory per device (flows/memory.py), and (``trainable``: for a run, not a plan)
-    it asks for nothing training cannot do yet. Raises ParamsError naming what to change."""
+def check_plan(jobs: list[Job], params: Params) -> None:
+    """Before anything starts: every point's batch splits over its processes and passes, and
+    every point fits the stated memory per device (flows/memory.py). Raises ParamsError naming
+    what to change."""
     from flows.memory import check_memory
 
     configs = [j.config for j in jobs]
     check_batch_split(configs)
     check_memory(configs, params)
-    if trainable:
-        check_trainable(configs)
 
 
 def chains(jobs: list[Job], shared_trunks: bool) -> list[deque[Job]]:

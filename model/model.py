@@ -87,6 +87,10 @@ class MultimodalLM(nn.Module):
             cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.ffn_hidden, cfg.norm_eps, cfg.moe
         )
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # text targets only
+        # run the image path on rows without images too (on no patches: zero gradients), so that
+        # every parameter takes part in every pass: sharded data parallelism (FSDP) needs every
+        # process to run every module's collectives, whatever its rows hold
+        self.every_parameter_every_pass = False
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
             if name.endswith(("attn.wo.weight", "ffn.w2.weight", "ffn.w2")):
@@ -106,9 +110,12 @@ class MultimodalLM(nn.Module):
     def set_activation_checkpointing(self, on: bool) -> None:
         """Recompute each block's activations (decoder and ViT encoder) in the backward pass
         instead of keeping them: the same numbers, less memory, ~1/3 more compute."""
-        self.decoder.checkpointing = on
-        if self.cfg.arch == "late":
-            self.vision.encoder.checkpointing = on
+        for t in self.transformers():
+            t.checkpointing = on
+
+    def transformers(self) -> list[Transformer]:
+        """The block stacks: the decoder, and late fusion's ViT encoder."""
+        return [self.decoder] + ([self.vision.encoder] if self.cfg.arch == "late" else [])
 
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(decoder-side, vision-encoder) parameters: late fusion's encoder gets its own lr."""
@@ -122,7 +129,7 @@ class MultimodalLM(nn.Module):
         B, L = tokens.shape
         M, T = len(batch.images), cfg.image_tokens
         image_ids = torch.full((B, L), -1, dtype=torch.long, device=tokens.device)
-        if M == 0:
+        if M == 0 and not (self.every_parameter_every_pass and cfg.arch in ("early", "late")):
             return self.tok_emb(tokens), image_ids >= 0, image_ids
         rows = batch.image_index[:, 0:1].expand(M, T)
         cols = batch.image_index[:, 1:2] + torch.arange(T, device=tokens.device)
@@ -133,7 +140,10 @@ class MultimodalLM(nn.Module):
             codes = self.codebook.encode(batch.images)  # (M, T)
             tokens = tokens.index_put((rows, cols), cfg.vocab_size + codes)
             return self.tok_emb(tokens), image_ids >= 0, image_ids
-        patches = normalise(patchify(batch.images, cfg.patch_size))  # (M, T, 3pp)
+        if M == 0:  # (every_parameter_every_pass: the image path on no patches)
+            patches = torch.zeros((0, T, cfg.patch_dim), device=tokens.device)
+        else:
+            patches = normalise(patchify(batch.images, cfg.patch_size))  # (M, T, 3pp)
         emb = self.patch_proj(patches) if cfg.arch == "early" else self.vision(patches)
         x = self.tok_emb(tokens).index_put((rows, cols), emb.to(self.tok_emb.weight.dtype))
         return x, image_ids >= 0, image_ids

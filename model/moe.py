@@ -58,6 +58,15 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """
     if not hasattr(torch, "_grouped_mm"):
         return False
+    # with gradients whatever the caller's mode (a first call under no_grad would otherwise
+    # fail the probe), and its own saved-tensor hooks: probed inside a block under activation
+    # checkpointing, its tensors must not count as the block's (the recomputation finds the
+    # answer cached)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        return _probe_grouped_mm(device_type, dtype)
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     try:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(12, 16, generator=g).to(device_type, dtype).requires_grad_()

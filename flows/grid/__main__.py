@@ -101,7 +101,7 @@ def print_plan(params: Params, args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     try:
-        check_plan(jobs, params, trainable=False)
+        check_plan(jobs, params)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,14 +1,19 @@
-"""One point over several processes (``train.processes`` > 1: torchrun, DDP).
+"""One point over several processes (``train.processes`` > 1: torchrun; DDP or FSDP2).
 
 The grid launches such a point as ``torchrun --standalone --nproc_per_node=P -m flows.train``
 (flows/launch.py); each rank builds the same global batch from the same seeded loader and
-trains on its share of the rows (:func:`shard`), the model wrapped in DistributedDataParallel
-(gloo on CPU, NCCL on GPUs, one GPU per rank). The global batch is fixed, so 1 and P processes
+trains on its share of the rows (:func:`shard`), gloo on CPU, NCCL on GPUs, one GPU per rank.
+With ``train.sharding: none`` each rank holds the whole model, wrapped in
+DistributedDataParallel; with ``fsdp`` (:func:`fully_shard_model`, FSDP2 as torchtitan applies
+it) each block, then the rest of the model, is sharded over the ranks: parameters, gradients
+and optimizer state split P ways, each block's parameters gathered for its forward and backward
+(bf16 on GPUs, gradients reduced in fp32). The global batch is fixed, so 1 and P processes
 train the same model: each rank's loss is its share of the batch's summed token loss over the
 batch's *global* target count, and the MoE load-balancing statistics are all-reduced
-(model/moe.py), so the ranks' objectives sum to the one-process objective and DDP's average of
-their gradients, times P, is its gradient (tests/flows/training/test_distributed.py: 2
-processes equal 1 to 1e-5 over every step, for dense and MoE models).
+(model/moe.py), so the ranks' objectives sum to the one-process objective and the average of
+their gradients (DDP's all-reduce, FSDP's reduce-scatter), times P, is its gradient
+(tests/flows/training/test_distributed.py: 2 processes equal 1 to 1e-5 over the first 10 steps,
+for dense and MoE models, under DDP and under FSDP with activation checkpointing).
 
 Rank 0 writes everything (checkpoints, metrics, records, routing); every rank reads the same
 checkpoints, so a point killed under torchrun resumes exactly; :func:`barrier` after each write
@@ -95,3 +100,23 @@ def agree(flag: bool) -> bool:
     t = torch.tensor([int(flag)], device=f"cuda:{torch.cuda.current_device()}" if nccl else "cpu")
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+def fully_shard_model(model: torch.nn.Module) -> None:
+    """FSDP2 over this process group, in place: each block of each block stack
+    (``model.transformers()``), then the root (embeddings, output head, the image path's
+    projections). On GPUs the gathered parameters are bf16 and gradients are reduced in fp32;
+    on CPU both stay fp32. Every rank then runs every module in every pass
+    (``every_parameter_every_pass``), whatever its rows hold: a module one rank skipped would
+    leave the others waiting in its collectives."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    gpu = dist.get_backend() == "nccl"
+    mp = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if gpu else None, reduce_dtype=torch.float32 if gpu else None
+    )
+    model.every_parameter_every_pass = True
+    for stack in model.transformers():
+        for block in stack.blocks:
+            fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)

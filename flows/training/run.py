@@ -1,20 +1,24 @@
 """One point's training state: model, optimizer, loader and counters, built from its run config
 and checkpointable.
 
-fp32 with pinned threads on CPU; bf16 autocast (and optionally ``torch.compile``) on GPU. A
-checkpoint holds the model, the optimizer, the loader's state (a few integers) and the
-counters, plus the fingerprint of the code that wrote it (flows/plan.py) and the git revision;
+fp32 with pinned threads on CPU; bf16 autocast (and optionally ``torch.compile``) on GPU; over
+several processes DDP or FSDP2 (flows/training/dist.py). A checkpoint holds the model and the
+optimizer (whole, keyed by parameter name: it resumes at any process count), the loader's state
+(a few integers) and the counters, plus the fingerprint of the code that wrote it
+(flows/plan.py) and the git revision;
 :meth:`Run.load` refuses a checkpoint written by other code (:class:`StaleCheckpoint`). The step
 is flows/training/step.py, evaluation flows/training/evaluate.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from flows.config import RunConfig
 from flows.devices import choose_device
@@ -92,33 +96,47 @@ class Run:
         torch.manual_seed(cfg.point.seed)
         self.model = MultimodalLM(cfg.model, cb).to(self.device)
         self.model.set_activation_checkpointing(cfg.activation_checkpointing)
-        self.opt = build_optimizer(self.model, cfg)
-        self.loader = PackedLoader(
-            shards, cfg.schedule.batch_rows, cfg.context_length, cfg.mixture, seed=cfg.point.seed
-        )
-        self.c = Counters()
         self.forward = self.model
-        if dist.world() > 1:  # one point over several processes (torchrun): flows/training/dist.py
+        self.ddp = None
+        if dist.world() > 1 and cfg.sharding == "fsdp":  # sharded: flows/training/dist.py
+            dist.fully_shard_model(self.model)
+        elif dist.world() > 1:  # one replica per process (torchrun): flows/training/dist.py
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             # a rank whose rows hold no image leaves the image path without gradients
-            self.forward = DDP(self.model, device_ids=ids, find_unused_parameters=True)
+            self.ddp = DDP(self.model, device_ids=ids, find_unused_parameters=True)
+            self.forward = self.ddp
+        self.opt = build_optimizer(self.model, cfg)  # (over the sharded parameters, if sharded)
+        self.loader = PackedLoader(
+            shards, cfg.schedule.batch_rows, cfg.context_length, cfg.mixture, seed=cfg.point.seed
+        )
+        self.c = Counters()
         if self.device.type == "cuda" and cfg.compile:
             self.forward = torch.compile(self.forward)
         self.timing["build"] = time.perf_counter() - t0
 
+    def no_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Around a pass's forward and backward: DDP's gradient all-reduce waits for the last
+        pass of a step (gradient accumulation); FSDP reduce-scatters every pass (its gradients
+        stay sharded), one process has nothing to sync."""
+        return self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+
     def save(self, path: Path) -> None:
-        """Rank 0 writes (every rank holds the same state); the others wait for the file."""
+        """The whole state, gathered to rank 0 (under FSDP every rank takes part), which writes
+        it; the others wait for the file. Model and optimizer state are keyed by parameter name,
+        unsharded: a checkpoint resumes at any number of processes, sharded or not."""
+        t0 = time.perf_counter()
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model, opt = get_state_dict(self.model, self.opt, options=opts)
         if not dist.writer():
             dist.barrier()
             return
-        t0 = time.perf_counter()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         state = {
-            "model": self.model.state_dict(),
-            "opt": self.opt.state_dict(),
+            "model": model,
+            "opt": opt,
             "loader": self.loader.state_dict(),
             "counters": asdict(self.c),
             "code": self.code,
@@ -130,15 +148,20 @@ class Run:
 
     def load(self, path: Path) -> None:
         t0 = time.perf_counter()
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         theirs = (state.get("code") or {}).get("fingerprint")
         if theirs != self.code["fingerprint"]:
             raise StaleCheckpoint(
                 f"{path} was written by other code (fingerprint {theirs}, this code "
                 f"{self.code['fingerprint']})"
             )
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
+        set_state_dict(
+            self.model,
+            self.opt,
+            model_state_dict=state["model"],
+            optim_state_dict=state["opt"],
+            options=StateDictOptions(full_state_dict=True),
+        )
         self.loader.load_state_dict(state["loader"])
         self.c = Counters(**state["counters"])
         self.timing["checkpoint"] += time.perf_counter() - t0

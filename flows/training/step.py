@@ -1,12 +1,16 @@
 """The training step: one optimizer step of a point on its global batch, in any number of
-processes.
+processes and passes.
 
 One process is a world of one (flows/training/dist.py: its all-reduces return their input), so
 there is one step path. Every rank draws the same global batch from the same seeded loader and
-trains on its share of the rows; its loss is its rows' summed token loss over the batch's
-*global* target count, so the ranks' losses sum to the global batch's, and DDP's average of
-their gradients, times the number of ranks, is the global batch's gradient (in one process
-every factor is exactly 1: the numbers are those of a plain step).
+trains on its share of the rows, ``train.micro_batch_rows`` at a time (gradient accumulation:
+a forward and backward per pass, one optimizer step); each pass's loss is its rows' summed
+token loss over the batch's *global* target count, so the passes' and ranks' losses sum to the
+global batch's, and the average of their gradients (DDP, FSDP), times the number of ranks, is
+the global batch's gradient (in one process and one pass every factor is exactly 1: the numbers
+are those of a plain step). The MoE auxiliary loss is taken over each pass's rows (all ranks'
+statistics, model/moe.py) and averaged over the passes: with several passes it is not the one
+pass's balancing loss over the whole batch (as in torchtitan and Megatron).
 
 The step returns its metrics as device tensors (:class:`StepMetrics`); nothing here waits for
 the device (the target and image counts come from the batch on the host). The loop
@@ -54,27 +58,38 @@ def train_step(run: Run, lr: float) -> StepMetrics:
     t0 = time.perf_counter()
     batch = run.loader.next_batch()  # the global batch: every rank draws the same
     n_targets = int(batch.loss_mask.bool().sum())  # (on the host: no device sync)
-    mine = batch.rows(*dist.shard(batch.tokens.shape[0])).to(run.device)
+    start, stop = dist.shard(batch.tokens.shape[0])
+    passes = range(start, stop, run.cfg.micro_batch_rows)  # gradient accumulation, if several
     for g in run.opt.param_groups:
         g["lr"] = lr * g["lr_mult"]
-    t1 = time.perf_counter()
-    run.timing["data"] += t1 - t0
-    with torch.autocast("cuda", torch.bfloat16, enabled=run.device.type == "cuda"):
-        out = run.forward(mine)
-    n = dist.all_sum(out.n_targets.detach().to(torch.float64))
-    # (a rank whose rows hold no text target adds 0: the model divides by max(n, 1))
-    share = out.loss * (out.n_targets / n.clamp(min=1)).to(out.loss.dtype)
-    loss = share + out.aux_loss
-    if run.c.step == run.fault_at:
-        loss = loss * float("nan")
-    parts = dist.all_sum(torch.stack([loss.detach(), share.detach(), out.aux_loss.detach()]))
-    (loss * dist.world()).backward()
+    data = time.perf_counter() - t0
+    parts = None
+    for i, a in enumerate(passes):
+        t1 = time.perf_counter()
+        mine = batch.rows(a, min(a + run.cfg.micro_batch_rows, stop)).to(run.device)
+        data += time.perf_counter() - t1
+        with run.no_sync(last=i == len(passes) - 1):
+            with torch.autocast("cuda", torch.bfloat16, enabled=run.device.type == "cuda"):
+                out = run.forward(mine)
+            n = torch.tensor(float(n_targets), dtype=torch.float64, device=out.loss.device)
+            # (rows without a text target add 0: the model divides by max(n, 1))
+            share = out.loss * (out.n_targets / n.clamp(min=1)).to(out.loss.dtype)
+            # the MoE auxiliary loss is over each pass's rows (on every rank): their mean
+            aux = out.aux_loss / len(passes) if len(passes) > 1 else out.aux_loss
+            loss = share + aux
+            if run.c.step == run.fault_at:
+                loss = loss * float("nan")
+            (loss * dist.world()).backward()
+        mine_parts = torch.stack([loss.detach(), share.detach(), aux.detach()])
+        parts = mine_parts if parts is None else parts + mine_parts
+    parts = dist.all_sum(parts)
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
 
     cfg, c = run.cfg.model, run.c
-    dt = time.perf_counter() - t1
+    run.timing["data"] += data
+    dt = time.perf_counter() - t0 - data
     c.train_seconds += dt
     run.timing["steps"] += dt
     c.step += 1

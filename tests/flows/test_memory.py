@@ -171,21 +171,6 @@ def test_a_point_too_big_for_the_stated_memory_is_refused_before_any_work(tiny_d
     assert main(["plan", *args]) == 0
 
 
-def test_fsdp_and_accumulation_are_planned_but_refused_by_training(tiny_data, tmp_path, capsys):
-    base = {"grid": {"archs": ["early"], "sizes": ["xxs"], "tokens": [4096]},
-            "train": {"batch_rows_ref": 8}}  # fmt: skip
-    args = ["--shards", str(tiny_data.shards), "--codebook", str(tmp_path / "none.pt"),
-            "--results", str(tmp_path / "results")]  # fmt: skip
-    for train, says in (({"sharding": "fsdp"}, "training does not shard yet"),
-                        ({"micro_batch_rows": 2}, "does not accumulate yet")):  # fmt: skip
-        path = write_params(tmp_path / "p.yaml", **{**base, "train": base["train"] | train})
-        assert main(["plan", "--params", str(path), *args]) == 0
-        capsys.readouterr()
-        assert main(["run", "--params", str(path), *args]) == 2
-        assert says in capsys.readouterr().err
-    assert not (tmp_path / "results").exists()
-
-
 def test_sharding_divides_the_state_and_checkpointing_the_activations():
     params = study_params({"train": {"batch_rows_ref": 64}, "data": {"context_length": 1024}})
     cfg = RunConfig.build(params, Point("early", "w1024d24", 10**9, "45-45-10", 0), None)

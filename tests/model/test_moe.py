@@ -287,3 +287,22 @@ def test_bf16_autocast_runs_the_experts_in_bf16_and_returns_fp32(impl):
     torch.testing.assert_close(y, ref, rtol=0.05, atol=0.02)
     (y.square().sum() + aux["aux_loss"]).backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in (m.w1, m.w2, m.w3))
+
+
+def test_the_grouped_mm_probe_inside_a_checkpointed_block_and_under_no_grad():
+    """The kernel probe runs on the first MoE call, wherever that is: inside a block under
+    activation checkpointing (its tensors are not the block's: the recomputation, which finds
+    the answer cached, saves as many) and under no_grad (it still probes with gradients)."""
+    from torch.utils.checkpoint import checkpoint
+
+    grouped_mm_works.cache_clear()
+    with torch.no_grad():
+        first = grouped_mm_works("cpu", torch.float32)
+    grouped_mm_works.cache_clear()
+    assert grouped_mm_works("cpu", torch.float32) == first
+    grouped_mm_works.cache_clear()
+    ffn = MoEFFN(16, 32, MoEConfig(n_experts=4, top_k=1))
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    y, aux = checkpoint(ffn, x, use_reentrant=False)
+    (y.sum() + aux["aux_loss"]).backward()  # raised CheckpointError when the probe ran inside
+    assert x.grad is not None and ffn.w1.grad is not None
