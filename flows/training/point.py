@@ -32,7 +32,7 @@ from flows.training import dist
 from flows.training.branching import trunk
 from flows.training.evaluate import evaluate
 from flows.training.loop import Diverged, MetricsLog, advance, read_jsonl
-from flows.training.run import Run, checkpoint_meta
+from flows.training.run import Run, checkpoint_meta, previous, resumable
 from flows.training.step import fault_step
 from model.archs import variant
 from model.counting import training_compute
@@ -86,15 +86,18 @@ def train_point(
     run.fault_at = fault_step(pid)
     rec: dict[str, Any] = _describe(run, pid, gid)
     latest = pdir / "latest.pt"
-    stale = latest.exists() and checkpoint_meta(latest)[0] != code["fingerprint"]
-    dist.barrier()  # several processes: every rank has read it before rank 0 deletes it
-    if stale and dist.writer():
-        log.warning("%s was written by other code: not resumed, deleted", latest)
-        latest.unlink()
-    dist.barrier()
+    resume = resumable(latest)  # (one that no longer opens is set aside: the one before)
+    if resume is not None and checkpoint_meta(resume)[0] != code["fingerprint"]:
+        dist.barrier()  # several processes: every rank has read it before rank 0 deletes it
+        if dist.writer():
+            log.warning("%s was written by other code: not resumed, deleted", resume)
+            for p in (latest, previous(latest)):
+                p.unlink(missing_ok=True)
+        dist.barrier()
+        resume = None
     try:
-        if latest.exists():  # resume this point's own segment
-            run.load(latest)
+        if resume is not None:  # resume this point's own segment
+            run.load(resume)
             metrics = MetricsLog(pdir / "metrics.jsonl", run.c.step)
         else:
             trunk_rows: list[dict] = []
@@ -122,7 +125,8 @@ def train_point(
         return rec
     records.write_record(workdir, pid, rec)
     if rec["status"] == "ok":
-        latest.unlink(missing_ok=True)
+        for p in (latest, previous(latest)):
+            p.unlink(missing_ok=True)
     return rec
 
 

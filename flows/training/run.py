@@ -6,13 +6,17 @@ several processes DDP or FSDP2 (flows/training/dist.py). A checkpoint holds the 
 optimizer (whole, keyed by parameter name: it resumes at any process count), the loader's state
 (a few integers) and the counters, plus the fingerprint of the code that wrote it
 (flows/plan.py) and the git revision;
-:meth:`Run.load` refuses a checkpoint written by other code (:class:`StaleCheckpoint`). The step
-is flows/training/step.py, evaluation flows/training/evaluate.py.
+:meth:`Run.load` refuses a checkpoint written by other code (:class:`StaleCheckpoint`). A save
+keeps the checkpoint it replaces (``<name>.prev.pt``); one that no longer opens (truncated by a
+disk or copy fault) is set aside and the point resumes from the one before, or from the start,
+with the same numbers (:func:`resumable`). The step is flows/training/step.py, evaluation
+flows/training/evaluate.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +30,8 @@ from flows.training import dist
 from model.model import MultimodalLM
 from stages.common.inputs import StaleInput, how_to_make, require
 from stages.data.loader import PackedLoader
+
+log = logging.getLogger(__name__)
 
 
 class StaleCheckpoint(RuntimeError):
@@ -47,6 +53,43 @@ def checkpoint_meta(path: Path) -> tuple[str | None, int]:
     fingerprint is None for a checkpoint that did not record one."""
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return (state.get("code") or {}).get("fingerprint"), int(state["counters"]["step"])
+
+
+def previous(path: Path) -> Path:
+    """Where :meth:`Run.save` keeps the checkpoint that ``path`` held before its latest save."""
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def readable(path: Path) -> bool:
+    """Whether the checkpoint at ``path`` exists and opens: its archive's directory and its
+    record of state read (a truncated file, from a disk or copy fault, fails here, not
+    mid-resume: its directory is at the end), without reading the tensors (mmap). One that does
+    not open is set aside as ``<name>.corrupt`` (kept for a look, never read again) and logged.
+    Rank 0 reads and decides for every rank."""
+    ok = False
+    if dist.writer() and path.exists():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            ok = isinstance(state, dict) and int(state["counters"]["step"]) >= 0
+        except Exception as e:  # noqa: BLE001 (zip, pickle, EOF, key errors: all mean unreadable)
+            aside = path.with_name(path.name + ".corrupt")
+            path.replace(aside)
+            log.warning("%s does not read (%s): set aside as %s", path, str(e)[:200], aside.name)
+    return dist.agree(ok)
+
+
+def resumable(path: Path) -> Path | None:
+    """The checkpoint to resume from for ``path``: itself if it reads, else the one it replaced
+    (:func:`previous`) if that reads, else None (start over); unreadable ones are set aside
+    (:func:`readable`). Training is deterministic from any checkpoint, so resuming from an
+    earlier one ends with the same numbers."""
+    if readable(path):
+        return path
+    before = previous(path)
+    if readable(before):
+        log.warning("%s: resuming from the checkpoint before it, %s", path, before.name)
+        return before
+    return None
 
 
 def build_optimizer(model: MultimodalLM, cfg: RunConfig) -> torch.optim.AdamW:
@@ -142,6 +185,8 @@ class Run:
             "code": self.code,
         }
         torch.save(state, tmp)
+        if path.exists():  # the one before stays, in case this one is damaged later on disk
+            path.replace(previous(path))
         tmp.replace(path)  # atomic: a kill never leaves half a checkpoint
         self.timing["checkpoint"] += time.perf_counter() - t0
         dist.barrier()

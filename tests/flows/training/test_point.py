@@ -147,10 +147,9 @@ def _config_file(tiny_data, params, point: Point, path) -> str:
     return str(path)
 
 
-@pytest.mark.slow
-def test_kill_9_then_rerun_gives_the_same_metrics(tiny_data, tmp_path):
-    params = tiny_params(tiny_data, checkpoint_every_steps=1)
-    ref = _train(tiny_data, params, tmp_path / "ref", 4096)
+def _kill_once_written(tiny_data, params, tmp_path, pattern: str):
+    """Start the 4096-token early point in its own process and SIGKILL it once a file matching
+    ``pattern`` exists in its workdir; returns the command (to rerun) and the workdir."""
     point = Point("early", "xxs", 4096, "45-45-10", 0)
     cmd = [sys.executable, "-m", "flows.train",
            "--config", _config_file(tiny_data, params, point, tmp_path / "config.json"),
@@ -158,11 +157,19 @@ def test_kill_9_then_rerun_gives_the_same_metrics(tiny_data, tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     work = tmp_path / "killed"
-    while time.time() < deadline and not list(work.glob("groups/*/trunk-latest.pt")):
+    while time.time() < deadline and not list(work.glob(pattern)):
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    return cmd, work
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_gives_the_same_metrics(tiny_data, tmp_path):
+    params = tiny_params(tiny_data, checkpoint_every_steps=1)
+    ref = _train(tiny_data, params, tmp_path / "ref", 4096)
+    cmd, work = _kill_once_written(tiny_data, params, tmp_path, "groups/*/trunk-latest.pt")
     assert not list(work.glob("points/*/record.json"))  # it really died before the end
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     rec = json.loads(out.stdout.strip().splitlines()[-1])
@@ -174,6 +181,26 @@ def test_kill_9_then_rerun_gives_the_same_metrics(tiny_data, tmp_path):
         return [json.loads(line)["step"] for line in lines]
 
     assert steps(work) == steps(tmp_path / "ref")  # resumed curve: no gap, no duplicate
+
+
+@pytest.mark.slow
+def test_a_truncated_checkpoint_is_set_aside_and_the_one_before_resumes(tiny_data, tmp_path):
+    """A disk or copy fault truncates the latest checkpoint of a point killed in its cooldown
+    ("PytorchStreamReader failed reading zip archive" on every retry, before): it is set aside
+    (``.corrupt``, kept), the point resumes from the checkpoint before it and ends with the
+    uninterrupted numbers."""
+    params = tiny_params(tiny_data, checkpoint_every_steps=1)
+    ref = _train(tiny_data, params, tmp_path / "ref", 4096)
+    cmd, work = _kill_once_written(tiny_data, params, tmp_path, "points/*/latest.prev.pt")
+    assert not list(work.glob("points/*/record.json"))  # it really died before the end
+    [damaged] = work.glob("points/*/latest.pt")  # the file a resume would read: half of it
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    for k in LOSSES:
+        assert rec[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-7), k
+    assert damaged.with_name("latest.pt.corrupt").exists()  # set aside, kept
+    assert "does not read" in out.stderr and "resuming from the checkpoint before it" in out.stderr
 
 
 def test_a_moe_point_records_which_experts_see_image_and_text_tokens(tiny_data, tmp_path):
