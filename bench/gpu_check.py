@@ -9,7 +9,8 @@ in a temp dir, then prints, side by side in one run:
 3. the MoE layer on CUDA bf16: grouped_mm vs padded-bmm output difference and fwd+bwd time;
 4. ``flows.training.point.train_point`` on CUDA (eager and torch.compile) and on CPU for the same point:
    status, final losses, tokens/s and MFU;
-5. training throughput of a wider model (bf16, eager vs compile): tokens/s and MFU;
+5. training throughput of a wider model (bf16, eager vs compile, compiled SDPA vs compiled
+   FlexAttention): tokens/s and MFU;
 6. one point over 1 and N processes (``train.processes``: torchrun, DDP over NCCL, one GPU per
    rank; needs N >= 2 GPUs): status, final losses and their relative difference, tokens/s;
 7. the plan's memory estimate (flows/memory.py, bf16) against ``torch.cuda.max_memory_allocated``
@@ -152,9 +153,10 @@ def throughput(params, shards: Path, cb_path: Path) -> dict:
         )
         loader = PackedLoader(shards, 16, 1024, {"caption": 0.45, "interleaved": 0.45, "text": 0.1})
         batches = [b.to(torch.device("cuda")) for b in islice(iter(loader.next_batch, None), 4)]
-        for compile_ in (False, True):
+        for compile_, attention in ((False, "sdpa"), (True, "sdpa"), (True, "flex")):
             torch.manual_seed(0)
             model = MultimodalLM(cfg).cuda()
+            model.set_attention(attention, compiled=compile_)  # flex: FlexAttention block mask
             fwd = torch.compile(model) if compile_ else model
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             i = [0]
@@ -175,7 +177,7 @@ def throughput(params, shards: Path, cb_path: Path) -> dict:
             flops = step_flops(cfg, *b.tokens.shape, int(b.loss_mask.sum()), len(b.images))
             name = torch.cuda.get_device_name()
             peak = next((v for k, v in PEAK_FLOPS.items() if name.startswith(k)), float("nan"))
-            key = f"{arch}{'+compile' if compile_ else ''}"
+            key = f"{arch}{'+compile' if compile_ else ''}{'+flex' if attention == 'flex' else ''}"
             out[key] = {"tokens_per_s": b.tokens.numel() / dt, "mfu": flops / dt / peak,
                         "step_ms": 1e3 * dt}  # fmt: skip
             print(f"  {key:18s} d=1024 L=8 ctx=1024 b=16: {out[key]['tokens_per_s']:,.0f} tok/s, "
@@ -229,6 +231,7 @@ def check_torchrun(raw: dict, shards: Path, work: Path, device: str, n: int) -> 
 
 def check_memory(params_raw: dict, shards: Path) -> dict:
     """Section 7: the estimate vs the CUDA allocator's peak of the third step."""
+    from flows.measure_memory import step_peak
     from flows.memory import estimate
     from flows.training.run import Run
     from flows.training.step import train_step
@@ -245,11 +248,7 @@ def check_memory(params_raw: dict, shards: Path) -> dict:
             run = Run(cfg, shards, None, {"fingerprint": "gpu-check"})
             for _ in range(2):
                 train_step(run, 1e-4)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            train_step(run, 1e-4)
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
+            peak = step_peak(run)  # torch.cuda.max_memory_allocated of the third step
             est = estimate(cfg).total
             key = f"{arch} checkpointing {'on' if ac else 'off'}"
             out[key] = {"measured_mib": peak / 2**20, "estimate_mib": est / 2**20,

@@ -182,12 +182,13 @@ class RunConfig:
     sharding: str  # none | fsdp
     micro_batch_rows: int  # rows per forward/backward pass on each process
     activation_checkpointing: bool
+    attention: str  # sdpa | flex (model/decoder.py)
     vocab_source: str  # shards | params (planned before the data existed)
     image_share: float | None  # expected share of image tokens in a batch: the shards', or
     # before them params plan.image_share (None: unknown)
     HOW = ("eval_every_steps", "log_every_steps", "checkpoint_every_steps", "branch_cooldowns",
            "branch_steps", "processes", "threads", "sharding", "micro_batch_rows",
-           "activation_checkpointing", "vocab_source", "image_share")  # fmt: skip
+           "activation_checkpointing", "attention", "vocab_source", "image_share")  # fmt: skip
 
     @classmethod
     def build(cls, params: Params, point: Point, info: dict[str, Any] | None) -> RunConfig:
@@ -244,6 +245,7 @@ class RunConfig:
             sharding=tp.sharding,
             micro_batch_rows=min(tp.micro_batch_rows or share, share) or 1,
             activation_checkpointing=tp.activation_checkpointing,
+            attention=tp.attention,
             vocab_source=shape["vocab_source"],
             image_share=(
                 image_share(info, model.image_tokens, params.grid.mixtures[point.mixture].as_dict())

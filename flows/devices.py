@@ -70,6 +70,19 @@ def require_cuda() -> None:
         raise ParamsError(f"train.device is 'cuda' but {why}; or set train.device: auto | cpu")
 
 
+def check_attention(attention: str, device_type: str) -> None:
+    """ParamsError when ``train.attention: flex`` would train on a CPU: torch's FlexAttention
+    has no backward pass there."""
+    if attention == "flex" and device_type != "cuda":
+        import torch
+
+        raise ParamsError(
+            f"train.attention is 'flex' but the points train on the {device_type} here, and "
+            f"torch {torch.__version__}'s FlexAttention has no backward pass on a CPU; set "
+            "train.attention: sdpa (the same numbers: model/decoder.py)"
+        )
+
+
 def choose_device(want: str) -> torch.device:
     """``cpu``, ``cuda`` (a GPU, or ParamsError naming why there is none), or for ``auto`` a
     GPU when one is usable, else the CPU (logged, with the torch build)."""
@@ -90,14 +103,13 @@ def device_slots(params: Params) -> list[str | None]:
     """One entry per point that may run at once: its GPU ids (``train.processes`` of them,
     comma-separated), or None (CPU)."""
     workers, want = params.grid.workers, params.train.device
-    if want == "cpu":
+    if want == "cpu" or (want == "auto" and cuda_unavailable()):
+        check_attention(params.train.attention, "cpu")
         return [None] * workers
     import torch
 
     if want == "cuda":
         require_cuda()
-    elif cuda_unavailable():
-        return [None] * workers
     n = torch.cuda.device_count()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = [s.strip() for s in visible.split(",")] if visible else [str(i) for i in range(n)]

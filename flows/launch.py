@@ -28,6 +28,27 @@ from stages.common.stage import atomic_write
 from stages.params import Params
 
 
+def torchrun(
+    procs: int, nodes: int = 1, endpoint: str | None = None, run_id: str = ""
+) -> list[str]:
+    """The launcher of one point over ``procs`` ranks in all, before ``-m flows.train ...``:
+    on this machine (``--standalone``), or over ``nodes`` machines with ``procs / nodes`` ranks
+    each, which meet by c10d rendezvous at ``endpoint`` (host:port of a machine they all reach,
+    e.g. the first node of a Slurm job) under ``run_id`` (the point's id): the same command on
+    every node, in any order. Rank 0 writes the point's files, so ``--workdir`` must be one
+    shared filesystem for all nodes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if nodes == 1 and endpoint is None:
+        return [*cmd, "--standalone", f"--nproc-per-node={procs}"]
+    if procs % nodes or endpoint is None:
+        raise ValueError(
+            f"{procs} processes over {nodes} nodes at {endpoint}: give a rendezvous endpoint "
+            "(host:port) and processes that split evenly over the nodes"
+        )
+    return [*cmd, f"--nnodes={nodes}", f"--nproc-per-node={procs // nodes}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id or 'nmm'}"]  # fmt: skip
+
+
 @dataclass
 class Launch:
     """What every point task of one launch shares (passed quoted: Prefect does not inspect it)."""
@@ -47,8 +68,7 @@ class Launch:
         cmd = [sys.executable, "-m", "flows.train"]
         procs = job.config.processes
         if procs > 1:  # one point over several processes: torchrun (flows/training/dist.py)
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={procs}", *cmd[1:]]  # fmt: skip
+            cmd = [*torchrun(procs), *cmd[1:]]
         cmd += ["--config", str(records.config_path(self.results, job.point_id))]
         cmd += ["--shards", str(self.shards), "--workdir", str(self.results)]
         cmd += ["--point-id", job.point_id]

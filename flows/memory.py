@@ -9,22 +9,29 @@ over fp32 parameters on GPU):
 - *state*: fp32 parameters (4 bytes each), gradients (4) and AdamW's two moments (8), over the
   shards; plus DDP's gradient buckets (a second copy of the gradients, 4) when several processes
   hold whole models, the bf16 copies autocast keeps of the weights for the backward pass (2), or
-  under FSDP the gathered bf16 parameters of two blocks (the one computing and the one
-  prefetched) and one block's fp32 gradients before they are reduce-scattered;
+  under FSDP the parameters it gathers (bf16 on GPUs, fp32 on CPUs) and the gradients it
+  reduces, which depend on the moment (below);
 - *activations*, what autograd saves for the backward pass, counted per token from what this
   code's blocks save (:func:`block_bytes_per_token`: the norms' inputs and outputs, q/k/v and
   their norms and rotations, the attention output and its log-sum-exp (SDPA's fused kernels
   keep no L x L scores), the FFN's three hidden tensors); all blocks, or with activation
   checkpointing each block's input plus one block recomputed; late fusion's encoder the same
-  over the image tokens; plus the embeddings, the additive attention mask (B·L·L), the final
-  norm and the patches;
-- *the peak*: the larger of two moments of the backward pass: the output head (logits, their
+  over the image tokens; plus the embeddings, the attention mask (SDPA's additive mask, B·L·L;
+  FlexAttention's block mask, B·(L/128)² block indices), the final norm and the patches;
+- *the peak*: the largest of the moments of the backward pass: the output head (logits, their
   log-softmax and its gradient over the text targets, with every saved activation still held),
-  and a block's backward (the saved activations, one block's gradients in flight, and every
-  parameter gradient).
+  a block's backward (the saved activations, one block's gradients in flight, and every
+  parameter gradient) and, under FSDP, the embeddings' (every gradient, the root's being
+  reduced). FSDP's unsharded buffers differ by moment: the root's parameters (embeddings,
+  output head) stay gathered through the step; in a block's backward it and the next block are
+  gathered (prefetched), its gradients are unsharded and, on GPUs, where NCCL reduces
+  asynchronously, the block before's reduce-scatter input is still in flight (gloo on CPUs
+  reduces before the next block's backward starts: traced with the profiler).
 
-tests/flows/test_memory.py measures the allocator's peak of real steps on CPU (one process,
-checkpointing on and off) against this estimate; docs/plan.md has the numbers.
+tests/flows/test_memory.py measures the peak of real steps on CPU against this estimate (one
+process, and each rank of FSDP over two; checkpointing on and off; python -m
+flows.measure_memory does it for any run config, on CPUs or GPUs); docs/plan.md has the
+numbers.
 
 **GPU-hours** (:func:`gpu_hours`): the model FLOPs of every step (model/counting.py
 ``step_flops``: weights, attention, the output head, the vision side) over the stated peak and
@@ -128,10 +135,22 @@ def estimate(
 
     weights, grads, opt = 4.0 * P / shards, 4.0 * P / shards, 8.0 * P / shards
     emb = m.total_vocab * m.d_model
-    if cfg.sharding == "fsdp":
+    fsdp = cfg.sharding == "fsdp" and world > 1
+    moment_buffers: dict[str, float] = {}
+    if fsdp:  # what FSDP holds unsharded at each moment of the backward pass (docstring)
         block = _block_params(m.d_model, m.ffn_hidden, E)
         root = emb + m.d_model * m.vocab_size
-        buffers = (2 * 2 + 4) * max(block, root) if world > 1 else 0.0
+        p = 2.0 if bf16 else 4.0  # gathered parameters: bf16 on GPUs, fp32 on CPUs
+        # in a block's backward: it and the next one gathered, its fp32 gradients, and on GPUs
+        # (NCCL: asynchronous) the previous block's reduce-scatter input still in flight
+        in_backward = p * root + (2 * p + 4 + (4 if bf16 else 0)) * block
+        moment_buffers = {
+            "output head": p * root,  # the root's parameters stay gathered through the step
+            "top block": in_backward,
+            "bottom block": in_backward,
+            "embeddings": p * root + (4 + 4) * root,  # the root's gradients being reduced
+        }
+        buffers = 0.0
     else:
         buffers = 4.0 * P if world > 1 else 0.0  # DDP's gradient buckets
         buffers += 2.0 * (P - emb) if bf16 else 0.0  # autocast's bf16 weight copies
@@ -151,7 +170,10 @@ def estimate(
     else:
         stored_all, stored_one, recomputed = m.n_layers * per_tok * T, per_tok * T, 0.0
     misc = 2 * T * m.d_model * 4.0  # embedding output, with the image tokens put in
-    misc += rows * L * L * (4.0 + 1.0)  # the additive fp32 mask and the bool one it comes from
+    if cfg.attention == "flex":  # block indices (4 int32 tables, each key- and query-side)
+        misc += rows * 8 * 4.0 * math.ceil(L / 128) ** 2
+    else:
+        misc += rows * L * L * (4.0 + 1.0)  # the additive fp32 mask and the bool one it comes from
     misc += 2 * T * m.d_model * 4.0  # the final norm's input and output
     if m.arch in ("early", "late"):
         misc += 2 * img_tok * m.patch_dim * 4.0  # patches, normalised
@@ -169,12 +191,15 @@ def estimate(
     head += n_targets_vocab * 4.0 * 2  # the log-softmax's output and its gradient
     head_grad = 4.0 * m.d_model * m.vocab_size
     in_flight = T * (2 * m.ffn_hidden * k + m.d_model) * act  # gradients inside one block
-    moments = {  # what is live at three moments of the backward pass (besides the state)
+    moments = {  # what is live at the moments of the backward pass (besides the state)
         "output head": (stored_all + misc, head + head_grad, 0.0),
         "top block": (stored_all + misc + recomputed, in_flight + head_grad, 0.0),
         "bottom block": (stored_one + misc + recomputed, in_flight, grads),
+        "embeddings": (0.0, 0.0, grads),
     }
-    activations, transient, grads = max(moments.values(), key=sum)
+    peak = max(moments, key=lambda at: sum(moments[at]) + moment_buffers.get(at, 0.0))
+    activations, transient, grads = moments[peak]
+    buffers += moment_buffers.get(peak, 0.0)
     parts = (weights, grads, opt, buffers, activations, transient)
     return Memory(*(float(x) for x in parts), precision)
 

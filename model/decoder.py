@@ -1,16 +1,23 @@
 """The one decoder every architecture shares (DCLM recipe, paper §2): pre-norm transformer with
-RMSNorm, SwiGLU (or MoE) FFNs, QK-norm and rotary positions, attention through PyTorch SDPA.
+RMSNorm, SwiGLU (or MoE) FFNs, QK-norm and rotary positions.
 
 Attention is causal over text and bidirectional inside each image's tokens, and never crosses
-a packed document boundary: :func:`attention_mask` builds that mask from the loader's
-``doc_ids`` and the image positions.
+a packed document boundary. Two ways to compute it, the same numbers (tests/model/test_flex.py:
+outputs and gradients to 1e-5): PyTorch SDPA with a dense mask (:func:`attention_mask`, built
+from the loader's ``doc_ids`` and the image positions; memory O(L²) per row, and no flash
+kernel takes a mask), or FlexAttention with a block mask (:func:`flex_mask`: the same rule as a
+function of positions; compiled, as ``train.compile`` does on GPU, it skips the masked blocks
+and never materialises L×L; eager, as on CPU, it runs an unfused reference path).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from model.config import MoEConfig
@@ -29,6 +36,25 @@ def attention_mask(doc_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tens
     same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
     same_img = (image_ids[:, :, None] == image_ids[:, None, :]) & (image_ids[:, :, None] >= 0)
     return (same_doc & (causal | same_img))[:, None]
+
+
+def flex_mask(doc_ids: torch.Tensor, image_ids: torch.Tensor, compiled: bool) -> BlockMask:
+    """:func:`attention_mask`'s rule as FlexAttention's block mask (B, 1, L, L): same document
+    and (key at or before the query, or both tokens of the same image). ``compiled``: build it
+    with torch.compile (on GPU: no L×L tensor at any point)."""
+    B, L = doc_ids.shape
+
+    def allowed(b, h, q, kv):
+        same_img = (image_ids[b, q] == image_ids[b, kv]) & (image_ids[b, q] >= 0)
+        return (doc_ids[b, q] == doc_ids[b, kv]) & ((kv <= q) | same_img)
+
+    build = _compiled_create_block_mask() if compiled else create_block_mask
+    return build(allowed, B, None, L, L, device=doc_ids.device)
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    return torch.compile(create_block_mask)
 
 
 def rope_cache(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
@@ -59,7 +85,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: torch.Tensor | None,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | BlockMask | None,
     ) -> torch.Tensor:
         B, L, C = x.shape
         q, k, v = self.wqkv(x).view(B, L, 3, self.n_heads, self.head_dim).unbind(2)
@@ -67,7 +93,10 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if isinstance(mask, BlockMask):  # FlexAttention (flex_mask)
+            y = flex_attention(q, k, v, block_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(B, L, C))
 
 

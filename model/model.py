@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.config import ModelConfig
-from model.decoder import Transformer, attention_mask, rope_cache
+from model.decoder import Transformer, attention_mask, flex_mask, rope_cache
 from model.patches import normalise, patchify
 
 
@@ -91,6 +91,7 @@ class MultimodalLM(nn.Module):
         # every parameter takes part in every pass: sharded data parallelism (FSDP) needs every
         # process to run every module's collectives, whatever its rows hold
         self.every_parameter_every_pass = False
+        self.attention, self.compiled_mask = "sdpa", False  # set_attention
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
             if name.endswith(("attn.wo.weight", "ffn.w2.weight", "ffn.w2")):
@@ -112,6 +113,14 @@ class MultimodalLM(nn.Module):
         instead of keeping them: the same numbers, less memory, ~1/3 more compute."""
         for t in self.transformers():
             t.checkpointing = on
+
+    def set_attention(self, kind: str, compiled: bool = False) -> None:
+        """The decoder's attention: ``sdpa`` (a dense additive mask) or ``flex`` (FlexAttention
+        with a block mask, built compiled when ``compiled``); the same numbers
+        (model/decoder.py)."""
+        if kind not in ("sdpa", "flex"):
+            raise ValueError(f"attention must be sdpa or flex, not {kind!r}")
+        self.attention, self.compiled_mask = kind, compiled
 
     def transformers(self) -> list[Transformer]:
         """The block stacks: the decoder, and late fusion's ViT encoder."""
@@ -151,10 +160,13 @@ class MultimodalLM(nn.Module):
     def hidden_states(self, batch: Any) -> tuple[torch.Tensor, list[dict]]:
         """Final decoder states (B, L, d) and the MoE layers' aux dicts."""
         x, is_image, image_ids = self.embed(batch)
-        allowed = attention_mask(batch.doc_ids, image_ids)
-        # additive form, built once: SDPA would convert a bool mask in every layer (~3% faster)
-        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
-        mask.masked_fill_(~allowed, float("-inf"))
+        if self.attention == "flex":
+            mask = flex_mask(batch.doc_ids, image_ids, self.compiled_mask)
+        else:
+            allowed = attention_mask(batch.doc_ids, image_ids)
+            # additive form, built once: SDPA would convert a bool mask in every layer (~3%)
+            mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+            mask.masked_fill_(~allowed, float("-inf"))
         rope = rope_cache(
             batch.positions, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta
         )

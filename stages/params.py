@@ -270,14 +270,16 @@ class TrainParams(Strict):
     divergence_loss: Annotated[float, Field(gt=0.0)]  # train loss above this = failed
     branch_cooldowns: bool  # one constant-lr trunk per (arch, size, mixture, seed)
     threads: PosInt  # torch threads per point process on CPU
-    processes: PosInt  # per point: > 1 launches it with torchrun (DDP; flows/training/dist.py)
+    processes: PosInt  # per point: > 1 launches it with torchrun (flows/training/dist.py)
     # none: each process holds the whole model (DDP); fsdp: parameters, gradients and optimizer
-    # state sharded over the processes (planned: the plan's memory; training refuses it so far)
+    # state sharded over the processes (FSDP2)
     sharding: Literal["none", "fsdp"]
     # rows per forward/backward pass on each process; null: its whole share of the batch. Fewer
-    # rows than the share would accumulate gradients (planned: training refuses it so far)
+    # rows than the share accumulate gradients over passes
     micro_batch_rows: PosInt | None
     activation_checkpointing: bool  # recompute each block's activations in the backward pass
+    # sdpa: a dense mask; flex: FlexAttention's block mask (GPU only: no CPU backward in torch)
+    attention: Literal["sdpa", "flex"]
     device: Literal["auto", "cpu", "cuda"]
     compile: bool  # torch.compile on GPU
 

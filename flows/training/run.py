@@ -25,7 +25,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from flows.config import RunConfig
-from flows.devices import choose_device
+from flows.devices import check_attention, choose_device
 from flows.training import dist
 from model.model import MultimodalLM
 from stages.common.inputs import StaleInput, how_to_make, require
@@ -139,6 +139,8 @@ class Run:
         torch.manual_seed(cfg.point.seed)
         self.model = MultimodalLM(cfg.model, cb).to(self.device)
         self.model.set_activation_checkpointing(cfg.activation_checkpointing)
+        check_attention(cfg.attention, self.device.type)  # before any work
+        self.model.set_attention(cfg.attention, compiled=cfg.compile)
         self.forward = self.model
         self.ddp = None
         if dist.world() > 1 and cfg.sharding == "fsdp":  # sharded: flows/training/dist.py

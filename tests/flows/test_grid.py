@@ -125,7 +125,7 @@ def test_each_point_gets_one_gpu_or_one_pinned_cpu_thread(monkeypatch, tmp_path)
     assert device_slots(two) == ["2,3", "5,7"]  # 2 GPUs a point, as many points as fit
     job = Job(RunConfig.build(two, Point("early", "xxs", 2048, "45-45-10", 0), None), "p", "g", "c")
     cmd = launch(two).command(job)
-    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     assert cmd[cmd.index("--config") + 1] == str(tmp_path / "points" / "p" / "config.json")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert device_slots(params) == [None] * 3

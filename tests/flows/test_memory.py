@@ -9,11 +9,12 @@ import json
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from flows.config import Point, RunConfig
 from flows.devices import choose_device, cuda_unavailable
 from flows.grid.__main__ import main
+from flows.launch import torchrun
+from flows.measure_memory import step_peak
 from flows.memory import block_bytes_per_token, estimate, gpu_hours, trained_steps
 from flows.plan import expand_grid, fingerprints, plan
 from flows.training.run import Run
@@ -66,23 +67,6 @@ def test_the_count_of_saved_activations_is_what_a_block_saves(moe):
     assert got == pytest.approx(want, rel=0.01)
 
 
-def _allocator_peak(run: Run) -> float:
-    """The CPU allocator's peak bytes during one training step (profiler memory events), plus
-    what is live before it (parameters, optimizer state; gradients are freed after a step)."""
-    live = sum(p.numel() * p.element_size() for p in run.model.parameters())
-    live += sum(v.numel() * v.element_size() for s in run.opt.state.values()
-                for v in s.values() if torch.is_tensor(v))  # fmt: skip
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_step(run, 1e-3)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")  # fmt: skip
-    now = peak = 0
-    for _, nbytes in events:
-        now += nbytes
-        peak = max(peak, now)
-    return live + peak
-
-
 @pytest.mark.parametrize("arch", ["early", "late", "early-moe"])
 def test_the_memory_estimate_is_within_15_percent_of_the_measured_peak(tiny_data, arch):
     """One process on CPU (fp32), 8 rows of 256 tokens, width 128, depth 4: the estimate and
@@ -96,7 +80,7 @@ def test_the_memory_estimate_is_within_15_percent_of_the_measured_peak(tiny_data
         run = Run(cfg, tiny_data.shards, None, {"fingerprint": "test"})
         for _ in range(2):
             train_step(run, 1e-3)
-        measured[ac] = _allocator_peak(run)
+        measured[ac] = step_peak(run)  # one process: the profiler's exact count
         est = estimate(cfg, precision="fp32").total
         assert 0.85 <= est / measured[ac] <= 1.15, (arch, ac, est / 2**20, measured[ac] / 2**20)
     assert measured[True] < 0.6 * measured[False]  # checkpointing saves memory
@@ -235,3 +219,36 @@ def test_model_config_defaults_stay_what_the_estimate_assumes():
     short = _saved_bytes(block, 64, cfg.d_model, cfg.n_heads)
     long = _saved_bytes(block, 512, cfg.d_model, cfg.n_heads)
     assert long == pytest.approx(short, rel=0.01)  # per token: no term that grows with L
+
+
+@pytest.mark.slow
+@pytest.mark.scaleout
+@pytest.mark.parametrize("arch", ["early", "early-moe"])
+def test_the_fsdp_estimate_is_within_15_percent_of_each_ranks_peak(tiny_data, tmp_path, arch):
+    """FSDP2 over 2 processes (gloo), width 128, depth 4: each rank's measured peak (python -m
+    flows.measure_memory: glibc's heap sampled during the step, every thread) against the
+    estimate, with activation checkpointing off and on, and with 1 row per pass (the sharded
+    state and FSDP's gathered blocks then weigh most)."""
+    import os
+    import subprocess
+
+    from stages.common.paths import ROOT
+
+    info = load_info(tiny_data.shards)
+    for i, train in enumerate([{"activation_checkpointing": False},
+                               {"activation_checkpointing": True},
+                               {"activation_checkpointing": True, "micro_batch_rows": 1}]):  # fmt: skip
+        params = _params(tiny_data, processes=2, sharding="fsdp", **train)
+        cfg = RunConfig.build(params, Point(arch, "w128d4", 10**6, "45-45-10", 0), info)
+        path = tmp_path / f"config-{i}.json"
+        path.write_text(cfg.to_json())
+        cmd = [*torchrun(2), "-m", "flows.measure_memory", "--config", str(path),
+               "--shards", str(tiny_data.shards)]  # fmt: skip
+        out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got["processes"] == 2 and len(got["measured_gib"]) == 2
+        assert got["estimate_gib"] == pytest.approx(estimate(cfg, precision="fp32").gib)
+        for ratio in got["estimate_over_measured"]:
+            assert 0.85 <= ratio <= 1.15, (arch, train, got)

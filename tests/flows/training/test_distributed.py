@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ import pytest
 
 from flows import records
 from flows.config import Point
+from flows.launch import torchrun
 from flows.training.loop import read_jsonl
 from flows.training.run import checkpoint_meta
 from stages.common.paths import ROOT
@@ -31,15 +33,18 @@ from tests.flows.training.test_point import LOSSES, config, pid_of, tiny_params
 pytestmark = [pytest.mark.scaleout, pytest.mark.slow]
 
 
-def _cmd(tiny_data, params, point: Point, workdir: Path, procs: int, **how) -> list[str]:
-    """The point's command at ``procs`` processes; ``how``: run config fields that change how
-    it trains, not what (``sharding``, ``micro_batch_rows``, ``activation_checkpointing``)."""
+def _cmd(
+    tiny_data, params, point: Point, workdir: Path, procs: int, nodes=None, **how
+) -> list[str]:
+    """The point's command at ``procs`` processes; ``nodes``: torchrun's nodes, endpoint and
+    run_id (flows/launch.py ``torchrun``; default: one machine); ``how``: run config fields that
+    change how it trains, not what (``sharding``, ``micro_batch_rows``,
+    ``activation_checkpointing``)."""
+    nodes = nodes or {}
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "config.json"
     path.write_text(config(tiny_data, params, point).with_(processes=procs, **how).to_json())
-    run = [sys.executable]
-    if procs > 1:
-        run += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+    run = torchrun(procs, **nodes) if procs > 1 else [sys.executable]
     return [*run, "-m", "flows.train", "--config", str(path), "--shards", str(tiny_data.shards),
             "--codebook", str(workdir / "none.pt"), "--workdir", str(workdir)]  # fmt: skip
 
@@ -183,3 +188,42 @@ def test_four_passes_of_one_row_are_one_batch_of_four(tiny_data, tmp_path):
     for rec in (acc, ddp):
         for k in LOSSES:
             assert rec[k] == pytest.approx(one[k], rel=5e-3), k
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_meeting_by_c10d_rendezvous_train_the_model_of_one_process(tiny_data, tmp_path):
+    """Two "nodes" on loopback, one process each, started as on a cluster: the same command on
+    each (flows/launch.py ``torchrun``: c10d rendezvous at one endpoint, the point's id as the
+    run id), FSDP2 over both, one shared workdir. They train the one-process model (as two
+    processes of one machine do); a launch whose rank count differs from the run config's
+    ``processes`` is refused before any work."""
+    params = tiny_params(tiny_data)
+    point = Point("early", "xxs", 4096, "45-45-10", 0)
+    one, curve1 = _train(tiny_data, params, point, tmp_path / "one", 1)
+    work = tmp_path / "nodes"
+    nodes = {"nodes": 2, "endpoint": f"127.0.0.1:{_free_port()}", "run_id": one["point_id"]}
+    cmd = _cmd(tiny_data, params, point, work, 2, nodes=nodes, sharding="fsdp")
+    assert "--nnodes=2" in cmd and "--nproc-per-node=1" in cmd and "--rdzv-backend=c10d" in cmd
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-2000:] + err[-3000:]
+    rec = records.read_record(work, one["point_id"])
+    curve2 = list(read_jsonl(records.point_dir(work, one["point_id"]) / "metrics.jsonl"))
+    assert rec["processes"] == 2
+    _same_curves(curve1, curve2, 1e-5, 5e-3)
+    for k in LOSSES:
+        assert rec[k] == pytest.approx(one[k], rel=5e-3), k
+
+    wrong = tmp_path / "wrong"  # a run config for 1 process, started over 2
+    cmd = _cmd(tiny_data, params, point, wrong, 1)
+    cmd = [*torchrun(2), *cmd[1:]]
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "has processes=1 but 2 process(es) started it" in out.stderr
+    assert not list(wrong.glob("points/*/metrics.jsonl"))
