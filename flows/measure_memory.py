@@ -9,8 +9,9 @@ optimizer's state) and measures the peak of the last one on every rank: on a GPU
 allocator's ``max_memory_allocated``; on a CPU what is live before the step (this rank's
 parameters and optimizer state, its shards under FSDP) plus the peak of what the step
 allocates: in one process from the profiler's memory events (:func:`profiled_peak`), over
-several from glibc's heap statistics sampled during the step (:func:`sampled_peak`). It prints one JSON object: the estimate (flows/memory.py, per device), each
-rank's measured peak and their ratio. Nothing is written; the weights are random.
+several from glibc's heap statistics sampled during the step (:func:`sampled_peak`). It prints
+one JSON object: the estimate (flows/memory.py, per device), each rank's measured peak and
+their ratio. Nothing is written; the weights are random.
 """
 
 from __future__ import annotations
@@ -160,11 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     writer = dist.writer()
     try:
         cfg = RunConfig.from_json(Path(args.config).read_text())
-        if cfg.processes != dist.world():  # its micro-batches were planned for cfg.processes
-            raise ValueError(
-                f"the run config has processes={cfg.processes} but {dist.world()} process(es) "
-                "started: launch it over that many ranks"
-            )
+        if why := dist.world_mismatch(cfg.processes):
+            raise ValueError(why)
         out = measure(cfg, Path(args.shards), args.steps)
     except (OSError, ValueError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)

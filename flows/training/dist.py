@@ -79,6 +79,17 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def world_mismatch(processes: int) -> str | None:
+    """Why this process group cannot train a run config planned for ``processes`` ranks (its
+    micro-batches split the batch that many ways), or None."""
+    if world() == processes:
+        return None
+    return (
+        f"its run config has processes={processes} but {world()} process(es) started it: launch "
+        "it with train.processes ranks in all (torchrun --nnodes x --nproc-per-node, or srun tasks)"
+    )
+
+
 def shard(rows: int) -> tuple[int, int]:
     """This rank's rows [start, stop) of a global batch of ``rows``."""
     w, r = world(), rank()

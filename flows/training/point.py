@@ -64,12 +64,8 @@ def train_point(
     """
     workdir = Path(workdir)
     dist.setup()  # under torchrun (train.processes > 1): join the point's process group
-    if dist.world() != cfg.processes:  # its micro-batches were planned for cfg.processes
-        raise PlanMismatch(
-            f"{cfg.point.label}: its run config has processes={cfg.processes} but "
-            f"{dist.world()} process(es) started it: launch it with train.processes ranks in all "
-            "(torchrun --nnodes x --nproc-per-node, or srun tasks)"
-        )
+    if why := dist.world_mismatch(cfg.processes):
+        raise PlanMismatch(f"{cfg.point.label}: {why}")
     fp = fingerprints(shards, codebook)
     pid, gid = point_id(cfg, fp), group_id(cfg, fp)
     if pid is None:
