@@ -175,6 +175,9 @@ class RunConfig:
     eval_every_steps: int
     log_every_steps: int
     checkpoint_every_steps: int
+    checkpoint_format: str  # full | sharded (flows/training/checkpoints.py)
+    checkpoint_store: str | None  # None: the grid's results folder
+    checkpoint_async: bool
     branch_cooldowns: bool
     branch_steps: tuple[int, ...]  # cooldown starts of every budget of the point's group
     processes: int
@@ -186,7 +189,8 @@ class RunConfig:
     vocab_source: str  # shards | params (planned before the data existed)
     image_share: float | None  # expected share of image tokens in a batch: the shards', or
     # before them params plan.image_share (None: unknown)
-    HOW = ("eval_every_steps", "log_every_steps", "checkpoint_every_steps", "branch_cooldowns",
+    HOW = ("eval_every_steps", "log_every_steps", "checkpoint_every_steps", "checkpoint_format",
+           "checkpoint_store", "checkpoint_async", "branch_cooldowns",
            "branch_steps", "processes", "threads", "sharding", "micro_batch_rows",
            "activation_checkpointing", "attention", "vocab_source", "image_share")  # fmt: skip
 
@@ -238,6 +242,9 @@ class RunConfig:
             eval_every_steps=max(1, round(tp.eval_every_tokens / batch_tokens)),
             log_every_steps=tp.log_every_steps,
             checkpoint_every_steps=tp.checkpoint_every_steps,
+            checkpoint_format=tp.checkpoint_format,
+            checkpoint_store=tp.checkpoint_store,
+            checkpoint_async=tp.checkpoint_async,
             branch_cooldowns=tp.branch_cooldowns,
             branch_steps=tuple(sorted(budgets | {sched.cooldown_start})),
             processes=tp.processes,

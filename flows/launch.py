@@ -124,8 +124,9 @@ class Recorder:
         self.table = launch.results / "runs.parquet"
         self.keep_table = table
 
-    def start(self, job: Job) -> str:
-        """The point's MLflow run (created once, reused by retries and later launches)."""
+    def start(self, job: Job) -> str | None:
+        """The point's MLflow run (created once, reused by retries and later launches); None
+        while the server is unreachable (flows/tracking.py: made later)."""
         launch = self.launch
         return launch.tracker.start_point(
             job.label, job.point_id, launch.point_tags(job), launch.point_params(job)
@@ -153,12 +154,24 @@ class Recorder:
             if f"{key}_seconds" in system:
                 rec[f"time_{key}_s"] = system[f"{key}_seconds"]
         records.write_record(results, job.point_id, rec)
-        if run_id is not None:
-            pdir = records.point_dir(results, job.point_id)
-            artifacts = [pdir / "record.json", pdir / "train.log"]
-            tracker.finish_point(run_id, rec, pdir / "metrics.jsonl", artifacts, system)
+        pdir = records.point_dir(results, job.point_id)
+        artifacts = [pdir / "record.json", pdir / "train.log"]
+        tracker.finish_point(job.point_id, rec, pdir / "metrics.jsonl", artifacts, system)
         self.rows[job.point_id] = rec
         self.write()
+
+    def drain(self) -> list[str]:
+        """Wait (up to ``grid.tracking_wait_s``) for the MLflow calls kept while the server
+        was unreachable; then the records of points whose run was created late get its id.
+        Returns the point ids still waiting."""
+        tracker = self.launch.tracker
+        left = tracker.drain(self.launch.params.grid.tracking_wait_s)
+        for pid, row in self.rows.items():
+            if row.get("mlflow_run_id") is None and (run_id := tracker.run_id(pid)) is not None:
+                self.rows[pid] = {**row, "mlflow_run_id": run_id}
+                records.write_record(self.launch.results, pid, self.rows[pid])
+        self.write()
+        return left
 
     def write(self) -> None:
         """runs.parquet: the finished points of the current grid, in grid order."""

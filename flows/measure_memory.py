@@ -5,7 +5,8 @@
 
 builds the point of a run config (as its training would: processes, sharding, activation
 checkpointing, micro-batches, device), trains ``--steps`` steps (the first ones create the
-optimizer's state) and measures the peak of the last one on every rank: on a GPU the
+optimizer's state) and measures the peak of each of the last two on every rank (the larger
+counts): on a GPU the
 allocator's ``max_memory_allocated``; on a CPU what is live before the step (this rank's
 parameters and optimizer state, its shards under FSDP) plus the peak of what the step
 allocates: in one process from the profiler's memory events (:func:`profiled_peak`), over
@@ -125,9 +126,11 @@ def _mallinfo2():
 def measure(cfg: RunConfig, shards: Path, steps: int = 3) -> dict[str, Any]:
     """Estimate and measured peaks (every rank's, gathered; call it on every rank)."""
     run = Run(cfg, shards, None, {"fingerprint": "measure", "git_revision": ""})
-    for _ in range(steps - 1):
+    for _ in range(steps - 2):
         train_step(run, cfg.schedule.lr)
-    peak = step_peak(run)
+    # the larger of the last two steps' peaks: a sampled peak can only fall short of the true
+    # one (the other threads' frees and allocations race the sampler)
+    peak = max(step_peak(run) for _ in range(2))
     peaks = [peak]
     if dist.world() > 1:
         peaks = [None] * dist.world()
@@ -154,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--config", required=True, help="a point's run config (config.json)")
     ap.add_argument("--shards", required=True, help="the shards directory it trains on")
-    ap.add_argument("--steps", type=int, default=3, help="steps to train (the last is measured)")
+    ap.add_argument("--steps", type=int, default=3,
+                    help="steps to train, at least 2 (the last two are measured)")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.steps < 2:
+        ap.error(f"--steps {args.steps}: at least 2 (the last two steps are measured)")
     setup_logging()
     dist.setup()
     writer = dist.writer()

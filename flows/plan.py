@@ -48,7 +48,7 @@ from typing import Any
 
 from flows.config import Point, RunConfig, check_batch_split
 from model.archs import Variant, variant
-from stages.common.inputs import require, require_made_from
+from stages.common.inputs import require, require_made_from, require_set
 from stages.common.paths import ROOT
 from stages.data.shard_format import load_info
 from stages.params import Params
@@ -81,7 +81,9 @@ NOT_RESULTS = {
 
 def check_inputs(params: Params, shards: Path, codebook: Path) -> None:
     """Before a grid trains: the shards exist, and for discrete archs a codebook made from
-    them (stages/common/inputs.py errors name the file and the command that makes it)."""
+    them (stages/common/inputs.py errors name the file and the command that makes it); the
+    checkpoint store set, not a study file's placeholder."""
+    require_set("train.checkpoint_store", params.train.checkpoint_store)
     manifest = require(Path(shards) / "manifest.parquet", "shards", "the shards' manifest")
     require(Path(shards) / "info.json", "shards", "the shards' info")
     if any(variant(a).base == "discrete" for a in params.grid.archs):

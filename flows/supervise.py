@@ -177,7 +177,7 @@ class _Child:
         self.wait(60)
 
 
-def train_process(job: Job, launch: Launch, gpu: str | None, run_id: str) -> dict[str, Any]:
+def train_process(job: Job, launch: Launch, gpu: str | None) -> dict[str, Any]:
     """Run the point's process to its end, streaming its curve and system samples to MLflow.
 
     Returns ``{"record": ..., "system": {...}}``; raises :class:`PointCrashed` when the process
@@ -207,7 +207,7 @@ def train_process(job: Job, launch: Launch, gpu: str | None, run_id: str) -> dic
                 last_cpu, last_t = cpu_s, now
                 samples.append((int(time.time() * 1000), int(now - t0), sample))
             if rc is not None or now - last_log >= LOG_EVERY_S:
-                launch.tracker.log_progress(run_id, metrics_path, samples)
+                launch.tracker.log_progress(job.point_id, metrics_path, samples)
                 samples, last_log = [], time.monotonic()
                 mlflow_s += last_log - now
             if rc is not None:

@@ -26,13 +26,13 @@ def train_point_task(label: str, job: Job, recorder: Recorder, gpu: str | None) 
     ctx = TaskRunContext.get()
     attempt = ctx.task_run.run_count if ctx else 1
     t0 = time.monotonic()
-    run_id = recorder.start(job)
+    recorder.start(job)
     started = time.monotonic() - t0
     where = f"GPU {gpu}" if gpu is not None else f"CPU, {launch.params.train.threads} thread(s)"
     if os.environ.get("NMM_WORKER"):  # a work pool's worker (flows/pool/)
         where += f", worker {os.environ['NMM_WORKER']}"
     logger.info("%s (%s): start, attempt %d, on %s", label, job.point_id, attempt, where)
-    out = train_process(job, launch, gpu, run_id)
+    out = train_process(job, launch, gpu)
     out["system"]["mlflow_start_seconds"] = started
     rec = out["record"]
     if rec.get("status") == "ok":

@@ -215,6 +215,9 @@ class GridParams(Strict):
     experts: list[Annotated[int, Field(ge=2)]] | None = Field(min_length=1)
     workers: PosInt  # grid points trained at once (one process each)
     retries: NonNegInt
+    # at the end of a launch, how long to wait for an unreachable MLflow server (the points'
+    # runs wait for it; training never does: flows/tracking.py)
+    tracking_wait_s: Annotated[float, Field(ge=0.0)]
     # None: train here (grid.workers processes); a name: each chain is a flow run on that
     # Prefect work pool (flows/pool/), its workers on any machine
     work_pool: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] | None
@@ -267,6 +270,13 @@ class TrainParams(Strict):
     eval_batches: PosInt  # validation batches per kind (fixed held-out rows)
     log_every_steps: PosInt  # metrics.jsonl (and MLflow) every this many steps, averaged
     checkpoint_every_steps: PosInt
+    # full: one file by rank 0 (gathered); sharded: torch.distributed.checkpoint, every rank its
+    # shards (flows/training/checkpoints.py). Either resumes at any process count
+    checkpoint_format: Literal["full", "sharded"]
+    # where checkpoints go: null = the grid's results folder; or a shared folder or an fsspec
+    # URL (s3://bucket/prefix; credentials and endpoint from the environment)
+    checkpoint_store: str | None
+    checkpoint_async: bool  # sharded: write while training goes on
     divergence_loss: Annotated[float, Field(gt=0.0)]  # train loss above this = failed
     branch_cooldowns: bool  # one constant-lr trunk per (arch, size, mixture, seed)
     threads: PosInt  # torch threads per point process on CPU

@@ -86,6 +86,7 @@ class LocalRunner:
             failed += rec.get("status") != "ok"
             progress.update(1)
             progress.set_postfix(failed=failed)
+        self.recorder.drain()  # (MLflow calls kept while the server was unreachable)
 
     def table(self, jobs: list[Job]) -> tuple[Path, list[dict[str, Any]], list[Job]]:
         rows = self.recorder.rows

@@ -6,7 +6,10 @@ plans the grid with this worker's code and data: a point id it does not find (an
 data not pulled) fails the flow run before any training. Each point then trains in its own
 process as on the grid's own machine (flows/tasks.py), with this worker's GPUs (its
 environment, set when it started: flows/pool/deploy.py), and its record, curve and artifacts go
-to MLflow; a point already done on this machine (an earlier attempt) is recorded, not trained.
+to MLflow; a point already done on this machine (an earlier attempt) is recorded, not trained,
+and one whose run in the shared MLflow store is finished (the chain ran before on another
+machine) is skipped. With a shared checkpoint store (``train.checkpoint_store``) a chain
+resubmitted elsewhere resumes its trunk and its points where they were.
 """
 
 from __future__ import annotations
@@ -76,6 +79,10 @@ def train_chain(
         rec = records.read_record(results_dir, job.point_id)
         if records.is_done(rec):  # trained by an earlier attempt on this machine
             recorder.adopt(job, rec)
+        elif not tracker.needs_finish(job.point_id):  # trained and recorded on another machine
+            logger.info("%s: its run in MLflow is finished (another machine): skipped", job.label)
+            ok += 1
+            continue
         else:
             try:
                 out = task(job.label, job, recorder, None)  # (its GPUs: the worker's env)
@@ -85,5 +92,6 @@ def train_chain(
                 rec, system = crash_record(job, e), {}
             recorder.finish(job, rec, system)
         ok += rec.get("status") == "ok"
+    recorder.drain()  # (MLflow calls kept while the server was unreachable)
     logger.info("%s: %d/%d points ok on worker %s", label, ok, len(jobs), worker_name())
     return {"points": len(jobs), "ok": ok, "worker": worker_name()}

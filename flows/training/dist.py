@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -61,8 +62,10 @@ def setup() -> None:
 
 
 def teardown() -> None:
+    global _checkpoint_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _checkpoint_group = None
 
 
 def barrier() -> None:
@@ -111,6 +114,27 @@ def agree(flag: bool) -> bool:
     t = torch.tensor([int(flag)], device=f"cuda:{torch.cuda.current_device()}" if nccl else "cpu")
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+def decide(obj: Any) -> Any:
+    """Rank 0's ``obj`` (picklable) on every rank: which checkpoint to read, say."""
+    if world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+_checkpoint_group = None
+
+
+def checkpoint_group() -> Any:
+    """A gloo process group of its own for asynchronous checkpoint writes (their collectives
+    run in a background thread, beside the training's), made once; None in one process."""
+    global _checkpoint_group
+    if world() > 1 and _checkpoint_group is None:
+        _checkpoint_group = dist.new_group(backend="gloo")
+    return _checkpoint_group
 
 
 def fully_shard_model(model: torch.nn.Module) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from flows.devices import peak_flops
 from flows.training import dist
+from flows.training.checkpoints import Slot
 from flows.training.evaluate import evaluate
 from flows.training.run import Run
 from flows.training.step import StepMetrics, train_step
@@ -123,12 +124,13 @@ def advance(
     run: Run,
     until: int,
     lr_at: Callable[[int], float],
-    ckpt: Path,
+    ckpt: Slot,
     metrics: MetricsLog,
-    save_at: dict[int, Path] | None = None,
+    save_at: dict[int, Slot] | None = None,
 ) -> float | None:
     """Train ``run`` up to step ``until`` (exclusive), checkpointing to ``ckpt`` every
-    ``checkpoint_every_steps`` and to ``save_at[step]`` when the run passes ``step``.
+    ``checkpoint_every_steps`` and to ``save_at[step]`` when the run passes ``step``
+    (flows/training/checkpoints.py); every save is committed when it returns.
 
     Returns the cross-entropy of the last step trained (None if none was)."""
     cfg, save_at = run.cfg, save_at or {}
@@ -136,7 +138,7 @@ def advance(
     window = Window(cfg.divergence_loss)
     last = None
     while run.c.step < until:
-        if run.c.step in save_at and dist.agree(not save_at[run.c.step].exists()):
+        if run.c.step in save_at and not save_at[run.c.step].exists():
             window.check()
             run.save(save_at[run.c.step])
         s = run.c.step
@@ -154,7 +156,8 @@ def advance(
         if run.c.step % cfg.checkpoint_every_steps == 0:
             window.check()
             run.save(ckpt)
-    if until in save_at and dist.agree(not save_at[until].exists()):
+    if until in save_at and not save_at[until].exists():
         window.check()
         run.save(save_at[until])
+    run.settle()  # (an asynchronous save: its commit)
     return last

@@ -30,9 +30,10 @@ from flows.devices import peak_flops
 from flows.plan import CODE, fingerprints, group_id, point_id
 from flows.training import dist
 from flows.training.branching import trunk
+from flows.training.checkpoints import Slot, checkpoint_store
 from flows.training.evaluate import evaluate
 from flows.training.loop import Diverged, MetricsLog, advance, read_jsonl
-from flows.training.run import Run, checkpoint_meta, previous, resumable
+from flows.training.run import Run
 from flows.training.step import fault_step
 from model.archs import variant
 from model.counting import training_compute
@@ -87,14 +88,13 @@ def train_point(
     run = Run(cfg, shards, codebook, code)
     run.fault_at = fault_step(pid)
     rec: dict[str, Any] = _describe(run, pid, gid)
-    latest = pdir / "latest.pt"
-    resume = resumable(latest)  # (one that no longer opens is set aside: the one before)
-    if resume is not None and checkpoint_meta(resume)[0] != code["fingerprint"]:
-        dist.barrier()  # several processes: every rank has read it before rank 0 deletes it
+    store = checkpoint_store(cfg.checkpoint_store, workdir)
+    latest = Slot(store / "points" / pid, "latest")
+    resume = latest.resumable()  # (one that no longer reads is set aside: the one before)
+    if resume is not None and dist.agree(dist.writer() and resume.meta()[0] != code["fingerprint"]):
         if dist.writer():
-            log.warning("%s was written by other code: not resumed, deleted", resume)
-            for p in (latest, previous(latest)):
-                p.unlink(missing_ok=True)
+            log.warning("%s was written by other code: not resumed, deleted", resume.url)
+        latest.clear()
         dist.barrier()
         resume = None
     try:
@@ -105,7 +105,7 @@ def train_point(
             trunk_rows: list[dict] = []
             if cfg.branch_cooldowns:  # (never with a cosine schedule: validated)
                 gdir = workdir / "groups" / gid
-                run.load(trunk(run, gdir))
+                run.load(trunk(run, gdir, store / "groups" / gid))
                 trunk_rows = list(read_jsonl(gdir / "metrics.jsonl"))
             metrics = MetricsLog(pdir / "metrics.jsonl", run.c.step, trunk_rows)
         sched = cfg.schedule
@@ -127,8 +127,7 @@ def train_point(
         return rec
     records.write_record(workdir, pid, rec)
     if rec["status"] == "ok":
-        for p in (latest, previous(latest)):
-            p.unlink(missing_ok=True)
+        latest.clear()
     return rec
 
 

@@ -3,23 +3,26 @@ and checkpointable.
 
 fp32 with pinned threads on CPU; bf16 autocast (and optionally ``torch.compile``) on GPU; over
 several processes DDP or FSDP2 (flows/training/dist.py). A checkpoint holds the model and the
-optimizer (whole, keyed by parameter name: it resumes at any process count), the loader's state
-(a few integers) and the counters, plus the fingerprint of the code that wrote it
-(flows/plan.py) and the git revision;
-:meth:`Run.load` refuses a checkpoint written by other code (:class:`StaleCheckpoint`). A save
-keeps the checkpoint it replaces (``<name>.prev.pt``); one that no longer opens (truncated by a
-disk or copy fault) is set aside and the point resumes from the one before, or from the start,
-with the same numbers (:func:`resumable`). The step is flows/training/step.py, evaluation
+optimizer (keyed by parameter name: it resumes at any process count), the loader's state (a few
+integers) and the counters, plus the fingerprint of the code that wrote it (flows/plan.py) and
+the git revision; :meth:`Run.load` refuses a checkpoint written by other code
+(:class:`StaleCheckpoint`). Where checkpoints are kept, their two formats (one file written by
+rank 0, or DCP shards written by every rank, optionally asynchronously) and which one a resume
+reads (a truncated one is set aside, the one before is read, with the same numbers) are
+flows/training/checkpoints.py. The step is flows/training/step.py, evaluation
 flows/training/evaluate.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
@@ -27,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from flows.config import RunConfig
 from flows.devices import check_attention, choose_device
 from flows.training import dist
+from flows.training.checkpoints import STATE, Slot, Version
 from model.model import MultimodalLM
 from stages.common.inputs import StaleInput, how_to_make, require
 from stages.data.loader import PackedLoader
@@ -46,50 +50,6 @@ class Counters:
     text_targets: int = 0
     flops: float = 0.0  # model FLOPs done (model/counting.py step_flops)
     train_seconds: float = 0.0
-
-
-def checkpoint_meta(path: Path) -> tuple[str | None, int]:
-    """(code fingerprint, step) of a checkpoint, without reading its tensors (mmap); the
-    fingerprint is None for a checkpoint that did not record one."""
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return (state.get("code") or {}).get("fingerprint"), int(state["counters"]["step"])
-
-
-def previous(path: Path) -> Path:
-    """Where :meth:`Run.save` keeps the checkpoint that ``path`` held before its latest save."""
-    return path.with_name(path.stem + ".prev" + path.suffix)
-
-
-def readable(path: Path) -> bool:
-    """Whether the checkpoint at ``path`` exists and opens: its archive's directory and its
-    record of state read (a truncated file, from a disk or copy fault, fails here, not
-    mid-resume: its directory is at the end), without reading the tensors (mmap). One that does
-    not open is set aside as ``<name>.corrupt`` (kept for a look, never read again) and logged.
-    Rank 0 reads and decides for every rank."""
-    ok = False
-    if dist.writer() and path.exists():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            ok = isinstance(state, dict) and int(state["counters"]["step"]) >= 0
-        except Exception as e:  # noqa: BLE001 (zip, pickle, EOF, key errors: all mean unreadable)
-            aside = path.with_name(path.name + ".corrupt")
-            path.replace(aside)
-            log.warning("%s does not read (%s): set aside as %s", path, str(e)[:200], aside.name)
-    return dist.agree(ok)
-
-
-def resumable(path: Path) -> Path | None:
-    """The checkpoint to resume from for ``path``: itself if it reads, else the one it replaced
-    (:func:`previous`) if that reads, else None (start over); unreadable ones are set aside
-    (:func:`readable`). Training is deterministic from any checkpoint, so resuming from an
-    earlier one ends with the same numbers."""
-    if readable(path):
-        return path
-    before = previous(path)
-    if readable(before):
-        log.warning("%s: resuming from the checkpoint before it, %s", path, before.name)
-        return before
-    return None
 
 
 def build_optimizer(model: MultimodalLM, cfg: RunConfig) -> torch.optim.AdamW:
@@ -157,6 +117,7 @@ class Run:
             shards, cfg.schedule.batch_rows, cfg.context_length, cfg.mixture, seed=cfg.point.seed
         )
         self.c = Counters()
+        self.pending: tuple | None = None  # a save whose commit waits (:meth:`settle`)
         if self.device.type == "cuda" and cfg.compile:
             self.forward = torch.compile(self.forward)
         self.timing["build"] = time.perf_counter() - t0
@@ -167,48 +128,109 @@ class Run:
         stay sharded), one process has nothing to sync."""
         return self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
 
-    def save(self, path: Path) -> None:
-        """The whole state, gathered to rank 0 (under FSDP every rank takes part), which writes
-        it; the others wait for the file. Model and optimizer state are keyed by parameter name,
-        unsharded: a checkpoint resumes at any number of processes, sharded or not."""
+    def save(self, slot: Slot) -> None:
+        """A new version of ``slot`` at this step (flows/training/checkpoints.py); every rank
+        takes part. ``full``: the whole state, gathered to rank 0, which writes it; ``sharded``:
+        DCP, each rank its shards, then rank 0 commits. A slot that already holds this step
+        is left as it is (training is deterministic: the same state)."""
+        self.settle()
         t0 = time.perf_counter()
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model, opt = get_state_dict(self.model, self.opt, options=opts)
-        if not dist.writer():
+        step = self.c.step
+        if dist.agree(dist.writer() and any(v.step == step for v in slot.versions())):
+            return
+        sharded = self.cfg.checkpoint_format == "sharded"
+        name = slot.version_name(step, sharded)
+        state = {"loader": self.loader.state_dict(), "counters": asdict(self.c), "code": self.code}
+        if not sharded:
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model, opt = get_state_dict(self.model, self.opt, options=opts)
+            if dist.writer():
+                buf = io.BytesIO()
+                torch.save({"model": model, "opt": opt, **state}, buf)
+                slot.store.write(name, buf.getvalue())
+                slot.prune()
+            self.timing["checkpoint"] += time.perf_counter() - t0
             dist.barrier()
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        state = {
-            "model": model,
-            "opt": opt,
-            "loader": self.loader.state_dict(),
-            "counters": asdict(self.c),
-            "code": self.code,
-        }
-        torch.save(state, tmp)
-        if path.exists():  # the one before stays, in case this one is damaged later on disk
-            path.replace(previous(path))
-        tmp.replace(path)  # atomic: a kill never leaves half a checkpoint
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+        if dist.writer():
+            slot.store.remove(name)  # (an uncommitted one of a run killed here before)
+        dist.barrier()
+        model, opt = get_state_dict(self.model, self.opt)  # (sharded under FSDP)
+        writer = FsspecWriter(f"{slot.store.url}/{name}")
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        commit = (slot, name, buf.getvalue())
+        with warnings.catch_warnings():  # ("torch.distributed is disabled": one process)
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            self._write_shards(writer, {"model": model, "opt": opt}, commit)
+        self.timing["checkpoint"] += time.perf_counter() - t0
+        if not self.cfg.checkpoint_async:
+            self.settle()  # (the commit)
+
+    def _write_shards(self, writer: Any, tensors: dict[str, Any], commit: tuple) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        one = dist.world() == 1
+        if self.cfg.checkpoint_async:
+            pg = dist.checkpoint_group()
+            future = dcp.async_save(tensors, storage_writer=writer, process_group=pg, no_dist=one)
+            self.pending = (future, commit)
+        else:
+            dcp.save(tensors, storage_writer=writer, no_dist=one)
+            self.pending = (None, commit)
+
+    def settle(self) -> None:
+        """Finish the save under way, if any: wait for its shards, then rank 0 commits it
+        (``state.pt``) and prunes the slot; every rank waits for the commit."""
+        if self.pending is None:
+            return
+        t0 = time.perf_counter()
+        future, (slot, name, state) = self.pending
+        self.pending = None
+        if future is not None:
+            future.result()
+        dist.barrier()  # every rank's shards are written
+        if dist.writer():
+            slot.store.write(f"{name}/{STATE}", state)
+            slot.prune()
         self.timing["checkpoint"] += time.perf_counter() - t0
         dist.barrier()
 
-    def load(self, path: Path) -> None:
+    def load(self, version: Version) -> None:
+        """Resume from ``version`` of either format, at any process count; one written by
+        other code is refused (:class:`StaleCheckpoint`)."""
+        self.settle()
         t0 = time.perf_counter()
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = version.state()
         theirs = (state.get("code") or {}).get("fingerprint")
         if theirs != self.code["fingerprint"]:
             raise StaleCheckpoint(
-                f"{path} was written by other code (fingerprint {theirs}, this code "
+                f"{version.url} was written by other code (fingerprint {theirs}, this code "
                 f"{self.code['fingerprint']})"
             )
-        set_state_dict(
-            self.model,
-            self.opt,
-            model_state_dict=state["model"],
-            optim_state_dict=state["opt"],
-            options=StateDictOptions(full_state_dict=True),
-        )
+        if version.sharded:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+            model, opt = get_state_dict(self.model, self.opt)
+            tensors = {"model": model, "opt": opt}
+            with warnings.catch_warnings():  # ("torch.distributed is disabled": one process)
+                warnings.filterwarnings("ignore", "torch.distributed is disabled")
+                dcp.load(
+                    tensors, storage_reader=FsspecReader(version.url), no_dist=dist.world() == 1
+                )
+            set_state_dict(self.model, self.opt, model_state_dict=tensors["model"],
+                           optim_state_dict=tensors["opt"])  # fmt: skip
+        else:
+            set_state_dict(
+                self.model,
+                self.opt,
+                model_state_dict=state["model"],
+                optim_state_dict=state["opt"],
+                options=StateDictOptions(full_state_dict=True),
+            )
         self.loader.load_state_dict(state["loader"])
         self.c = Counters(**state["counters"])
         self.timing["checkpoint"] += time.perf_counter() - t0

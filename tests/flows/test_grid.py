@@ -161,7 +161,7 @@ def test_a_point_keeps_one_run_across_launches_and_logs_each_step_once(tmp_path,
     first = Tracker("unit", mlflow_uri)
     first.start_launch("launch-1", {"grid": {"archs": ["early"]}}, {}, [])
     run = first.start_point("p", "pid1", {"arch": "early"}, {"point.arch": "early", "x": 1})
-    first.log_progress(run, metrics, [(0, 0, {"process_rss_megabytes": 1.0})])
+    first.log_progress("pid1", metrics, [(0, 0, {"process_rss_megabytes": 1.0})])
     # killed here; the point resumes from step 1 and rewrites its later steps
     metrics.write_text(
         "".join(f'{{"step": {s}, "tokens": {8 * s}, "train_loss": {5.0 - s}}}\n' for s in (1, 2, 3))
@@ -170,7 +170,7 @@ def test_a_point_keeps_one_run_across_launches_and_logs_each_step_once(tmp_path,
     assert second.needs_finish("pid1")
     second.start_launch("launch-2", {}, {}, [])
     assert second.start_point("p", "pid1", {"arch": "early"}, {"x": 2, "y": 3}) == run
-    second.finish_point(run, {"status": "ok", "steps": 3, "loss_avg": 2.5}, metrics, [], {})
+    second.finish_point("pid1", {"status": "ok", "steps": 3, "loss_avg": 2.5}, metrics, [], {})
     client = MlflowClient(mlflow_uri)
     history = client.get_metric_history(run, "train_loss")
     assert [m.step for m in history] == [1, 2, 3] and history[-1].value == 2.0
@@ -359,12 +359,15 @@ def test_a_nan_point_is_recorded_failed_and_the_others_finish(
     assert "non-finite" in run.data.tags["error"]
 
 
-def _kill_training_when(path: Path, killed: list[str], timeout: float = 120) -> threading.Thread:
-    """SIGKILL this process's training children as soon as ``path`` exists."""
+def _kill_training_when(
+    folder: Path, pattern: str, killed: list[str], timeout: float = 120
+) -> threading.Thread:
+    """SIGKILL this process's training children as soon as a file in ``folder`` matches
+    ``pattern``."""
 
     def watch() -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not path.exists():
+        while time.monotonic() < deadline and not list(folder.glob(pattern)):
             time.sleep(0.002)
         for p in psutil.Process().children(recursive=True):
             try:
@@ -397,7 +400,7 @@ def test_kill9_mid_point_resumes_to_the_uninterrupted_result_with_one_run(
     [target] = ids(raw, tiny_data, arch="early", tokens=4096)
     results = tmp_path / "results"
     killed: list[str] = []
-    watcher = _kill_training_when(results / "points" / target / "latest.pt", killed)
+    watcher = _kill_training_when(results / "points" / target, "latest@*.pt", killed)
     first = run_grid(params, tiny_data, results, mlflow_uri)
     watcher.join()
     assert killed, "the point finished before it could be killed"
@@ -408,7 +411,7 @@ def test_kill9_mid_point_resumes_to_the_uninterrupted_result_with_one_run(
         assert (first["ok"], first["failed"]) == (1, 1)
         row = by_id(results / "runs.parquet")[target]
         assert row["status"] == "failed" and "SIGKILL" in row["error"]
-        assert (results / "points" / target / "latest.pt").exists()  # its checkpoint survived
+        assert list((results / "points" / target).glob("latest@*.pt"))  # its checkpoint survived
         assert log.count("=== ") == 1
         second = run_grid(params, tiny_data, results, mlflow_uri)
         assert (second["trained"], second["skipped"], second["ok"]) == (1, 1, 2)

@@ -107,6 +107,7 @@ class S3:
             "AWS_SECRET_ACCESS_KEY": S3_SECRET,
             "AWS_DEFAULT_REGION": S3_REGION,
             "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
+            "AWS_ENDPOINT_URL": self.endpoint,  # (boto3, s3fs: the checkpoint store)
         }
 
     def client(self):

@@ -25,8 +25,8 @@ import pytest
 from flows import records
 from flows.config import Point
 from flows.launch import torchrun
+from flows.training.checkpoints import Slot, Store
 from flows.training.loop import read_jsonl
-from flows.training.run import checkpoint_meta
 from stages.common.paths import ROOT
 from tests.flows.training.test_point import LOSSES, config, pid_of, tiny_params
 
@@ -52,9 +52,9 @@ def _cmd(
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def _train(tiny_data, params, point, workdir, procs, **how) -> tuple[dict, list[dict]]:
+def _train(tiny_data, params, point, workdir, procs, env=None, **how) -> tuple[dict, list[dict]]:
     out = subprocess.run(_cmd(tiny_data, params, point, workdir, procs, **how), cwd=ROOT,
-                         env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
+                         env=env or ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     pid = pid_of(tiny_data, params, point)
     rec = records.read_record(workdir, pid)
@@ -81,11 +81,13 @@ def test_two_processes_train_the_model_of_one(tiny_data, tmp_path, arch):
     assert (two["D"], two["D_text"], two["flops"]) == (one["D"], one["D_text"], one["flops"])
 
 
-def _kill_midway(tiny_data, params, point, work: Path, procs: int, pid: str, **how) -> None:
+def _kill_midway(
+    tiny_data, params, point, work: Path, procs: int, pid: str, env=None, **how
+) -> None:
     """Start the point and kill -9 every process of it (torchrun and its ranks) once its
     metrics log has 22 rows (past several checkpoints, before the end)."""
     cmd = _cmd(tiny_data, params, point, work, procs, **how)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     metrics = records.point_dir(work, pid) / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -111,24 +113,41 @@ def test_a_killed_torchrun_job_resumes_to_the_uninterrupted_numbers(tiny_data, t
     assert [r["step"] for r in curve] == [r["step"] for r in ref_curve]  # no gap, no duplicate
 
 
-@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
-def test_a_checkpoint_resumes_at_another_process_count(tiny_data, tmp_path, before, after):
-    """Checkpoints hold the whole state keyed by parameter name: a point killed under FSDP over
+def newest_step(store: Store, kinds=("points", "groups")) -> int:
+    """The step of the newest committed checkpoint of a point or its trunk in ``store`` (a
+    grid's checkpoint store: flows/training/checkpoints.py); 0: none."""
+    steps = [0]
+    for kind, slot in (("points", "latest"), ("groups", "trunk-latest")):
+        if kind not in kinds:
+            continue
+        for name in (store / kind).entries():
+            steps += [v.step for v in Slot(store / kind / name, slot).versions()]
+    return max(steps)
+
+
+def resumes_at_another_count(
+    tiny_data, tmp_path, before: int, after: int, store: str | None = None, env=None, **how
+) -> None:
+    """Checkpoints resume at any process count, sharded or not: a point killed under FSDP over
     2 processes resumes in one plain process, and one killed in one process resumes under FSDP
     over 2. The steps after the resume are the uninterrupted run's at the first count (1 and 2
     processes from the same state agree to 1e-5 for several steps: a lost optimizer moment or
     a misplaced shard would show at once), and the run ends near where that run does: the
     steps it shares with it, then rounding (uninterrupted runs at 1 and 2 processes end up to
-    0.7% apart on this 32-step point: the module docstring)."""
+    0.7% apart on this 32-step point: the module docstring). ``store``: the checkpoint store
+    (default: the workdir); ``how``: the checkpoint format and the like."""
     params = tiny_params(tiny_data)
     point = Point("early", "xxs", 8192, "45-45-10", 0)  # dense: no routing flips amplify rounding
-    how = {1: {}, 2: {"sharding": "fsdp"}}
-    first, first_curve = _train(tiny_data, params, point, tmp_path / "a", before, **how[before])
-    ref, ref_curve = _train(tiny_data, params, point, tmp_path / "b", after, **how[after])
+    counts = {1: how, 2: {"sharding": "fsdp", **how}}
+    first, first_curve = _train(tiny_data, params, point, tmp_path / "a", before, env,
+                                **counts[before])  # fmt: skip
+    ref, ref_curve = _train(tiny_data, params, point, tmp_path / "b", after, env, **counts[after])
     work = tmp_path / "work"
-    _kill_midway(tiny_data, params, point, work, before, ref["point_id"], **how[before])
-    resume_at = max(checkpoint_meta(p)[1] for p in work.rglob("*latest.pt"))
-    rec, curve = _train(tiny_data, params, point, work, after, **how[after])
+    ckpt = {"checkpoint_store": store or str(work)}
+    _kill_midway(tiny_data, params, point, work, before, ref["point_id"], env, **counts[before],
+                 **ckpt)  # fmt: skip
+    resume_at = newest_step(Store(ckpt["checkpoint_store"]))
+    rec, curve = _train(tiny_data, params, point, work, after, env, **counts[after], **ckpt)
     assert rec["processes"] == after and resume_at > 2
     assert [r["step"] for r in curve] == [r["step"] for r in ref_curve]  # no gap, no duplicate
     near = [(a, b) for a, b in zip(first_curve, curve, strict=True)
@@ -138,6 +157,19 @@ def test_a_checkpoint_resumes_at_another_process_count(tiny_data, tmp_path, befo
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5), a["step"]
     for k in LOSSES:
         assert rec[k] == pytest.approx(first[k], rel=5e-3), k
+    assert not newest_step(Store(ckpt["checkpoint_store"]), ["points"])  # a finished point: none
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "how"),
+    [
+        (2, 1, {}),  # one file, gathered to rank 0
+        (2, 1, {"checkpoint_format": "sharded", "checkpoint_async": True}),  # DCP, in background
+        (1, 2, {"checkpoint_format": "sharded"}),
+    ],
+)
+def test_a_checkpoint_resumes_at_another_process_count(tiny_data, tmp_path, before, after, how):
+    resumes_at_another_count(tiny_data, tmp_path, before, after, **how)
 
 
 def _same_curves(ref: list[dict], got: list[dict], first: float, rest: float) -> None:

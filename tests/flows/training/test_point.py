@@ -17,8 +17,8 @@ import torch
 from flows.config import Point, RunConfig, schedule
 from flows.plan import fingerprints, point_id
 from flows.train import main as train_main
+from flows.training.checkpoints import Slot, Store
 from flows.training.point import train_point
-from flows.training.run import checkpoint_meta
 from flows.training.step import FAULT_ENV
 from stages.data.kinds import TARGETS
 from stages.data.shard_format import load_info
@@ -121,7 +121,7 @@ def test_a_branched_cooldown_equals_a_separately_trained_point(tiny_data, tmp_pa
         for k in LOSSES:
             assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), k
         assert a["D"] == b["D"] == tokens and a["steps"] == b["steps"]
-    trunk = list((tmp_path / "branched" / "groups").glob("*/branch-*.pt"))
+    trunk = list((tmp_path / "branched" / "groups").glob("*/branch-*@*.pt"))
     assert len(trunk) == 2  # one checkpoint per budget's cooldown start
 
 
@@ -136,10 +136,16 @@ def test_a_nan_loss_is_recorded_as_failed(tiny_data, tmp_path, monkeypatch, log_
     assert rec["status"] == "failed" and "non-finite" in rec["error"] and "step 2" in rec["error"]
     saved = json.loads(next((tmp_path / "points").glob("*/record.json")).read_text())
     assert saved["status"] == "failed"
-    latest = tmp_path / "points" / pid / "latest.pt"
-    assert checkpoint_meta(latest)[1] == 2  # the checkpoint before the NaN, not after it
-    state = torch.load(latest, weights_only=True)
+    newest = newest_version(tmp_path / "points" / pid, "latest")
+    assert newest.meta()[1] == 2  # the checkpoint before the NaN, not after it
+    state = newest.state()
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def newest_version(folder, slot: str):
+    """The newest committed version of checkpoint ``slot`` in ``folder``
+    (flows/training/checkpoints.py)."""
+    return Slot(Store(folder), slot).versions()[0]
 
 
 def _config_file(tiny_data, params, point: Point, path) -> str:
@@ -147,9 +153,9 @@ def _config_file(tiny_data, params, point: Point, path) -> str:
     return str(path)
 
 
-def _kill_once_written(tiny_data, params, tmp_path, pattern: str):
-    """Start the 4096-token early point in its own process and SIGKILL it once a file matching
-    ``pattern`` exists in its workdir; returns the command (to rerun) and the workdir."""
+def _kill_once_written(tiny_data, params, tmp_path, pattern: str, count: int = 1):
+    """Start the 4096-token early point in its own process and SIGKILL it once ``count`` files
+    matching ``pattern`` exist in its workdir; returns the command (to rerun) and the workdir."""
     point = Point("early", "xxs", 4096, "45-45-10", 0)
     cmd = [sys.executable, "-m", "flows.train",
            "--config", _config_file(tiny_data, params, point, tmp_path / "config.json"),
@@ -157,7 +163,7 @@ def _kill_once_written(tiny_data, params, tmp_path, pattern: str):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     work = tmp_path / "killed"
-    while time.time() < deadline and not list(work.glob(pattern)):
+    while time.time() < deadline and len(list(work.glob(pattern))) < count:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -169,7 +175,7 @@ def _kill_once_written(tiny_data, params, tmp_path, pattern: str):
 def test_kill_9_then_rerun_gives_the_same_metrics(tiny_data, tmp_path):
     params = tiny_params(tiny_data, checkpoint_every_steps=1)
     ref = _train(tiny_data, params, tmp_path / "ref", 4096)
-    cmd, work = _kill_once_written(tiny_data, params, tmp_path, "groups/*/trunk-latest.pt")
+    cmd, work = _kill_once_written(tiny_data, params, tmp_path, "groups/*/trunk-latest@*.pt")
     assert not list(work.glob("points/*/record.json"))  # it really died before the end
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     rec = json.loads(out.stdout.strip().splitlines()[-1])
@@ -191,16 +197,17 @@ def test_a_truncated_checkpoint_is_set_aside_and_the_one_before_resumes(tiny_dat
     uninterrupted numbers."""
     params = tiny_params(tiny_data, checkpoint_every_steps=1)
     ref = _train(tiny_data, params, tmp_path / "ref", 4096)
-    cmd, work = _kill_once_written(tiny_data, params, tmp_path, "points/*/latest.prev.pt")
+    cmd, work = _kill_once_written(tiny_data, params, tmp_path, "points/*/latest@*.pt", count=2)
     assert not list(work.glob("points/*/record.json"))  # it really died before the end
-    [damaged] = work.glob("points/*/latest.pt")  # the file a resume would read: half of it
+    [pdir] = work.glob("points/*")
+    damaged = pdir / newest_version(pdir, "latest").name  # what a resume would read: half of it
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     rec = json.loads(out.stdout.strip().splitlines()[-1])
     for k in LOSSES:
         assert rec[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-7), k
-    assert damaged.with_name("latest.pt.corrupt").exists()  # set aside, kept
-    assert "does not read" in out.stderr and "resuming from the checkpoint before it" in out.stderr
+    assert damaged.with_name(damaged.name + ".corrupt").exists()  # set aside, kept
+    assert "does not read" in out.stderr and "resuming from the checkpoint before" in out.stderr
 
 
 def test_a_moe_point_records_which_experts_see_image_and_text_tokens(tiny_data, tmp_path):
@@ -254,16 +261,18 @@ def test_checkpoints_written_by_other_code_are_never_resumed_or_branched_from(
     params, work = tiny_params(tiny_data), tmp_path / "work"
     _train(tiny_data, params, work, 2048)  # trains the group's trunk up to 2048's cooldown
     [gdir] = (work / "groups").iterdir()
-    latest = gdir / "trunk-latest.pt"
+    trunk = newest_version(gdir, "trunk-latest")
+    latest = gdir / trunk.name
     _tamper(latest, latest, "other-code")  # the trunk 4096 would resume from
     pid = pid_of(tiny_data, params, Point("early", "xxs", 4096, "45-45-10", 0))
     (work / "points" / pid).mkdir(parents=True)
-    _tamper(latest, work / "points" / pid / "latest.pt", "other-code")  # and its own checkpoint
+    own = work / "points" / pid / Slot(None, "latest").version_name(trunk.step, sharded=False)
+    _tamper(latest, own, "other-code")  # and its own checkpoint
     rec = _train(tiny_data, params, work, 4096)
     for k in LOSSES:
         assert rec[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-7), k
     assert caplog.text.count("written by other code") == 2
-    mine = checkpoint_meta(latest)[0]
+    mine = newest_version(gdir, "trunk-latest").meta()[0]
     assert mine == rec["code_fingerprint"] != "other-code"  # the trunk was trained again
     assert rec["git_revision"] and rec["code_fingerprint"] == fingerprints(
         tiny_data.shards, None
