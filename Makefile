@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install browser postgres repro test lint bench clean-data serve ui screenshots mlflow-view pool
+.PHONY: install browser postgres slurm repro test lint bench clean-data serve ui screenshots mlflow-view pool
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -36,9 +36,16 @@ postgres:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql >/dev/null; }
 
+# Debian's Slurm and munge, for the scale-out tests' one-node cluster (tests/scaleout: they
+# start munged, slurmctld and slurmd of their own, on loopback)
+slurm:
+	@command -v slurmctld >/dev/null || [ -x /usr/sbin/slurmctld ] || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null; }
+
 # Two pytest workers, a test file each at a time (module fixtures stay whole): many tests wait on
 # servers, heartbeats or subprocesses, so two files at once take ~30% less wall time on 2 cores
-test: install browser postgres
+test: install browser postgres slurm
 	$(BIN)/ruff check .
 	$(BIN)/pytest -n 2 --dist loadfile
 

@@ -4,16 +4,21 @@ PostgreSQL is Debian's (``make test`` installs the ``postgresql`` package when i
 ``initdb`` and ``pg_ctl`` refuse to run as root, so as root they run as the ``postgres`` user
 (``runuser``) in a directory of their own; the server listens on 127.0.0.1 at a free port,
 with password authentication for TCP. The S3 is moto's server (``moto[server]`` from PyPI),
-in memory, on 127.0.0.1 at a free port. Both live for the test session.
+in memory, on 127.0.0.1 at a free port. Slurm is Debian's too (``make test`` installs it with
+munge): a one-node cluster whose controller, node daemon and munge run in a directory of their
+own, the node at 127.0.0.1. All live for the test session.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,3 +137,110 @@ def s3() -> Iterator[S3]:
         yield S3(f"http://127.0.0.1:{port}")
     finally:
         server.stop()
+
+
+SLURM_CONF = """\
+ClusterName=nmmtest
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={root}/munge/munge.sock
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SlurmUser={user}
+SlurmdUser={user}
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.log
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmdParameters=config_overrides
+ReturnToService=2
+KillWait=5
+JobCompType=jobcomp/none
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+NodeName={host} NodeAddr=127.0.0.1 CPUs=8 RealMemory=8000 State=UNKNOWN
+PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+@dataclass
+class Slurm:
+    """A one-node Slurm cluster on loopback: ``env`` for its clients (sbatch, srun, scancel)."""
+
+    root: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"SLURM_CONF": str(self.root / "slurm.conf")}
+
+    def run(self, *cmd: str, env: dict[str, str] | None = None) -> str:
+        out = subprocess.run(cmd, env={**(env or os.environ), **self.env}, capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 0, f"{' '.join(cmd)}: {out.stdout}{out.stderr}"
+        return out.stdout
+
+    def sbatch(self, *args: str, env: dict[str, str] | None = None) -> str:
+        """Submit a batch job; its id."""
+        return self.run("sbatch", "--parsable", *args, env=env).strip().split(";")[0]
+
+    def state(self, job: str) -> str:
+        """The job's state (RUNNING, PENDING, ...), or '' once it left the queue."""
+        return self.run("squeue", "-h", "-j", job, "-o", "%T").strip()
+
+
+@pytest.fixture(scope="session")
+def slurm() -> Iterator[Slurm]:
+    """munged, slurmctld and slurmd (Debian's ``slurmctld``, ``slurmd``, ``slurm-client`` and
+    ``munge``, installed by ``make test``) in a directory of their own, the node at 127.0.0.1,
+    for the session."""
+    import getpass
+    import socket
+
+    for exe in ("munged", "slurmctld", "slurmd", "sbatch"):
+        assert shutil.which(exe) or Path(f"/usr/sbin/{exe}").exists(), (
+            f"{exe} not found: `make slurm` installs Slurm and munge (Debian packages)"
+        )
+    root = Path(tempfile.mkdtemp(prefix="nmm-slurm-"))
+    for d in ("state", "spool", "munge"):
+        (root / d).mkdir()
+    (root / "munge").chmod(0o700)
+    key = root / "munge" / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    host = socket.gethostname().split(".")[0]
+    conf = SLURM_CONF.format(host=host, ctld_port=free_port(), d_port=free_port(), root=root,
+                             user=getpass.getuser())  # fmt: skip
+    (root / "slurm.conf").write_text(conf)
+    sbin = lambda exe: shutil.which(exe) or f"/usr/sbin/{exe}"  # noqa: E731
+    m = root / "munge"
+    subprocess.run([sbin("munged"), "--force", f"--key-file={key}", f"--socket={m}/munge.sock",
+                    f"--pid-file={m}/munged.pid", f"--log-file={m}/munged.log",
+                    f"--seed-file={m}/seed"], check=True, capture_output=True)  # fmt: skip
+    env = dict(os.environ, SLURM_CONF=str(root / "slurm.conf"))
+    subprocess.run([sbin("slurmctld"), "-c"], env=env, check=True, capture_output=True)
+    subprocess.run([sbin("slurmd"), "-N", host], env=env, check=True, capture_output=True)
+    cluster = Slurm(root)
+    try:
+        deadline = time.monotonic() + 60
+        while "idle" not in cluster.run("sinfo", "-h", "-o", "%T"):
+            assert time.monotonic() < deadline, (root / "slurmctld.log").read_text()[-2000:]
+            time.sleep(0.5)
+        yield cluster
+    finally:
+        subprocess.run(["scancel", "--full", "-u", getpass.getuser()], env=env,
+                       capture_output=True)  # fmt: skip
+        time.sleep(1)
+        for pidfile in ("slurmd.pid", "slurmctld.pid", "munge/munged.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int((root / pidfile).read_text().strip()), signal.SIGTERM)
+        time.sleep(1)
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,9 +1,10 @@
 """Points over many machines (flows/pool/): a Prefect server on PostgreSQL, a process work pool
-and two workers on loopback train a 6-point grid; one worker is killed (-9, with its whole
-process tree, as a machine dies) in the middle of a point. The point's chain is marked Crashed by
-the zombie automation when its heartbeats stop, submitted again, finished by the other worker,
-and every point ends once, with one MLflow run each, with the numbers of an uninterrupted run.
-Then a second grid, with no worker to run its chains, is cancelled: so are its chains."""
+and two workers, each a job of the test Slurm cluster started by the repository's sbatch script
+(flows/slurm/pool-workers.sbatch), train a 6-point grid; one worker's job is cancelled
+(``scancel``, as a preemption or a time limit would) in the middle of a point. The point's
+chain is marked Crashed, submitted again, resumed from its checkpoints by the other worker, and
+every point ends once, with one MLflow run each, with the numbers of an uninterrupted run. Then
+a second grid, with no worker to run its chains, is cancelled: so are its chains."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from flows.ui import Servers, free_port
 from stages.common.paths import ROOT
 from tests.flows.conftest import write_params
 from tests.flows.test_ui import _json
+from tests.scaleout.test_slurm import slurm_env
 
 GRID = {"archs": ["early"], "sizes": ["xxs", "xs"], "tokens": [4096, 8192, 16384],
         "study": "pool", "retries": 1}  # fmt: skip
@@ -49,8 +51,8 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 @pytest.mark.scaleout
 @pytest.mark.slow
-def test_a_pool_of_two_workers_trains_each_point_once_and_survives_a_killed_worker(
-    postgres, tiny_data, tmp_path
+def test_a_pool_of_two_slurm_workers_trains_each_point_once_and_survives_a_cancelled_one(
+    postgres, slurm, tiny_data, tmp_path
 ):
     postgres.create_db("prefect_pool")
     servers = Servers(
@@ -73,16 +75,13 @@ def test_a_pool_of_two_workers_trains_each_point_once_and_survives_a_killed_work
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        job_env = slurm_env(slurm) | {k: v for k, v in env.items() if k != "PATH"}
         workers = {
-            name: subprocess.Popen(
-                [sys.executable, "-m", "flows.pool", "worker", "--pool", "cpu", "--name", name],
-                cwd=ROOT,
-                env=env,
-                stdout=(tmp_path / f"{name}.log").open("w"),
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
+            name: slurm.sbatch(f"--job-name={name}", "--ntasks=1", f"--chdir={ROOT}",
+                               f"--output={tmp_path / name}.log",
+                               str(ROOT / "flows/slurm/pool-workers.sbatch"), "cpu", env=job_env)
             for name in ("w1", "w2")
-        }
+        }  # fmt: skip
         params = write_params(tmp_path / "params.yaml", grid=GRID | {"work_pool": "cpu"})
         results = tmp_path / "results"
         grid = _grid(params, results, servers.mlflow_url, env, tiny_data)
@@ -106,14 +105,13 @@ def test_a_pool_of_two_workers_trains_each_point_once_and_survives_a_killed_work
                         break
                 time.sleep(0.05)
             assert victim is not None, "no w1 point was caught before its cooldown"
-            _kill_tree(workers["w1"])
+            slurm.run("scancel", workers["w1"])
             assert not records.record_path(results, victim).exists()  # it died mid-point
             out, _ = grid.communicate(timeout=600)
             assert grid.returncode == 0, out[-4000:]
         finally:
-            for w in workers.values():
-                if w.poll() is None:
-                    _kill_tree(w)
+            for job in workers.values():
+                slurm.run("scancel", job)
             if grid.poll() is None:
                 _kill_tree(grid)
 

@@ -228,6 +228,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def same_as_one_process(work: Path, one: dict, curve1: list[dict]) -> None:
+    """The point trained over 2 processes in ``work`` against its one-process run (``one``, its
+    curve ``curve1``): 1e-5 over the first 10 steps, then 5e-3 (the module docstring)."""
+    rec = records.read_record(work, one["point_id"])
+    curve2 = list(read_jsonl(records.point_dir(work, one["point_id"]) / "metrics.jsonl"))
+    assert rec["processes"] == 2
+    _same_curves(curve1, curve2, 1e-5, 5e-3)
+    for k in LOSSES:
+        assert rec[k] == pytest.approx(one[k], rel=5e-3), k
+
+
 def test_two_nodes_meeting_by_c10d_rendezvous_train_the_model_of_one_process(tiny_data, tmp_path):
     """Two "nodes" on loopback, one process each, started as on a cluster: the same command on
     each (flows/launch.py ``torchrun``: c10d rendezvous at one endpoint, the point's id as the
@@ -246,12 +257,7 @@ def test_two_nodes_meeting_by_c10d_rendezvous_train_the_model_of_one_process(tin
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-2000:] + err[-3000:]
-    rec = records.read_record(work, one["point_id"])
-    curve2 = list(read_jsonl(records.point_dir(work, one["point_id"]) / "metrics.jsonl"))
-    assert rec["processes"] == 2
-    _same_curves(curve1, curve2, 1e-5, 5e-3)
-    for k in LOSSES:
-        assert rec[k] == pytest.approx(one[k], rel=5e-3), k
+    same_as_one_process(work, one, curve1)
 
     wrong = tmp_path / "wrong"  # a run config for 1 process, started over 2
     cmd = _cmd(tiny_data, params, point, wrong, 1)
