@@ -475,3 +475,23 @@ def test_collect_refuses_a_run_whose_record_is_another_points(tiny_data, tmp_pat
     assert not out.exists()
     got = collect(jobs[1:], "ci", uri, out)  # the others have no run: missing, not invented
     assert got.rows == [] and len(got.missing) == len(jobs) - 1
+
+
+@pytest.mark.slow
+def test_a_chain_resubmitted_on_another_machine_skips_points_finished_in_mlflow(
+    reference, tiny_data, mlflow_uri, tmp_path
+):
+    """A pool worker on a machine whose results folder is empty (the chain ran before
+    elsewhere): every point whose run in the shared MLflow store is finished is skipped, none
+    is trained again, and no run is added."""
+    from flows.pool.worker import train_chain
+
+    params = load_params(reference["params"])
+    pids = list(reference["table"])
+    before = len(mlflow_runs(mlflow_uri, "ci")[1])
+    out = train_chain("again", pids, params.model_dump(mode="json"), shards=str(tiny_data.shards),
+                      codebook=str(tmp_path / "none.pt"), results=str(tmp_path / "elsewhere"),
+                      tracking_uri=mlflow_uri)  # fmt: skip
+    assert out["points"] == out["ok"] == len(pids) == 4
+    assert not list((tmp_path / "elsewhere").glob("points/*/train.log"))  # nothing trained
+    assert len(mlflow_runs(mlflow_uri, "ci")[1]) == before
