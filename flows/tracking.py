@@ -115,6 +115,7 @@ class Tracker:
         self._retry_at = 0.0  # monotonic time before which the server is taken as down
         self.outages = 0  # calls that found the server unreachable (the launch's summary)
         self._uncertain: set[str] = set()  # runs whose last logging call failed part-way
+        self._start_failed: set[str] = set()  # points whose run's creation failed (maybe made)
         self.experiment = store.study_experiment(study)
         self.experiment_id = store.experiment(self.client, self.experiment, {"nmm.study": study})
         self.parent_id: str | None = None
@@ -127,7 +128,10 @@ class Tracker:
         runs = point_runs(self.client, self.experiment_id)
         for run in runs.values():
             self._logged[run.info.run_id] = int(run.data.tags.get(LOGGED_TAG, -1))
-            self._status[run.info.run_id] = run.data.tags.get("status", "")
+            # (the status tag is written before the run ends: one whose end was cut off is
+            # not finished, whatever its tag says)
+            ended = run.info.status in ("FINISHED", "FAILED")
+            self._status[run.info.run_id] = run.data.tags.get("status", "") if ended else "running"
         return {pid: run.info.run_id for pid, run in runs.items()}
 
     # ------------------------------------------------------------------ launch (parent run)
@@ -184,7 +188,7 @@ class Tracker:
         None while the server is unreachable (made later: the module docstring)."""
         with self.lock:
             self.kept.setdefault(point_id, {})["start"] = (name, tags, params)
-            self._catch_up()
+            self._catch_up(point_id)
             return self._runs.get(point_id) if "start" not in self.kept.get(point_id, {}) else None
 
     def log_progress(
@@ -196,7 +200,7 @@ class Tracker:
         with self.lock:
             kept = self.kept.setdefault(point_id, {})
             kept["samples"] = kept.get("samples", []) + list(system)
-            self._catch_up()
+            self._catch_up(point_id)
             if "start" in kept or point_id not in self._runs:
                 return
             samples = kept.pop("samples", [])
@@ -219,7 +223,7 @@ class Tracker:
         while the server is unreachable)."""
         with self.lock:
             self.kept.setdefault(point_id, {})["finish"] = (record, metrics_path, artifacts, system)
-            self._catch_up()
+            self._catch_up(point_id)
 
     def drain(self, wait_s: float) -> list[str]:
         """Make the calls kept while the server was unreachable, waiting up to ``wait_s``
@@ -266,23 +270,37 @@ class Tracker:
             self._retry_at = 0.0
         return True
 
-    def _catch_up(self) -> bool:
-        """Make the kept calls, point by point in order; False at the first that fails."""
+    def _catch_up(self, caller: str | None = None) -> bool:
+        """Make the kept calls, point by point in order; False at the first that finds the
+        server unreachable. A kept call that fails otherwise (the run was deleted, say) is
+        dropped and logged; it is raised only if it is ``caller``'s own point's."""
         for pid in list(self.kept):
-            kept = self.kept[pid]
-            if "start" in kept:
-                if not self._attempt(lambda: self._start(pid, *kept["start"])):  # noqa: B023
+            try:
+                if not self._catch_up_point(pid):
                     return False
-                del kept["start"]
-            if "finish" in kept:
-                samples = kept.get("samples", [])
-                call = lambda: self._finish(self._runs[pid], samples, *kept["finish"])  # noqa: B023, E731
-                if not self._attempt(call):
-                    return False
-                del kept["finish"]
-                kept.pop("samples", None)
-            if not kept:
-                del self.kept[pid]
+            except Exception:
+                self.kept.pop(pid, None)
+                if pid == caller:
+                    raise
+                log.exception("MLflow: the kept calls of point %s failed: dropped", pid)
+        return True
+
+    def _catch_up_point(self, pid: str) -> bool:
+        kept = self.kept[pid]
+        if "start" in kept:
+            if not self._attempt(lambda: self._start(pid, *kept["start"])):
+                self._start_failed.add(pid)
+                return False
+            del kept["start"]
+        if "finish" in kept:
+            samples = kept.get("samples", [])
+            if not self._attempt(lambda: self._finish(self._runs[pid], samples, *kept["finish"])):
+                self._uncertain.add(self._runs[pid])  # (it may have logged part of it)
+                return False
+            del kept["finish"]
+            kept.pop("samples", None)
+        if not kept:
+            del self.kept[pid]
         return True
 
     def waiting(self) -> list[str]:
@@ -295,6 +313,13 @@ class Tracker:
         if self.parent_id:
             tags[LAUNCH_TAG] = self.parent_id
         run_id = self._runs.get(point_id)
+        if run_id is None and point_id in self._start_failed:  # made, its answer lost?
+            found = self.client.search_runs([self.experiment_id],
+                                            f"tags.point_id = '{point_id}'")  # fmt: skip
+            if found:
+                run_id = self._runs[point_id] = found[0].info.run_id
+                self._logged[run_id] = int(found[0].data.tags.get(LOGGED_TAG, -1))
+        self._start_failed.discard(point_id)
         if run_id is None:
             run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
             run_id = self._runs[point_id] = run.info.run_id

@@ -495,3 +495,19 @@ def test_a_chain_resubmitted_on_another_machine_skips_points_finished_in_mlflow(
     assert out["points"] == out["ok"] == len(pids) == 4
     assert not list((tmp_path / "elsewhere").glob("points/*/train.log"))  # nothing trained
     assert len(mlflow_runs(mlflow_uri, "ci")[1]) == before
+
+
+def test_a_kept_mlflow_call_failing_for_another_reason_spares_the_other_points(tmp_path):
+    """flows/tracking.py: a kept call that fails otherwise than unreachable (its run was
+    deleted) is dropped, not raised at every later point; a run whose status tag says ok but
+    which never ended (its finish cut off) still needs its finish."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker("kept", uri)
+    tracker.start_point("a", "pidA", {}, {})
+    tracker.client.delete_run(tracker.run_id("pidA"))
+    tracker.kept["pidA"] = {"finish": ({"status": "ok", "steps": 1}, tmp_path / "m.jsonl", [], {})}
+    assert tracker.start_point("b", "pidB", {}, {}) is not None
+    assert "pidA" not in tracker.kept and tracker.waiting() == []
+    run_b = tracker.run_id("pidB")
+    tracker.client.set_tag(run_b, "status", "ok")  # the tag came, the end did not
+    assert Tracker("kept", uri).needs_finish("pidB")
