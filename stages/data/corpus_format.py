@@ -23,7 +23,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -187,14 +187,16 @@ def split_key(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :].lower()
 
 
-def iter_tar_groups(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield ``(key, {ext: bytes})`` for consecutive members of a tar sharing a key.
+def iter_tar_groups(source: str | Path | BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {ext: bytes})`` for consecutive members of a tar (a path, or a binary file
+    such as an object in storage) sharing a key.
 
     Streams the tar (constant memory). Raises ``tarfile.TarError``/``OSError`` on a corrupt or
     truncated tar after yielding the groups read so far; callers decide how to count that.
     """
     key, group = None, {}
-    with tarfile.open(path, mode="r|*") as tf:
+    where = {"fileobj": source} if hasattr(source, "read") else {"name": source}
+    with tarfile.open(mode="r|*", **where) as tf:
         for member in tf:
             if not member.isfile():
                 continue

@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -81,6 +81,7 @@ SUFFIXES: dict[str, tuple[str, ...]] = {
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _MAX_KEY = 96
 _BATCH_ROWS = 16  # parquet rows decoded at a time (interleaved rows can hold many images)
+_CODECS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}  # of JSON lines, by suffix
 
 
 class IngestError(RuntimeError):
@@ -173,9 +174,33 @@ def _meta(path: str, where: Any) -> dict[str, Any]:
 # Each yields a Doc or a _Bad per sample, and raises one of READ_ERRORS if the file is cut.
 
 
+def is_url(path: str) -> bool:
+    """Whether an input names an object in storage (``s3://``, ``gs://``, ...): read by fsspec."""
+    return "://" in path
+
+
+@contextlib.contextmanager
+def open_input(path: str) -> Iterator[BinaryIO]:
+    """A binary file of a local path or a URL of any fsspec protocol (credentials and endpoint
+    from the environment only: ``AWS_*`` for S3, ``GOOGLE_APPLICATION_CREDENTIALS`` for GCS)."""
+    if is_url(path):
+        import fsspec
+
+        with fsspec.open(path, "rb") as f:
+            yield f
+    else:
+        with open(path, "rb") as f:
+            yield f
+
+
 def _read_caption(path: str, file_index: int, check: _Checks) -> Iterator[Doc | _Bad]:
+    with open_input(path) as f:
+        yield from _read_caption_file(f, path, file_index, check)
+
+
+def _read_caption_file(f: BinaryIO, path: str, file_index: int, check: _Checks):
     keys = _Keys("caption", file_index)
-    for src_key, group in iter_tar_groups(path):
+    for src_key, group in iter_tar_groups(f):
         where = f"{path}:{src_key}"
         ext = next((e for e in IMAGE_EXTS if e in group), None)
         if ext is None or TEXT_EXT not in group:
@@ -191,12 +216,13 @@ def _read_caption(path: str, file_index: int, check: _Checks) -> Iterator[Doc | 
             with contextlib.suppress(ValueError, RecursionError):
                 meta["orig"] = json.loads(group[META_EXT])
         yield Doc.caption(keys(src_key), group[ext], text, meta)
-    _check_tar_end(path)
+    _check_tar_end(f)
 
 
-def _check_tar_end(path: str) -> None:
+def _check_tar_end(f: BinaryIO) -> None:
     """Raise _Unreadable unless the last member is followed by an all-zero end block."""
-    with tarfile.open(path, mode="r:*") as tf:
+    f.seek(0)
+    with tarfile.open(fileobj=f, mode="r:*") as tf:
         while tf.next() is not None:
             tf.members.clear()  # walk headers only; keep memory flat
         tf.fileobj.seek(tf.offset)
@@ -219,7 +245,13 @@ def _binary(t: pa.DataType) -> pa.DataType:
 
 
 def _parquet_rows(path: str, need: list[str], optional: list[str]) -> Iterator[dict[str, Any]]:
-    pf = pq.ParquetFile(path)
+    with open_input(path) as f:
+        yield from _parquet_file_rows(pq.ParquetFile(f), need, optional)
+
+
+def _parquet_file_rows(
+    pf: pq.ParquetFile, need: list[str], optional: list[str]
+) -> Iterator[dict[str, Any]]:
     names = pf.schema_arrow.names
     missing = [c for c in need if c not in names]
     if missing:
@@ -292,7 +324,12 @@ def _read_text(path: str, file_index: int, check: _Checks) -> Iterator[Doc | _Ba
 
 def _jsonl_records(path: str) -> Iterator[tuple[int, Any, str | None]]:
     """(line number, text value, reason) per non-blank line; decoded line by line."""
-    with pa.input_stream(path, compression="detect") as stream, io.BufferedReader(stream) as f:
+    codec = next((c for suffix, c in _CODECS.items() if path.endswith(suffix)), None)
+    with (
+        open_input(path) as raw,
+        pa.input_stream(raw, compression=codec) as stream,
+        io.BufferedReader(stream) as f,
+    ):
         for n, raw in enumerate(f, 1):
             if not raw.strip():
                 continue  # a blank line is no record
@@ -318,18 +355,44 @@ READERS = {"caption": _read_caption, "interleaved": _read_interleaved, "text": _
 # ---------------------------------------------------------------------------------- driver
 
 
+def _expand_url(pattern: str, key: str) -> list[str]:
+    """The objects a URL or URL glob names (``s3://bucket/caps/*.tar``), as sorted URLs."""
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(pattern)
+        if glob.has_magic(root):
+            found = fs.glob(root, detail=True)
+            paths = sorted(p for p, info in found.items() if info.get("type") == "file")
+        else:
+            paths = [root] if fs.isfile(root) else []
+    except (ImportError, ValueError) as e:  # an unknown protocol, or its package missing
+        raise IngestError(f"{key}: {pattern!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 (credentials, endpoint, permissions: the store's words)
+        raise IngestError(
+            f"{key}: cannot list {pattern!r} ({type(e).__name__}: {e}); credentials and endpoint "
+            "come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+            "AWS_ENDPOINT_URL for S3)"
+        ) from None
+    return [fs.unstrip_protocol(p) for p in paths]
+
+
 def expand(patterns: list[str], kind: str) -> list[str]:
-    """Files matched by ``patterns`` (paths or recursive globs): sorted per pattern, deduped.
+    """Files matched by ``patterns`` (paths or recursive globs, or URLs and URL globs of any
+    fsspec protocol such as ``s3://bucket/caps/*.tar``): sorted per pattern, deduped.
 
     Raises IngestError naming a pattern that matches no file, or a file of an unknown format.
     """
     files: list[str] = []
     for i, pattern in enumerate(patterns):
         require_set(f"corpus.files.{kind}[{i}]", pattern)
-        pat = os.path.expanduser(pattern)
-        matches = sorted(p for p in glob.glob(pat, recursive=True) if os.path.isfile(p))
-        if not matches and os.path.isfile(pat):  # a literal name with glob characters
-            matches = [pat]
+        if is_url(pattern):
+            matches = _expand_url(pattern, f"corpus.files.{kind}[{i}]")
+        else:
+            pat = os.path.expanduser(pattern)
+            matches = sorted(p for p in glob.glob(pat, recursive=True) if os.path.isfile(p))
+            if not matches and os.path.isfile(pat):  # a literal name with glob characters
+                matches = [pat]
         if not matches:
             raise IngestError(f"corpus.files.{kind}: pattern {pattern!r} matches no files")
         for m in matches:
