@@ -16,13 +16,14 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from stages.common.inputs import require
 from stages.common.stage import entry_point
 from stages.data.shard_format import text_floors
 from stages.params import FAMILY_NAMES, REPO_PARAMS, FitParams, load_params
-from stages.scaling.fit import TargetFit, fit_table, write_metrics
-from stages.scaling.law import law_from_entry
+from stages.scaling import predictive
+from stages.scaling.fit import TargetFit, finite, fit_table, write_metrics
 from stages.scaling.runs import FitError, load_runs
 from stages.scaling.sparsity import fit_sparsity_table
 
@@ -66,9 +67,11 @@ def run_fit(
     return fits
 
 
-def predict(fits_path: str | Path, N: float, D: float, arch: str | None, target: str | None) -> str:
-    """The loss the chosen law of ``arch/target`` in a fits.json predicts at (N, D), as a line
-    whose last token is the number."""
+def predict(
+    fits_path: str | Path, N: float, D: float, arch: str | None, target: str | None
+) -> dict[str, Any]:
+    """What the chosen law of ``arch/target`` in a fits.json predicts at (N, D), with its
+    prediction interval (stages/scaling/predictive.py): a JSON-ready dict."""
     fits = json.loads(Path(fits_path).read_text())
     archs = sorted({k.split("/")[0] for k in fits})
     if arch is None:
@@ -83,11 +86,51 @@ def predict(fits_path: str | Path, N: float, D: float, arch: str | None, target:
     entry = fits.get(f"{arch}/{target}")
     if entry is None:
         raise FitError(f"no fit {arch}/{target} in {fits_path}; it has {', '.join(sorted(fits))}")
-    law = law_from_entry(entry)
-    if law is None:
-        raise FitError(f"{arch}/{target}: the fitted law has a missing or infinite parameter")
-    L = float(law.loss(N, D))
-    return f"{arch}/{target} ({entry.get('law', 'paper')} law) at N={N:g}, D={D:g}: L = {L:.6g}"
+    try:
+        p = predictive.predict(entry, N, D)
+    except ValueError as e:
+        raise FitError(f"{arch}/{target}: {e}") from None
+    out = {
+        "arch": arch,
+        "target": target,
+        "law": entry.get("law", "paper"),
+        "N": N,
+        "D": D,
+        "L": float(p["L"][0]),
+        "level": p["level"],
+        "low": float(p["low"][0]),
+        "high": float(p["high"][0]),
+        "families": {
+            f: [float(p[f"{f}_low"][0]), float(p[f"{f}_high"][0])] for f in p["families"]
+        },  # fmt: skip
+        "one_basin": p["one_basin"],
+        "coverage": entry.get("coverage"),
+    }
+    return finite(out)
+
+
+def describe(p: dict[str, Any]) -> str:
+    """A prediction as a sentence (for people; ``--json`` for machines)."""
+    head = f"{p['arch']}/{p['target']} ({p['law']} law) at N={p['N']:g}, D={p['D']:g}: L = {p['L']:.6g}"
+    if p["low"] is None or p["high"] is None:
+        why = ("the fit has no bootstrap, fit.bootstrap: 0" if not p["families"] else
+               "a family's resamples or residuals are too few here: "
+               + ", ".join(f"{f} {'none' if lo is None else 'ok'}"
+                           for f, (lo, _) in p["families"].items()))  # fmt: skip
+        return f"{head} (no interval: {why})"
+    spans = ", ".join(f"{f} [{lo:.4g}, {hi:.4g}]" for f, (lo, hi) in p["families"].items())
+    text = f"{head}, {p['level']:.0%} prediction interval [{p['low']:.6g}, {p['high']:.6g}]"
+    text += f" (parameters, run scatter{', law family' if len(p['families']) > 1 else ''}: {spans})"
+    if p.get("one_basin"):
+        text += ("; WARNING: the resamples never left the optimum's basin while another fits "
+                 "nearly as well, so the interval is too narrow by an unknown amount")  # fmt: skip
+    cov = p.get("coverage") or {}
+    if cov.get("heldout") is not None or cov.get("loso") is not None:
+        parts = [f"{cov[w]:.0%} of {cov[f'{w}_n']} {name}" for w, name in
+                 (("heldout", "top-compute runs"), ("loso", "runs of a left-out size"))
+                 if cov.get(w) is not None]  # fmt: skip
+        text += f"; such intervals covered {' and '.join(parts)} when refitted without them"
+    return text
 
 
 @entry_point
@@ -96,17 +139,20 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["predict"]:
         pp = argparse.ArgumentParser(
             prog="python -m stages.fit predict",
-            description="Print the loss a fitted law predicts at (N, D): for planning a run. "
-            "The last token of the output is the number.",
+            description="Print the loss a fitted law predicts at (N, D) and its prediction "
+            "interval at fit.ci (the parameters' bootstrap, the runs' scatter about the law, and "
+            "the law families the choice could not separate): for planning a run.",
         )
         pp.add_argument("--fits", default="results/fits.json")
         pp.add_argument("--N", type=float, required=True, help="parameters (the table's N)")
         pp.add_argument("--D", type=float, required=True, help="tokens (the table's D)")
         pp.add_argument("--arch", default=None, help="default: the only arch")
         pp.add_argument("--target", default=None, help="default: avg, or the only target")
+        pp.add_argument("--json", action="store_true", help="print JSON (L, low, high, ...)")
         a = pp.parse_args(argv[1:])
         require(a.fits, "fit", "the fits")
-        print(predict(a.fits, a.N, a.D, a.arch, a.target))
+        p = predict(a.fits, a.N, a.D, a.arch, a.target)
+        print(json.dumps(p) if a.json else describe(p))
         return 0
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],

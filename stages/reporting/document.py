@@ -20,6 +20,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from stages.common.figures import slug
 from stages.reporting.findings import Finding
+from stages.reporting.predictions import coverage_table
 from stages.scaling.law import below_floor, fitted_law
 
 PARAMS = ("E", "alpha", "beta", "a", "b", "c", "d")
@@ -47,10 +48,17 @@ def _num(v, fmt=".4g") -> str:
 
 
 def _with_ci(fit: dict, k: str) -> str:
-    ci = fit.get("bootstrap", {}).get(k)
+    """A fitted value with its bootstrap interval; a parameter the law family fixes says so (no
+    zero-width interval); an interval whose resamples never left one basin is marked."""
+    boot = fit.get("bootstrap") or {}
+    ci = boot.get(k)
     s = _num(fit.get(k))
+    if ci and "fixed" in ci:
+        return f"{s} (fixed: {ci['fixed']})"
     if ci and ci.get("low") is not None and ci.get("high") is not None:
         s += f" [{_num(ci['low'], '.3g')}, {_num(ci['high'], '.3g')}]"
+        if (boot.get("basins") or {}).get("one_basin"):
+            s += " (one basin)"
     return s
 
 
@@ -246,6 +254,7 @@ def render_markdown(
         sparsity=sparsity_table(sparse or {}),
         image_use=image_use_table(runs, image_value or {}),
         health=health,
+        coverage=coverage_table(fits, runs),
     )
 
 

@@ -150,6 +150,8 @@ def law_checks(fits: dict, floor: dict[str, float], target: str = "avg") -> list
             "E": f.get("E"),
             "E_low": e_low,
             "E_high": boot_E.get("high", f.get("E")),
+            "E_fixed": "fixed" in boot_E,  # the floor family's E is the floor: no interval
+            "one_basin": bool(((f.get("bootstrap") or {}).get("basins") or {}).get("one_basin")),
             "floor": fl,
             # the paper's form beside it (fitted always): its exponents and extrapolation
             **{f"paper_{k}": ((f.get("families") or {}).get("paper") or {}).get(k)
@@ -188,8 +190,9 @@ def health_tables(runs: pd.DataFrame, fits: dict, floor: dict[str, float]) -> di
          mark(r["ok_heldout"], _fmt(r["heldout_mre"], ".2%")),
          _fmt(r["heldout_mre_reducible"], ".2%"),
          mark(r["ok_exponents"], f"{_fmt(r['alpha'], '.3g')} / {_fmt(r['beta'], '.3g')}"),
-         mark(r["ok_E"], f"{_fmt(r['E'], '.4f')} [{_fmt(r['E_low'], '.4f')}, "
-                         f"{_fmt(r['E_high'], '.4f')}] vs {_fmt(r['floor'], '.4f')}"),
+         mark(r["ok_E"], f"{_fmt(r['E'], '.4f')} (fixed: the floor)" if r["E_fixed"] else
+              f"{_fmt(r['E'], '.4f')} [{_fmt(r['E_low'], '.4f')}, {_fmt(r['E_high'], '.4f')}]"
+              f"{' (one basin)' if r['one_basin'] else ''} vs {_fmt(r['floor'], '.4f')}"),
          f"{_fmt(r['paper_alpha'], '.3g')} / {_fmt(r['paper_beta'], '.3g')}, "
          f"{_fmt(r['paper_heldout_mre'], '.2%')}"]
         for r in checks

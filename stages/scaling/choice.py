@@ -26,15 +26,18 @@ def nanmean(x: np.ndarray) -> float:
 
 def choose(
     families: dict[str, Any], obs: np.ndarray, held: np.ndarray, floor, fit: FitParams
-) -> tuple[str, str]:
-    """The family to report (``fit.law``, or by extrapolation for ``auto``) and why.
+) -> tuple[str, str, list[str]]:
+    """The family to report (``fit.law``, or by extrapolation for ``auto``), why, and the
+    families the choice could not separate from it (the chosen first; a prediction's interval
+    spans them all: stages/scaling/predictive.py).
 
     ``auto`` compares the families' out-of-sample relative errors, run by run: the top-compute
     runs predicted by each family refitted without them, and every run predicted by the family
     refitted without its model size. The best is the lowest mean error; a family whose errors
     are not worse than the best's by more than ``fit.parsimony`` standard errors of the paired
     difference (the same runs, so the shared noise cancels) extrapolates as well; of those the
-    one with the fewest parameters is chosen (the lower error between equals). Degenerate laws
+    one with the fewest parameters is chosen (the lower error between equals); those it could not
+    separate are the others as good as the best (a forced ``fit.law`` has none). Degenerate laws
     (an exponent <= 0) and, when the corpus's ``floor`` is known, laws whose E lies below it
     (an irreducible loss the data's entropy rules out) are chosen only when every family is one.
     """
@@ -44,7 +47,7 @@ def choose(
     if fit.law != "auto":
         if fit.law not in families:
             raise FitError(f"fit.law is {fit.law!r} but that family could not be fitted here")
-        return fit.law, f"forced by fit.law (out-of-sample error: {table})"
+        return fit.law, f"forced by fit.law (out-of-sample error: {table})", [fit.law]
     below = [n for n, f in families.items() if below_floor(f.law.E, floor)]
     ok = [n for n in families
           if not families[n].law.degenerate and n not in below and math.isfinite(scores[n])]  # fmt: skip
@@ -58,7 +61,8 @@ def choose(
             return n == best
         return d.mean() <= fit.parsimony * d.std(ddof=1) / math.sqrt(d.size)
 
-    choice = min((n for n in ok if as_good(n)), key=lambda n: (FAMILIES[n].n_params, scores[n]))
+    good = sorted((n for n in ok if as_good(n)), key=lambda n: (FAMILIES[n].n_params, scores[n]))
+    choice = good[0]
     why = f"out-of-sample error {scores[choice]:.2%}"
     why += (
         f", the fewest parameters among the families not significantly worse than the best "
@@ -73,4 +77,4 @@ def choose(
             if choice not in below
             else "chosen, as no family above it extrapolates (finite error, exponents > 0)"
         )
-    return choice, f"{why}; every family: {table}"
+    return choice, f"{why}; every family: {table}", good

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ import numpy as np
 import pandas as pd
 
 from stages.params import FitParams
-from stages.scaling.bootstrap import bootstrap, interval
+from stages.scaling import predictive
+from stages.scaling.bootstrap import basins, bootstrap, interval, refit_bootstraps
 from stages.scaling.choice import choose, nanmean
 from stages.scaling.families import FAMILIES, Points
 from stages.scaling.law import (
@@ -64,6 +66,21 @@ class FamilyFit:
     pred_loso: np.ndarray  # each run predicted by the law refitted without its model size
     holdout_law: Law | SmoothMinLaw | None
     boot: dict[str, np.ndarray] = field(default_factory=dict)
+    holdout_theta: np.ndarray | None = None  # the hold-out refit's optimum
+    loso_thetas: dict[float, np.ndarray] = field(default_factory=dict)  # per left-out size
+
+    @property
+    def basins(self) -> dict[str, Any]:
+        """Whether the resamples left the optimum's basin (stages/scaling/bootstrap.py)."""
+        return basins(self.search, self.boot)
+
+    def residuals(self, obs: np.ndarray) -> np.ndarray:
+        """The runs' log residuals about the law, widened for the fitted parameters."""
+        return predictive.widened_residuals(obs, self.pred, FAMILIES[self.family].n_params)
+
+    def draws(self) -> list:
+        """The laws of the bootstrap resamples (finite, non-degenerate)."""
+        return predictive.draw_laws(self.family, self.boot, self.law.as_dict()) if self.boot else []
 
     def out_of_sample(self, obs: np.ndarray, held: np.ndarray) -> np.ndarray:
         """Relative errors of the hold-out refit on the held-out runs, then of the
@@ -99,7 +116,8 @@ class TargetFit:
 
     arch: str
     target: str
-    runs: pd.DataFrame  # N, D, loss, C, pred, pred_holdout, pred_loso, heldout, on_frontier
+    runs: pd.DataFrame  # N, D, loss, C, pred, pred_holdout, pred_loso, heldout, on_frontier,
+    # heldout_, loso_low/high: prediction intervals of the hold-out and size refits
     budget: Budget
     frontier: dict[str, Any]
     families: dict[str, FamilyFit]
@@ -108,6 +126,7 @@ class TargetFit:
     floor: float | None = None
     ci: float = 0.95
     mixture: dict[str, Any] | None = None  # base_arch, name and shares when a grid has several
+    tied: list[str] = field(default_factory=list)  # the families a prediction's interval spans
 
     @property
     def chosen(self) -> FamilyFit:
@@ -137,10 +156,28 @@ class TargetFit:
     def key(self) -> str:
         return f"{self.arch}/{self.target}"
 
-    def _bootstrap(self, boot: dict[str, np.ndarray]) -> dict[str, Any]:
-        some = next(iter(boot.values()))
+    def prediction(self) -> dict[str, Any] | None:
+        """What a prediction's interval needs (stages/scaling/predictive.py), None without a
+        bootstrap."""
+        if not (self.boot and self.tied):
+            return None
+        obs = self.runs.loss.to_numpy(float)
+        tied = {}
+        for n in self.tied:
+            f = self.families[n]
+            tied[n] = (f.law, f.boot, f.residuals(obs), f.basins["one_basin"])
+        return finite(predictive.block(tied, self.tied, self.ci))
+
+    def _bootstrap(self, f: FamilyFit) -> dict[str, Any]:
+        """A family's bootstrap summary: per quantity an interval, except the law's parameters
+        the family fixes (``{"fixed": why}``: no zero-width interval), and its ``basins``."""
+        some = next(iter(f.boot.values()))
+        fixed = set(f.law.as_dict()) - set(predictive.PARAMS[f.family])
+        why = {"beta": "= alpha (one exponent)", "E": "the corpus's floor"}
         return {"resamples": len(some), "level": self.ci,
-                **{k: interval(v, self.ci) for k, v in boot.items()}}  # fmt: skip
+                **{k: ({"fixed": why.get(k, "by the family")} if k in fixed
+                       else interval(v, self.ci)) for k, v in f.boot.items()},
+                "basins": f.basins}  # fmt: skip
 
     def metrics(self) -> dict[str, Any]:
         r = self.runs
@@ -174,7 +211,11 @@ class TargetFit:
         chosen = self.chosen.errors(obs, held, self.floor)  # and on the reducible loss L - E
         out.update({k: v for k, v in chosen.items() if k.endswith("_reducible")})
         if self.boot:
-            out["bootstrap"] = self._bootstrap(self.boot)
+            out["bootstrap"] = self._bootstrap(self.chosen)
+        prediction = self.prediction()
+        if prediction is not None:
+            out["prediction"] = prediction
+            out["coverage"] = coverage(r, self.ci)
         out["families"] = {
             name: {
                 **f.law.as_dict(),
@@ -182,7 +223,7 @@ class TargetFit:
                 "degenerate": f.law.degenerate,
                 **f.exponents,
                 **f.errors(obs, held, self.floor),
-                **({"bootstrap": self._bootstrap(f.boot)} if f.boot else {}),
+                **({"bootstrap": self._bootstrap(f)} if f.boot else {}),
             }
             for name, f in self.families.items()
         }
@@ -222,14 +263,80 @@ def _fit_one_family(
     pred_holdout = holdout_law.loss(N, D) if holdout_law is not None else np.full(len(N), np.nan)
     pred_loso = np.full(len(N), np.nan)
     folds = [s for s in sizes if enough_points(N[s != N], D[s != N]) is None and len(sizes) > 2]
+    loso_thetas = {}
     if folds:
         W = np.array([(s != N).astype(float) for s in folds])
         thetas, _ = refit(family, p, fit, W, search)
         for s, theta in zip(folds, thetas, strict=True):
             pred_loso[s == N] = family.law(theta, log_floor).loss(N[s == N], D[s == N])
+            loso_thetas[float(s)] = theta
     boot = bootstrap(runs, p, search, fit, rng, f"bootstrap {key} {name}") if fit.bootstrap else {}
     return FamilyFit(name, law, search, exponents(law, budget, fit), law.loss(N, D),
-                     pred_holdout, pred_loso, holdout_law, boot)  # fmt: skip
+                     pred_holdout, pred_loso, holdout_law, boot,
+                     searches[1].theta if len(searches) > 1 else None, loso_thetas)  # fmt: skip
+
+
+COVERAGE_FOLDS = 8
+"""At most this many model sizes (spread from the smallest to the largest) get a bootstrapped
+leave-one-size-out refit for the coverage check: a table whose every run has its own N (a
+reconstruction from a figure) would otherwise cost a bootstrap per run."""
+
+
+def interval_checks(
+    tied: list[FamilyFit], runs: pd.DataFrame, p: Points, fit: FitParams, held: np.ndarray,
+    seed: int, key: str,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Each run's prediction interval (stages/scaling/predictive.py: the union over the ``tied``
+    families) from the refit that did not see it, to measure coverage: the top-compute hold-out
+    (``heldout``, held-out runs only) and the leave-one-size-out refits (``loso``, at most
+    :data:`COVERAGE_FOLDS` sizes). The refits' intervals are built as
+    the full fit's: their own bootstrap (:func:`refit_bootstraps`) and residuals. Columns
+    ``<which>_low``/``<which>_high``, NaN where there is no refit."""
+    N, D, L = (runs[c].to_numpy(float) for c in ("N", "D", "loss"))
+    n, ci = len(runs), fit.ci
+    out: dict[str, list] = {"heldout": [], "loso": []}
+    for f in tied:
+        family = FAMILIES[f.family]
+        refits = []  # (which, the runs it was fitted on, its optimum, the runs it predicts)
+        if f.holdout_theta is not None:
+            refits.append(("heldout", ~held, f.holdout_theta, held))
+        sizes = sorted(f.loso_thetas)
+        pick = sorted({sizes[i] for i in np.linspace(0, len(sizes) - 1, COVERAGE_FOLDS).round()
+                       .astype(int)}) if sizes else []  # fmt: skip
+        refits += [("loso", s != N, f.loso_thetas[s], s == N) for s in pick]
+        cols = {w: (np.full(n, np.nan), np.full(n, np.nan)) for w in ("heldout", "loso")}
+        rng = np.random.default_rng(
+            [seed, int(hashlib.sha256(f"{key}/{f.family}/refits".encode()).hexdigest()[:8], 16)]
+        )
+        boots = (refit_bootstraps(runs, p, f.search, fit, [r[1:3] for r in refits], rng, key)
+                 if refits and fit.bootstrap else [])  # fmt: skip
+        for (which, mask, theta, target), thetas in zip(refits, boots, strict=False):
+            law = family.law(theta, f.search.log_floor)
+            laws = [family.law(t, f.search.log_floor) for t in thetas if np.isfinite(t).all()]
+            r = predictive.widened_residuals(L[mask], law.loss(N[mask], D[mask]), family.n_params)
+            lo, hi = predictive.family_interval([x for x in laws if not x.degenerate], r,
+                                                N[target], D[target], ci)  # fmt: skip
+            cols[which][0][target], cols[which][1][target] = lo, hi
+        for which, pair in cols.items():
+            out[which].append(pair)
+    result = {}
+    for which, intervals in out.items():
+        result[f"{which}_low"], result[f"{which}_high"] = predictive.union(intervals, (n,))
+    return result
+
+
+def coverage(runs: pd.DataFrame, ci: float) -> dict[str, Any]:
+    """The share of runs inside the interval of the refit that did not see them: the
+    top-compute hold-out and leave-one-size-out (runs with an interval only), and how many."""
+    L = runs.loss.to_numpy(float)
+    out: dict[str, Any] = {"level": ci}
+    for which in ("heldout", "loso"):
+        lo, hi = runs[f"{which}_low"].to_numpy(float), runs[f"{which}_high"].to_numpy(float)
+        ok = np.isfinite(lo) & np.isfinite(hi)
+        inside = (L[ok] >= lo[ok]) & (L[ok] <= hi[ok])
+        out[which] = float(inside.mean()) if ok.any() else math.nan
+        out[f"{which}_n"] = int(ok.sum())
+    return out
 
 
 def fit_target(
@@ -271,7 +378,7 @@ def fit_target(
             [seed, int(hashlib.sha256(f"{key}/{name}".encode()).hexdigest()[:8], 16)]
         )
         families[name] = _fit_one_family(name, runs, p, fit, held, log_floor, budget, rng, key)
-    choice, why = choose(families, L, held, floor, fit)
+    choice, why, tied = choose(families, L, held, floor, fit)
     chosen = families[choice]
     law = chosen.law
     if law.degenerate or law.E / L.min() <= 1e-3:
@@ -284,12 +391,15 @@ def fit_target(
         chosen.pred, chosen.pred_holdout, chosen.pred_loso
     )  # fmt: skip
     runs["heldout"] = held
-    runs["on_frontier"] = False
+    checks = interval_checks([families[n] for n in tied], runs, p, fit, held, seed, key)
+    for col, values in checks.items():
+        runs[col] = values
     runs.loc[frontier["hull"], "on_frontier"] = True
     log.info("%s: %s law, E=%.4g alpha=%.4f beta=%.4f (%d runs, %d/%d local searches at the "
              "best); %s", key, choice, law.E, law.alpha, law.beta, len(runs),
              chosen.search.n_at_best, chosen.search.n_lbfgs, why)  # fmt: skip
-    return TargetFit(arch, target, runs, budget, frontier, families, choice, why, floor, fit.ci)
+    return TargetFit(arch, target, runs, budget, frontier, families, choice, why, floor, fit.ci,
+                     tied=tied)  # fmt: skip
 
 
 # ------------------------------------------------------------------------- the table
@@ -347,5 +457,15 @@ def write_metrics(fits: dict[str, TargetFit], path: str | Path) -> dict[str, Any
     metrics = finite({k: f.metrics() for k, f in fits.items()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    path.write_text(dumps(metrics) + "\n")
     return metrics
+
+
+_NUMBERS = re.compile(r"\[\s*((?:-?[0-9.eE+-]+|null)(?:,\s*(?:-?[0-9.eE+-]+|null))*)\s*\]")
+
+
+def dumps(metrics: dict[str, Any]) -> str:
+    """Strict JSON, indented, with every list of numbers on one line (the resamples a prediction
+    interval needs stay a few lines per fit; `dvc metrics show` skips lists)."""
+    text = json.dumps(metrics, indent=2, allow_nan=False)
+    return _NUMBERS.sub(lambda m: "[" + ", ".join(re.split(r",\s*", m.group(1))) + "]", text)

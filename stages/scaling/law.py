@@ -184,13 +184,19 @@ def fitted_law(entry: dict[str, Any] | None) -> Law | SmoothMinLaw | None:
     return None if law is None or law.degenerate else law
 
 
-def law_hash(laws: dict[str, Law], ratios: dict[str, float]) -> str:
-    """A short hash of fitted parameters, to version registered models.
+def law_hash(
+    laws: dict[str, Law], ratios: dict[str, float], intervals: dict[str, Any] | None = None
+) -> str:
+    """A short hash of fitted parameters (and the families each prediction interval spans), to
+    version registered models.
 
     6 significant digits: L-BFGS stops within ~1e-5 (relative) of the minimum, so a refit of the
     same data on another machine should not count as a new fit.
     """
-    key = {t: [f"{v:.6g}" for v in (*laws[t].as_dict().values(), ratios[t])] for t in sorted(laws)}
+    key: dict[str, Any] = {t: [f"{v:.6g}" for v in (*laws[t].as_dict().values(), ratios[t])]
+                           for t in sorted(laws)}  # fmt: skip
+    if intervals:
+        key["intervals"] = {t: intervals[t] for t in sorted(intervals)}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

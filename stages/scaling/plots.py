@@ -142,8 +142,10 @@ def pred_obs_csv(data: Path, arch: str, target: str) -> Path:
 
 def predicted_vs_observed(series: dict[str, pd.DataFrame], title: str, out: Path) -> Path:
     """Observed vs predicted loss of each series (columns ``observed``, ``predicted``,
-    ``heldout``), the held-out (top-compute) runs starred: how well a law fitted without them
-    extrapolates (paper Table 10). The fit stage draws one arch/target, the report every arch."""
+    ``heldout``, optionally ``low``/``high``: the held-out runs' prediction intervals, drawn as
+    bars: a run is inside when its bar crosses the diagonal), the held-out (top-compute) runs
+    starred: how well a law fitted without them extrapolates (paper Table 10). The fit stage draws
+    one arch/target, the report every arch."""
     fig, ax = subplots(figsize=(5.2, 4.8))
     lo, hi, bad = np.inf, -np.inf, 0
     for i, (label, d) in enumerate(series.items()):
@@ -155,6 +157,12 @@ def predicted_vs_observed(series: dict[str, pd.DataFrame], title: str, out: Path
         ax.scatter(d.observed[~held], d.predicted[~held], s=12, color=color, label=label)
         ax.scatter(d.observed[held], d.predicted[held], s=40, color=color, marker="*",
                    edgecolor="k", linewidth=0.5)  # fmt: skip
+        if {"low", "high"} <= set(d.columns):
+            bar = held & np.isfinite(d.low.to_numpy(float)) & np.isfinite(d.high.to_numpy(float))
+            p = d.predicted[bar]
+            below, above = np.maximum(p - d.low[bar], 0), np.maximum(d.high[bar] - p, 0)  # (a
+            ax.errorbar(d.observed[bar], p, yerr=[below, above], fmt="none",  # union may miss p)
+                        ecolor=color, elinewidth=0.8, capsize=2)  # fmt: skip
         if len(d):
             lo = min(lo, d.observed.min(), d.predicted.min())
             hi = max(hi, d.observed.max(), d.predicted.max())
@@ -164,6 +172,8 @@ def predicted_vs_observed(series: dict[str, pd.DataFrame], title: str, out: Path
         ax.text(0.02, 0.98, f"{bad} prediction(s) not finite", transform=ax.transAxes,
                 va="top", fontsize=7)  # fmt: skip
     ax.scatter([], [], marker="*", color="grey", edgecolor="k", label="held out (top C)")
+    if any({"low", "high"} <= set(d.columns) for d in series.values()):
+        ax.errorbar([], [], yerr=[], fmt="none", ecolor="grey", label="its prediction interval")
     ax.set(xlabel="observed loss", ylabel="predicted by the held-in fit")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
@@ -178,6 +188,8 @@ def _predicted_vs_observed(f: TargetFit, out: Path, data_dir: Path) -> list[Path
     data = pd.DataFrame(
         {"N": r.N, "D": r.D, "C": r.C, "observed": r.loss, "predicted": pred, "heldout": r.heldout}
     )
+    if "heldout_low" in r.columns:  # the held-out runs' prediction intervals (bars)
+        data["low"], data["high"] = r.heldout_low, r.heldout_high
     csv = pred_obs_csv(data_dir, f.arch, f.target)
     data.to_csv(csv, index=False)
     png = out / csv.with_suffix(".png").name

@@ -87,6 +87,8 @@ class SearchResult:
     n_at_best: int  # of them, those that ended within 1e-4 (relative) of the best objective
     top_starts: np.ndarray  # best-scored grid starts (warm starts for refits)
     log_floor: float | None = None
+    ends: np.ndarray | None = None  # where every local search ended (S, P), uncentred
+    end_objectives: np.ndarray | None = None  # (S,)
 
     @property
     def law(self) -> Law | SmoothMinLaw:
@@ -114,11 +116,12 @@ def select_starts(family: Family, grid: np.ndarray, scores: np.ndarray, per_pair
 
 
 def multistart(
-    obj: Objective, starts: list[np.ndarray]
+    obj: Objective, starts: list[np.ndarray], ends: list | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each problem k, the best local search from ``starts[k]`` (S_k, P), all in one batch.
 
-    Returns (theta (K, P) uncentred, objective (K,), runs within 1e-4 of each problem's best).
+    Returns (theta (K, P) uncentred, objective (K,), runs within 1e-4 of each problem's best);
+    ``ends``, a list, receives per problem where its searches ended: (thetas (S_k, P), objectives).
     """
     fam, (mu_n, mu_d) = obj.family, obj.mu
     x0 = np.vstack([fam.shift(s, mu_n, mu_d, -1.0) for s in starts])
@@ -130,10 +133,14 @@ def multistart(
     for k in range(K):
         mine = np.flatnonzero(owner == k)
         if mine.size == 0:
+            if ends is not None:
+                ends.append((np.empty((0, P)), np.empty(0)))
             continue
         i = mine[np.argmin(f[mine])]
         theta[k], best[k] = fam.shift(x[i], mu_n, mu_d, 1.0), f[i]
         at_best[k] = int(np.sum(f[mine] <= f[i] * (1 + 1e-4) + 1e-12))
+        if ends is not None:
+            ends.append((fam.shift(x[mine], mu_n, mu_d, 1.0), f[mine]))
     return theta, best, at_best
 
 
@@ -158,7 +165,8 @@ def fit_family(
         chosen = select_starts(family, grid, scores, fit.starts_per_exponent_pair)
         starts.append(grid[chosen])
         tops.append(grid[np.argsort(scores, kind="stable")[: fit.bootstrap_starts]])
-    theta, best, at_best = multistart(obj, starts)
+    ends: list = []
+    theta, best, at_best = multistart(obj, starts, ends)
     return [
         SearchResult(
             family.name,
@@ -168,6 +176,7 @@ def fit_family(
             int(at_best[k]),
             tops[k],
             log_floor,
+            *ends[k],
         )  # fmt: skip
         for k in range(len(W))
     ]
@@ -185,6 +194,21 @@ def refit(
     obj = Objective(family, p, W, fit.huber_delta, warm.log_floor)
     starts = np.vstack([warm.theta, warm.top_starts])
     theta, best, _ = multistart(obj, [starts] * len(W))
+    return theta, best
+
+
+def multistart_problems(
+    family: Family,
+    p: Points,
+    fit: FitParams,
+    W: np.ndarray,
+    starts: list[np.ndarray],
+    log_floor: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fits of ``family`` under the weightings ``W`` (K, n), problem k from its own ``starts[k]``
+    (S_k, P), all in one batch; (theta (K, P), objective (K,))."""
+    obj = Objective(family, p, W, fit.huber_delta, log_floor)
+    theta, best, _ = multistart(obj, starts)
     return theta, best
 
 

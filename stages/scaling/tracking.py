@@ -11,13 +11,15 @@ new version only when the fitted parameters changed: each version carries the ta
 
 The model (:class:`ScalingLawModel`, an ``mlflow.pyfunc`` model) predicts from a DataFrame:
 
-- with columns ``N``, ``D`` (and ``target``): a DataFrame with column ``L``, the loss the
-  target's chosen law (its fits.json ``law``: paper, shared, floor or smooth_min) predicts;
+- with columns ``N``, ``D`` (and ``target``): a DataFrame with columns ``L``, the loss the
+  target's chosen law (its fits.json ``law``: paper, shared, floor or smooth_min) predicts, and
+  ``L_low``, ``L_high``, its prediction interval at ``fit.ci`` (stages/scaling/predictive.py:
+  the parameters' bootstrap, the runs' scatter, the families the choice could not separate);
 - with a column ``C`` (and ``target``): columns ``N_opt``, ``D_opt``, ``L_opt``, the
   compute-optimal allocation of C = 6 ratio N D (closed form, ``ratio`` = the fit's C/6ND).
 
 Without ``target`` the model's only target is used, else ``avg``. ``unwrap_python_model()``
-also offers ``loss(N, D, target)`` and ``optimum(C, target)``. The model's code is pickled by
+also offers ``loss(N, D, target)``, ``interval(N, D, target)`` and ``optimum(C, target)``. The model's code is pickled by
 value, so loading it needs mlflow, numpy and pandas, not this repository.
 """
 
@@ -42,11 +44,13 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
 import stages.scaling.law
+import stages.scaling.predictive
 from stages.common import mlflow_store as store
 from stages.common.provenance import git_revision
 from stages.params import FitParams
 from stages.scaling.fit import TargetFit
 from stages.scaling.law import law_from_entry, law_hash
+from stages.scaling.predictive import predict as predict_interval
 
 log = logging.getLogger(__name__)
 MODEL_REQUIREMENTS = ("mlflow", "numpy", "pandas", "cloudpickle")
@@ -72,7 +76,7 @@ class ScalingLawModel(mlflow.pyfunc.PythonModel):
         if "law" in context.artifacts:
             self.laws = json.loads(Path(context.artifacts["law"]).read_text())
 
-    def _law(self, target: str | None) -> tuple[Any, float]:
+    def _target(self, target: str | None) -> str:
         if target is None:
             if len(self.laws) == 1:
                 target = next(iter(self.laws))
@@ -82,6 +86,10 @@ class ScalingLawModel(mlflow.pyfunc.PythonModel):
                 raise ValueError(f"say which target: the model has {', '.join(self.laws)}")
         if target not in self.laws:
             raise ValueError(f"unknown target {target!r}: the model has {', '.join(self.laws)}")
+        return target
+
+    def _law(self, target: str | None) -> tuple[Any, float]:
+        target = self._target(target)
         p = self.laws[target]
         law = law_from_entry(p)
         if law is None:
@@ -90,6 +98,11 @@ class ScalingLawModel(mlflow.pyfunc.PythonModel):
 
     def loss(self, N: Any, D: Any, target: str | None = None) -> np.ndarray:
         return self._law(target)[0].loss(N, D)
+
+    def interval(self, N: Any, D: Any, target: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The prediction interval (low, high) at (N, D); NaN for a fit without a bootstrap."""
+        p = predict_interval(self.laws[self._target(target)], N, D)
+        return p["low"], p["high"]
 
     def optimum(
         self, C: Any, target: str | None = None
@@ -111,10 +124,11 @@ class ScalingLawModel(mlflow.pyfunc.PythonModel):
             return set(cols) <= set(df.columns) and bool(df[list(cols)].notna().all().all())
 
         if given("N", "D"):
-            N, D, L = df.N.to_numpy(float), df.D.to_numpy(float), np.empty(len(df))
+            N, D, L = df.N.to_numpy(float), df.D.to_numpy(float), np.empty((len(df), 3))
             for t, i in rows.items():
-                L[i] = self.loss(N[i], D[i], t)
-            return pd.DataFrame({"L": L})
+                L[i, 0] = self.loss(N[i], D[i], t)
+                L[i, 1], L[i, 2] = self.interval(N[i], D[i], t)
+            return pd.DataFrame(L, columns=["L", "L_low", "L_high"])
         if given("C"):
             C, out = df.C.to_numpy(float), np.empty((len(df), 3))
             for t, i in rows.items():
@@ -146,7 +160,9 @@ def register(
     """
     laws = {f.target: f.law for f in fits}
     ratios = {f.target: f.budget.ratio for f in fits}
-    digest = law_hash(laws, ratios)
+    intervals = {f.target: f.prediction() for f in fits}
+    spans = {t: [(p or {}).get(k) for k in ("families", "level")] for t, p in intervals.items()}
+    digest = law_hash(laws, ratios, spans)
     latest = latest_version(client, name)
     if latest is not None and latest.tags.get("params_hash") == digest:
         log.info(
@@ -157,7 +173,12 @@ def register(
     law_json.write_text(
         json.dumps(
             {
-                t: {"law": laws[t].family, **laws[t].as_dict(), "compute_ratio": ratios[t]}
+                t: {
+                    "law": laws[t].family,
+                    **laws[t].as_dict(),
+                    "compute_ratio": ratios[t],
+                    "prediction": intervals[t],
+                }
                 for t in laws
             },
             indent=2,
@@ -166,6 +187,7 @@ def register(
     t0 = time.perf_counter()
     by_value = (
         stages.scaling.law,
+        stages.scaling.predictive,
         sys.modules[__name__],
     )  # the model loads without this repository
     for module in by_value:

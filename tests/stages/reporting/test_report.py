@@ -102,6 +102,11 @@ def test_a_study_that_reproduces_the_findings_is_reported_as_such(tmp_path):
     assert f"| early/avg | this study | {paper['E']:.4g}" in md
     assert "| | paper | 1.904 |" in md
     assert "| 0.257 |" in md  # the avg entropy floor beside E: (0.16 + 0.18 + 0.43) / 3
+    # the prediction intervals checked on held-out runs, per arch and pooled
+    assert "### How sure a prediction is" in md
+    k, n = map(int, md.split("| **all** | | ")[1].split(" ")[0].split("/"))
+    held = sum(f["coverage"]["heldout_n"] for f in fits.values())
+    assert n == held and 0 <= k <= n
     html = (res / "report.html").read_text()
     assert html.count('src="data:image/png;base64,') >= 6 and "report/figures" not in html
     assert len(list((res / "report" / "curves").glob("*.csv"))) == len(offsets) * len(SIZES)

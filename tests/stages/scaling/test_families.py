@@ -183,13 +183,16 @@ def test_cli_fits_a_table_with_a_forced_law_and_predicts_from_the_fits(tmp_path,
     assert entry["law"] == "smooth_min" and "forced" in entry["law_why"]
     assert {"paper", "shared", "smooth_min"} <= set(entry["families"])  # the paper's form too
     capsys.readouterr()
-    assert main(["predict", "--fits", str(out), "--N", "1e9", "--D", "2e10"]) == 0
-    line = capsys.readouterr().out.strip()
-    got = float(line.split()[-1])  # the last token is the number
+    assert main(["predict", "--fits", str(out), "--N", "1e9", "--D", "2e10", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
     want = float(
         SmoothMinLaw(*(entry[k] for k in ("E", "N_c", "D_c", "alpha", "beta"))).loss(1e9, 2e10)
     )
-    assert got == pytest.approx(want, rel=1e-5) and "smooth_min" in line
+    assert got["L"] == pytest.approx(want, rel=1e-5) and got["law"] == "smooth_min"
+    assert got["low"] < got["L"] < got["high"] and list(got["families"]) == ["smooth_min"]
+    assert main(["predict", "--fits", str(out), "--N", "1e9", "--D", "2e10"]) == 0
+    line = capsys.readouterr().out
+    assert "smooth_min law" in line and "95% prediction interval" in line
     assert (
         main(["predict", "--fits", str(out), "--N", "1e9", "--D", "2e10", "--target", "text"]) == 2
     )

@@ -16,6 +16,7 @@ import pytest
 from stages.common.stage import run_per_kind
 from stages.fit import main
 from stages.params import FitParams, FitStarts, study_params
+from stages.scaling import predictive
 from stages.scaling.bootstrap import bootstrap
 from stages.scaling.families import FAMILIES, Points
 from stages.scaling.fit import fit_table, fit_target
@@ -297,9 +298,11 @@ def test_mlflow_logs_and_registers_a_version_only_when_the_fit_changes(tmp_path)
 
     fit = FAST.model_copy(
         update={
+            "bootstrap": 10,  # intervals in the model
+            "bootstrap_starts": 1,
             "mlflow": FAST.mlflow.model_copy(
                 update={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}
-            )
+            ),
         }
     )
     df = prepare_runs(
@@ -314,6 +317,9 @@ def test_mlflow_logs_and_registers_a_version_only_when_the_fit_changes(tmp_path)
     assert again["version"] == "1" and not again["created"]
     changed = fit_table(prepare_runs(study(EARLY, arch="early", target="avg", seed=7)), fit)
     assert log_fits(changed, fit)["early"]["version"] == "2"
+    level = fit.model_copy(update={"ci": 0.9})  # the same laws, intervals at another level
+    assert log_fits(fit_table(prepare_runs(study(EARLY, arch="early", target="avg", seed=7)),
+                              level), level)["early"]["version"] == "3"  # fmt: skip
 
     client = mlflow.MlflowClient()
     run = client.get_run(first["run_id"])
@@ -323,6 +329,7 @@ def test_mlflow_logs_and_registers_a_version_only_when_the_fit_changes(tmp_path)
         [run.info.experiment_id], f"tags.mlflow.parentRunId = '{first['run_id']}'"
     )
     assert {c.data.tags["target"] for c in children} == {"avg", "text"}
+    assert {"coverage.heldout", "coverage.loso", "coverage.loso_n"} <= set(children[0].data.metrics)
     assert math.isclose(
         children[0].data.metrics["alpha"],
         fits[f"early/{children[0].data.tags['target']}"].law.alpha,
@@ -330,9 +337,15 @@ def test_mlflow_logs_and_registers_a_version_only_when_the_fit_changes(tmp_path)
 
     model = mlflow.pyfunc.load_model("models:/scaling-law-early/1")
     query = pd.DataFrame({"N": [3e8, 2e9], "D": [5e9, 1e11], "target": ["avg", "text"]})
-    L = model.predict(query)["L"].to_numpy()
+    out = model.predict(query)
+    L = out["L"].to_numpy()
     expect = [fits[f"early/{t}"].law.loss(n, d) for n, d, t in query.itertuples(index=False)]
     assert np.allclose(L, expect, rtol=1e-12)
+    # with its prediction interval, as `python -m stages.fit predict` gives it from fits.json
+    for (n, d, t), lo, hi in zip(query.itertuples(index=False), out.L_low, out.L_high, strict=True):
+        want = predictive.predict(fits[f"early/{t}"].metrics(), n, d)
+        assert (lo, hi) == pytest.approx((want["low"][0], want["high"][0]), rel=1e-12)
+        assert lo < fits[f"early/{t}"].law.loss(n, d) < hi
     opt = model.predict(pd.DataFrame({"C": [1e20, 1e21], "target": "avg"}))
     N, D, Lo = fits["early/avg"].law.optimum(np.array([1e20, 1e21]))
     assert np.allclose(opt.N_opt, N) and np.allclose(opt.D_opt, D) and np.allclose(opt.L_opt, Lo)
@@ -349,11 +362,13 @@ def test_mlflow_logs_and_registers_a_version_only_when_the_fit_changes(tmp_path)
         "import mlflow, pandas as pd\n"
         f"mlflow.set_tracking_uri('sqlite:///{tmp_path}/mlflow.db')\n"
         "m = mlflow.pyfunc.load_model('models:/scaling-law-early/2')\n"
-        "print(m.predict(pd.DataFrame({'N': [1e9], 'D': [1e10]}))['L'].iloc[0])\n"
+        "p = m.predict(pd.DataFrame({'N': [1e9], 'D': [1e10]}))\n"
+        "print(p['L_low'].iloc[0], p['L'].iloc[0], p['L_high'].iloc[0])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.split()[-1]) == pytest.approx(changed["early/avg"].law.loss(1e9, 1e10))
+    low, got, high = map(float, out.stdout.split()[-3:])
+    assert got == pytest.approx(changed["early/avg"].law.loss(1e9, 1e10)) and low < got < high
 
 
 @pytest.mark.parametrize(
