@@ -115,6 +115,8 @@ class TokenizerParams(Strict):
     path: str | None  # a user's tokenizer.json when source == "file"
     vocab_size: Annotated[int, Field(ge=300, le=1_000_000)]
     min_frequency: PosInt
+    max_files: PosInt | None  # corpus files per kind it trains on (a seeded sample); null: all
+    seed: NonNegInt  # the sample's
 
     @model_validator(mode="after")
     def _path_given(self) -> TokenizerParams:
@@ -148,6 +150,7 @@ class CodebookParams(Strict):
 
     n_codes: Annotated[int, Field(ge=2, le=65536)]  # K (not "size": DVC ignores that name)
     samples: PosInt  # training patches sampled for k-means
+    max_shards: PosInt | None  # train shards read for them (a seeded sample); null: all
     iters: PosInt
     seed: NonNegInt
 

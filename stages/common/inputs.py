@@ -79,3 +79,15 @@ def require_made_from(recorded: str | None, current: Path, made: Path, stage: st
             f"{made} was made from another {current.name} than {current}: remake it with "
             f"{how_to_make(stage)}"
         )
+
+
+def bounded(paths: list, k: int | None, seed: int) -> list:
+    """At most ``k`` of ``paths``: all of them (in order) when there are no more, else a seeded
+    sample kept in their order. What a stage trains on stays bounded whatever the corpus size,
+    and the same params give the same sample."""
+    if k is None or len(paths) <= k:
+        return list(paths)
+    import numpy as np
+
+    keep = np.random.default_rng([seed, len(paths)]).choice(len(paths), size=k, replace=False)
+    return [paths[i] for i in sorted(keep)]

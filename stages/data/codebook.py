@@ -1,8 +1,9 @@
 """The visual codebook (stage ``codebook``, entry point stages/codebook.py): the discrete
 visual tokenizer, k-means codes over training image patches.
 
-Streams the TRAIN shards of the image kinds (caption, interleaved) one shard at a time, keeps a
-uniform reservoir sample of ``codebook.samples`` patches (memory bounded by the sample, not the
+Streams the TRAIN shards of the image kinds (caption, interleaved; all of them, or a seeded sample
+of ``codebook.max_shards`` when there are more) one shard at a time, keeps a uniform reservoir
+sample of ``codebook.samples`` patches (memory bounded by the sample, not the
 corpus), normalises them as every architecture does (model/patches.py: global scaling to
 [-1, 1], channel-last) and runs k-means: greedy k-means++ seeding, then at most
 ``codebook.iters`` Lloyd iterations, stopping early when no assignment changes. A cluster left
@@ -32,6 +33,7 @@ from tqdm import tqdm
 
 from model.discrete import VisualCodebook, nearest_code
 from model.patches import normalise, patchify
+from stages.common.inputs import bounded
 from stages.data.shard_format import load_info, read_shard, shard_paths
 from stages.params import CodebookParams
 
@@ -48,9 +50,13 @@ class CodebookError(ValueError):
 # --- sampling -------------------------------------------------------------------------------
 
 
-def train_patches(shards: Path, image_size: int, patch_size: int) -> Iterator[np.ndarray]:
-    """Per train shard of the image kinds: its patches ``(m, 3 p²)`` uint8, in stored order."""
+def train_patches(
+    shards: Path, image_size: int, patch_size: int, max_shards: int | None = None, seed: int = 0
+) -> Iterator[np.ndarray]:
+    """Per train shard of the image kinds (all, or a seeded sample of ``max_shards``): its
+    patches ``(m, 3 p²)`` uint8, in stored order."""
     paths = [p for kind in IMAGE_KINDS for p in shard_paths(shards, "train", kind)]
+    paths = bounded(paths, max_shards, seed)
     for path in tqdm(paths, desc="codebook: sample patches", unit="shard"):
         images = [s.images for s in read_shard(path) if len(s.images)]
         if not images:
@@ -220,7 +226,8 @@ def build_codebook(shards: Path, params: CodebookParams) -> tuple[VisualCodebook
     info = load_info(shards)
     S, p, K = info["image_size"], info["patch_size"], params.n_codes
     rng = np.random.default_rng([params.seed, 0])
-    patches, seen = reservoir_sample(train_patches(shards, S, p), params.samples, rng)
+    source = train_patches(shards, S, p, params.max_shards, params.seed)
+    patches, seen = reservoir_sample(source, params.samples, rng)
     if seen == 0:
         raise CodebookError(
             f"no images in the train shards of {', '.join(IMAGE_KINDS)} under {shards}"

@@ -211,9 +211,10 @@ def iter_tar_groups(source: str | Path | BinaryIO) -> Iterator[tuple[str, dict[s
         yield key, group
 
 
-def iter_docs(root: str | Path, kind: str) -> Iterator[Doc]:
-    """Stream the canonical corpus of one kind (as written by :class:`CorpusWriter`)."""
-    for path in corpus_files(root, kind):
+def iter_docs(root: str | Path, kind: str, files: list[Path] | None = None) -> Iterator[Doc]:
+    """Stream the canonical corpus of one kind (as written by :class:`CorpusWriter`): all its
+    files, or ``files`` of them."""
+    for path in corpus_files(root, kind) if files is None else files:
         if kind == "caption":
             for key, g in iter_tar_groups(path):
                 ext = next(e for e in IMAGE_EXTS if e in g)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from stages.data.corpus_format import iter_docs
+from stages.common.inputs import bounded
+from stages.data.corpus_format import corpus_files, iter_docs
 from stages.data.kinds import KINDS
 from stages.params import TokenizerParams
 
@@ -32,10 +33,12 @@ SPECIAL_TOKENS = {
 }
 
 
-def corpus_texts(corpus: Path) -> Iterator[str]:
+def corpus_texts(corpus: Path, max_files: int | None = None, seed: int = 0) -> Iterator[str]:
+    """Every text of the corpus, or of a seeded sample of ``max_files`` files per kind."""
     for kind in KINDS:
-        for doc in iter_docs(corpus, kind):
-            yield from (t for t in doc.texts if t)
+        for path in bounded(corpus_files(corpus, kind), max_files, seed):
+            for doc in iter_docs(corpus, kind, [path]):
+                yield from (t for t in doc.texts if t)
 
 
 def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int) -> Tokenizer:
@@ -82,4 +85,5 @@ def build(params: TokenizerParams, corpus: Path) -> Tokenizer:
         except Exception as e:  # the library raises a bare Exception on bad JSON
             raise ValueError(f"tokenizer.path: {path} is not a valid tokenizer.json: {e}") from e
         return with_special_tokens(tok)
-    return train_bpe(corpus_texts(corpus), params.vocab_size, params.min_frequency)
+    texts = corpus_texts(corpus, params.max_files, params.seed)
+    return train_bpe(texts, params.vocab_size, params.min_frequency)

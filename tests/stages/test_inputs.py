@@ -63,3 +63,13 @@ def test_a_bad_params_file_stops_every_stage_naming_the_key(tmp_path, caplog):
         with caplog.at_level(logging.ERROR):
             assert main(["--params", str(bad)]) == 2, main.__module__
         assert "unknown key 'shards.patch_sise'" in caplog.text and "patch_size" in caplog.text
+
+
+def test_bounded_keeps_everything_under_the_bound_and_a_seeded_ordered_sample_above():
+    from stages.common.inputs import bounded
+
+    items = [f"f{i:03d}" for i in range(100)]
+    assert bounded(items, None, 0) == items == bounded(items, 100, 0)
+    some = bounded(items, 10, 0)
+    assert len(some) == 10 and some == sorted(some) and set(some) <= set(items)
+    assert some == bounded(items, 10, 0) and some != bounded(items, 10, 1)

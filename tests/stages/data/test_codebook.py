@@ -110,3 +110,22 @@ def test_stage_cli_end_to_end_and_byte_identical(tiny_data, tmp_path):
 
     write_study(params, {"codebook": {"n_codes": 65536, "samples": 3000}})
     assert main(["--params", str(params), "--shards", str(tiny_data.shards), "--out", "x"]) == 1
+
+
+def test_max_shards_draws_the_sample_from_a_seeded_subset_of_the_train_shards(tiny_data):
+    """codebook.max_shards: 1 reads one train shard (fewer patches seen, the same on a rerun);
+    a bound above the shard count reads them all, as null does."""
+    from stages.data.codebook import train_patches
+
+    paths = [p for kind in ("caption", "interleaved") for p in shard_paths(tiny_data.shards, "train", kind)]  # fmt: skip
+    assert len(paths) >= 2
+    per_shard = [len(x) for x in train_patches(tiny_data.shards, 32, 8)]
+    one = [len(x) for x in train_patches(tiny_data.shards, 32, 8, max_shards=1, seed=3)]
+    assert len(one) == 1 and one[0] in per_shard
+    assert one == [len(x) for x in train_patches(tiny_data.shards, 32, 8, max_shards=1, seed=3)]
+    every = [len(x) for x in train_patches(tiny_data.shards, 32, 8, max_shards=len(paths))]
+    assert every == per_shard
+    _, report = build_codebook(tiny_data.shards, _params(n_codes=8, samples=ALL, iters=2,
+                                                          max_shards=1))  # fmt: skip
+    seed3 = [len(x) for x in train_patches(tiny_data.shards, 32, 8, max_shards=1, seed=0)]
+    assert report["patches_seen"] == seed3[0] < sum(per_shard)

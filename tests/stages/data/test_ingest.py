@@ -332,3 +332,20 @@ def test_stale_corpus_files_are_replaced(tmp_path):
     ingest(params, tmp_path / "corpus", samples_per_file=1)  # five files
     ingest(params, tmp_path / "corpus", samples_per_file=5)  # one file
     assert len(list(iter_docs(tmp_path / "corpus", "text"))) == 5
+
+
+def test_the_tokenizer_trains_on_a_seeded_sample_of_files_per_kind(tmp_path):
+    """tokenizer.max_files: 1 reads one corpus file per kind (texts of 3 files, a subset of all),
+    the same on a rerun; a bound above the file count reads everything in order."""
+    from stages.data.corpus_format import corpus_files
+    from stages.data.tokenizer import corpus_texts
+
+    params, _ = build(tmp_path)
+    out = tmp_path / "corpus"
+    ingest(params, out, samples_per_file=2)
+    every = list(corpus_texts(out))
+    assert all(len(corpus_files(out, k)) >= 2 for k in ("caption", "interleaved", "text"))
+    assert list(corpus_texts(out, max_files=100)) == every
+    one = list(corpus_texts(out, max_files=1, seed=5))
+    assert one == list(corpus_texts(out, max_files=1, seed=5))
+    assert 3 <= len(one) < len(every) and set(one) <= set(every)
