@@ -24,6 +24,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ class FamilyFit:
     holdout_theta: np.ndarray | None = None  # the hold-out refit's optimum
     loso_thetas: dict[float, np.ndarray] = field(default_factory=dict)  # per left-out size
 
-    @property
+    @cached_property
     def basins(self) -> dict[str, Any]:
         """Whether the resamples left the optimum's basin (stages/scaling/bootstrap.py)."""
         return basins(self.search, self.boot)
@@ -276,6 +277,12 @@ def _fit_one_family(
                      searches[1].theta if len(searches) > 1 else None, loso_thetas)  # fmt: skip
 
 
+def seeded(seed: int, label: str) -> np.random.Generator:
+    """A generator of its own per ``label`` (a fit's family, its refits): adding or reordering
+    families or fits changes no other draws."""
+    return np.random.default_rng([seed, int(hashlib.sha256(label.encode()).hexdigest()[:8], 16)])
+
+
 COVERAGE_FOLDS = 8
 """At most this many model sizes (spread from the smallest to the largest) get a bootstrapped
 leave-one-size-out refit for the coverage check: a table whose every run has its own N (a
@@ -305,12 +312,11 @@ def interval_checks(
                        .astype(int)}) if sizes else []  # fmt: skip
         refits += [("loso", s != N, f.loso_thetas[s], s == N) for s in pick]
         cols = {w: (np.full(n, np.nan), np.full(n, np.nan)) for w in ("heldout", "loso")}
-        rng = np.random.default_rng(
-            [seed, int(hashlib.sha256(f"{key}/{f.family}/refits".encode()).hexdigest()[:8], 16)]
-        )
-        boots = (refit_bootstraps(runs, p, f.search, fit, [r[1:3] for r in refits], rng, key)
-                 if refits and fit.bootstrap else [])  # fmt: skip
-        for (which, mask, theta, target), thetas in zip(refits, boots, strict=False):
+        if not (refits and fit.bootstrap):
+            refits = []  # no refit to check: NaN, and the union has no interval there
+        rng = seeded(seed, f"{key}/{f.family}/refits")
+        boots = refit_bootstraps(runs, p, f.search, fit, [r[1:3] for r in refits], rng, key)
+        for (which, mask, theta, target), thetas in zip(refits, boots, strict=True):
             law = family.law(theta, f.search.log_floor)
             laws = [family.law(t, f.search.log_floor) for t in thetas if np.isfinite(t).all()]
             r = predictive.widened_residuals(L[mask], law.loss(N[mask], D[mask]), family.n_params)
@@ -374,9 +380,7 @@ def fit_target(
     log_floor = math.log(floor) if floor is not None else None
     families = {}
     for name in names:
-        rng = np.random.default_rng(
-            [seed, int(hashlib.sha256(f"{key}/{name}".encode()).hexdigest()[:8], 16)]
-        )
+        rng = seeded(seed, f"{key}/{name}")
         families[name] = _fit_one_family(name, runs, p, fit, held, log_floor, budget, rng, key)
     choice, why, tied = choose(families, L, held, floor, fit)
     chosen = families[choice]
