@@ -186,13 +186,16 @@ class RunConfig:
     micro_batch_rows: int  # rows per forward/backward pass on each process
     activation_checkpointing: bool
     attention: str  # sdpa | flex (model/decoder.py)
+    loader_workers: int  # processes that read and decode shards ahead (0: the training process)
+    loader_prefetch: int  # shards per kind read ahead by them
     vocab_source: str  # shards | params (planned before the data existed)
     image_share: float | None  # expected share of image tokens in a batch: the shards', or
     # before them params plan.image_share (None: unknown)
     HOW = ("eval_every_steps", "log_every_steps", "checkpoint_every_steps", "checkpoint_format",
            "checkpoint_store", "checkpoint_async", "branch_cooldowns",
            "branch_steps", "processes", "threads", "sharding", "micro_batch_rows",
-           "activation_checkpointing", "attention", "vocab_source", "image_share")  # fmt: skip
+           "activation_checkpointing", "attention", "loader_workers", "loader_prefetch",
+           "vocab_source", "image_share")  # fmt: skip
 
     @classmethod
     def build(cls, params: Params, point: Point, info: dict[str, Any] | None) -> RunConfig:
@@ -253,6 +256,8 @@ class RunConfig:
             micro_batch_rows=min(tp.micro_batch_rows or share, share) or 1,
             activation_checkpointing=tp.activation_checkpointing,
             attention=tp.attention,
+            loader_workers=tp.loader_workers,
+            loader_prefetch=tp.loader_prefetch,
             vocab_source=shape["vocab_source"],
             image_share=(
                 image_share(info, model.image_tokens, params.grid.mixtures[point.mixture].as_dict())

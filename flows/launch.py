@@ -73,7 +73,7 @@ class Launch:
         cmd += ["--shards", str(self.shards), "--workdir", str(self.results)]
         cmd += ["--point-id", job.point_id]
         # a missing codebook: flows.train sees no file, as the fingerprint here did
-        cmd += ["--codebook", str(self.codebook or self.shards / "no-codebook.pt")]
+        cmd += ["--codebook", str(self.codebook or Path(self.results) / "no-codebook.pt")]
         return cmd
 
     def write_config(self, job: Job) -> None:

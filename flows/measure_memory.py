@@ -33,6 +33,7 @@ from flows.training import dist
 from flows.training.run import Run
 from flows.training.step import train_step
 from stages.common.inputs import InputError
+from stages.common.paths import resolve
 from stages.common.stage import setup_logging
 
 
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = RunConfig.from_json(Path(args.config).read_text())
         if why := dist.world_mismatch(cfg.processes):
             raise ValueError(why)
-        out = measure(cfg, Path(args.shards), args.steps)
+        out = measure(cfg, resolve(args.shards), args.steps)
     except (OSError, ValueError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -48,9 +48,9 @@ from typing import Any
 
 from flows.config import Point, RunConfig, check_batch_split
 from model.archs import Variant, variant
-from stages.common.inputs import require, require_made_from, require_set
+from stages.common.inputs import digest, require, require_made_from, require_set
 from stages.common.paths import ROOT
-from stages.data.shard_format import load_info
+from stages.data.shard_format import is_url, join, load_info
 from stages.params import Params
 
 CODE = ("model", "stages/data/loader.py", "stages/data/shard_format.py", "stages/data/kinds.py",
@@ -84,8 +84,8 @@ def check_inputs(params: Params, shards: Path, codebook: Path) -> None:
     them (stages/common/inputs.py errors name the file and the command that makes it); the
     checkpoint store set, not a study file's placeholder."""
     require_set("train.checkpoint_store", params.train.checkpoint_store)
-    manifest = require(Path(shards) / "manifest.parquet", "shards", "the shards' manifest")
-    require(Path(shards) / "info.json", "shards", "the shards' info")
+    manifest = require(join(shards, "manifest.parquet"), "shards", "the shards' manifest")
+    require(join(shards, "info.json"), "shards", "the shards' info")
     if any(variant(a).base == "discrete" for a in params.grid.archs):
         require(codebook, "codebook", "the visual codebook (arch discrete)")
         report = Path(codebook).parent / "report.json"
@@ -176,10 +176,16 @@ class Fingerprints:
 
 
 def fingerprints(shards: Path, codebook: Path | None, root: Path = ROOT) -> Fingerprints:
-    """Fingerprints of the shards at ``shards`` (none when they do not exist yet), the codebook
-    file and the code under ``root``."""
-    manifest = Path(shards) / "manifest.parquet"
-    data = file_digest(manifest) if manifest.is_file() else None
+    """Fingerprints of the shards at ``shards`` (a folder or URL; none when they do not exist
+    yet), the codebook file and the code under ``root``."""
+    manifest = join(shards, "manifest.parquet")
+    if is_url(manifest):
+        try:
+            data = digest(manifest)
+        except FileNotFoundError:
+            data = None
+    else:
+        data = file_digest(manifest) if manifest.is_file() else None
     info = load_info(shards) if data is not None else None
     cb = file_digest(codebook) if codebook is not None and Path(codebook).is_file() else None
     return Fingerprints(data, cb, _digests(Path(root).resolve()), info)

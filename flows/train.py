@@ -24,6 +24,7 @@ from flows.config import RunConfig
 from flows.training.dist import teardown
 from flows.training.point import PlanMismatch, train_point
 from stages.common.inputs import InputError
+from stages.common.paths import resolve
 from stages.common.stage import setup_logging
 
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         codebook = Path(args.codebook) if Path(args.codebook).exists() else None
         rec = train_point(
             cfg,
-            shards=Path(args.shards),
+            shards=resolve(args.shards),
             codebook=codebook,
             workdir=Path(args.workdir),
             expect_id=args.point_id,

@@ -130,6 +130,14 @@ class ShardsParams(Strict):
     patch_size: PosInt
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]
     samples_per_shard: PosInt
+    # encoded: each image's source bytes where its size is already image_size square, else
+    # re-encoded as `encode`; raw: uint8 pixels (.npy, ~10x the bytes of the source's JPEGs)
+    images: Literal["encoded", "raw"]
+    encode: Literal["png", "jpeg", "webp"]  # png: lossless
+    quality: Annotated[int, Field(ge=1, le=100)]  # jpeg / webp
+    # null: the shards in data/shards; a URL (s3://bucket/prefix): written there, and
+    # data/shards keeps their manifest (what DVC versions) and info
+    url: str | None
 
     @model_validator(mode="after")
     def _patches_tile(self) -> ShardsParams:
@@ -179,6 +187,10 @@ class DataParams(Strict):
     """How training rows are built (the mixtures a point trains on are ``grid.mixtures``)."""
 
     context_length: PosInt  # tokens per packed row
+    # where the data stages' per-file tasks run (stages/common/engine.py): local processes, or
+    # a Ray cluster at `address` (host:port of its head, or auto)
+    engine: Literal["local", "ray"]
+    address: str | None
 
 
 class ModelParams(Strict):
@@ -293,6 +305,10 @@ class TrainParams(Strict):
     activation_checkpointing: bool  # recompute each block's activations in the backward pass
     # sdpa: a dense mask; flex: FlexAttention's block mask (GPU only: no CPU backward in torch)
     attention: Literal["sdpa", "flex"]
+    # processes per point process that read shards (local or URLs) and decode their images
+    # ahead of use, loader_prefetch shards per kind each; 0: read in the training process
+    loader_workers: NonNegInt
+    loader_prefetch: PosInt
     device: Literal["auto", "cpu", "cuda"]
     compile: bool  # torch.compile on GPU
 

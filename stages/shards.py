@@ -1,9 +1,9 @@
-"""Stage ``shards``: tokenize every corpus sample into webdataset train/val shards per kind.
+"""Stage ``shards``: tokenize every corpus sample into webdataset train/val shards, one task
+per corpus file (local processes or a Ray cluster: ``data.engine``).
 
 Reads ``data/corpus`` and ``data/tokenizer/tokenizer.json``; writes
-``data/shards/{train,val}/{kind}-NNNNNN.tar``, ``manifest.parquet`` and ``info.json`` (layout in
-stages/data/shard_format.py). Streams: memory does not grow with the corpus. Deterministic: the same
-corpus, tokenizer and params give byte-identical shards (fixed tar mtime, stable key-hash split).
+``data/shards/{train,val}/{kind}-FFFFFF-KKKK.tar`` (or to ``shards.url``), ``manifest.parquet``
+and ``info.json`` (stages/data/shards.py, layout in stages/data/shard_format.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from stages.common.inputs import require
+from stages.common.inputs import require, require_set
 from stages.common.stage import entry_point, parser
 from stages.data.shards import build_shards
 from stages.params import load_params
@@ -25,15 +25,20 @@ log = logging.getLogger(__name__)
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__, corpus="data/corpus", tokenizer="data/tokenizer/tokenizer.json",
                 out="data/shards")  # fmt: skip
-    ap.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="local processes (default: one per CPU; data.engine: ray ignores it)",
+    )
     args = ap.parse_args(argv)
     params = load_params(args.params)
     require(Path(args.corpus) / "report.json", "corpus", "the corpus")
     require(args.tokenizer, "tokenizer", "the tokenizer")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
-    rows = build_shards(
-        Path(args.corpus), Path(args.tokenizer), Path(args.out), params.shards, args.workers
-    )
+    require_set("shards.url", params.shards.url)
+    rows = build_shards(Path(args.corpus), Path(args.tokenizer), Path(args.out), params.shards,
+                        args.workers, params.data.engine, params.data.address)  # fmt: skip
     log.info("wrote %d shards, %d samples", len(rows), sum(r["samples"] for r in rows))
     return 0
 

@@ -40,6 +40,7 @@ from model.counting import training_compute
 from stages.common.inputs import require
 from stages.common.provenance import git_revision
 from stages.data.kinds import KINDS, TARGETS
+from stages.data.shard_format import join
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def train_point(
     fp = fingerprints(shards, codebook)
     pid, gid = point_id(cfg, fp), group_id(cfg, fp)
     if pid is None:
-        require(Path(shards) / "manifest.parquet", "shards", "the shards' manifest")
+        require(join(shards, "manifest.parquet"), "shards", "the shards' manifest")
     if expect_id is not None and pid != expect_id:
         raise PlanMismatch(
             f"{cfg.point.label}: planned as {expect_id} but its id is now {pid}: the code or the "
@@ -122,6 +123,8 @@ def train_point(
     except Diverged as e:
         rec["status"], rec["error"] = "failed", str(e)
         log.warning("point %s failed: %s", pid, e)
+    finally:
+        run.loader.close()  # (its reader processes, if any)
     rec |= _totals(run, time.perf_counter() - wall0, startup_s)
     if not dist.writer():  # rank 0 records the point
         return rec
@@ -174,6 +177,9 @@ def _totals(run: Run, wall: float, startup_s: float | None) -> dict[str, Any]:
     timing = {f"time_{k}_s": v for k, v in run.timing.items()}
     timing["time_other_s"] = max(0.0, wall - sum(run.timing.values()))
     timing["time_startup_s"] = startup_s
+    # of time_data_s: waiting for shards to be read and their images decoded (all of that
+    # reading without loader workers; with them, only what they had not done ahead)
+    timing["data_wait_s"] = run.loader.wait_s
     return {
         **timing,
         "D": c.tokens,

@@ -34,6 +34,7 @@ from flows.training.checkpoints import STATE, Slot, Version
 from model.model import MultimodalLM
 from stages.common.inputs import StaleInput, how_to_make, require
 from stages.data.loader import PackedLoader
+from stages.data.shard_format import is_url
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class Run:
         t0 = time.perf_counter()
         # where this process's wall time went (seconds; per process, never checkpointed)
         self.timing = dict.fromkeys(("build", "data", "steps", "eval", "checkpoint"), 0.0)
-        self.cfg, self.shards, self.code = cfg, Path(shards), code
+        self.cfg, self.shards, self.code = cfg, shards if is_url(shards) else Path(shards), code
         self.fault_at: int | None = None
         cb = None
         if cfg.model.arch == "discrete":
@@ -114,8 +115,9 @@ class Run:
             self.forward = self.ddp
         self.opt = build_optimizer(self.model, cfg)  # (over the sharded parameters, if sharded)
         self.loader = PackedLoader(
-            shards, cfg.schedule.batch_rows, cfg.context_length, cfg.mixture, seed=cfg.point.seed
-        )
+            shards, cfg.schedule.batch_rows, cfg.context_length, cfg.mixture, seed=cfg.point.seed,
+            workers=cfg.loader_workers, prefetch=cfg.loader_prefetch,
+        )  # fmt: skip
         self.c = Counters()
         self.pending: tuple | None = None  # a save whose commit waits (:meth:`settle`)
         if self.device.type == "cuda" and cfg.compile:

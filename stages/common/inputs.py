@@ -56,7 +56,15 @@ def how_to_make(stage: str) -> str:
 
 def require(path: str | Path, stage: str | None, what: str | None = None) -> Path:
     """``path``, which stage ``stage`` makes (None: the user gives it); :class:`MissingInput` if
-    it does not exist."""
+    it does not exist. A URL (``s3://...``) is looked up in its storage and returned as it is."""
+    if "://" in str(path):
+        import fsspec
+
+        fs, inner = fsspec.core.url_to_fs(str(path))
+        if not fs.exists(inner):
+            made = f": it is made by the stage {stage!r}, {how_to_make(stage)}" if stage else ""
+            raise MissingInput(f"{what or 'input'} {path} not found{made}")
+        return path  # type: ignore[return-value]
     path = Path(path)
     if not path.exists():
         made = f": it is made by the stage {stage!r}, {how_to_make(stage)}" if stage else ""
@@ -65,7 +73,13 @@ def require(path: str | Path, stage: str | None, what: str | None = None) -> Pat
 
 
 def digest(path: str | Path) -> str:
-    """sha256 of a file, what a stage records of an input it was made from."""
+    """sha256 of a file (or of an object at a URL), what a stage records of an input it was
+    made from."""
+    if "://" in str(path):
+        import fsspec
+
+        with fsspec.open(str(path), "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -76,7 +90,8 @@ def require_made_from(recorded: str | None, current: Path, made: Path, stage: st
     output that did not record it, which is not checked)."""
     if recorded is not None and recorded != digest(current):
         raise StaleInput(
-            f"{made} was made from another {current.name} than {current}: remake it with "
+            f"{made} was made from another {str(current).rsplit('/', 1)[-1]} than {current}: "
+            f"remake it with "
             f"{how_to_make(stage)}"
         )
 

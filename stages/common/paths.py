@@ -8,5 +8,8 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository (its params.yaml, d
 
 
 def resolve(path: str | Path) -> Path:
-    """An argument path as an absolute one (``~`` expanded; relative to the working directory)."""
+    """An argument path as an absolute one (``~`` expanded; relative to the working directory).
+    A URL (``s3://bucket/shards``) is returned as it is, a string."""
+    if "://" in str(path):
+        return path  # type: ignore[return-value]
     return Path(path).expanduser().resolve()

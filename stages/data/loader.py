@@ -12,11 +12,22 @@ visits its shards in an order drawn per epoch and the samples of a shard in an o
 (epoch, shard). The loader's whole state is therefore the step and, per kind, (epoch, shard,
 sample, token offset): :meth:`PackedLoader.state_dict` saves it and ``start_step`` or
 :meth:`PackedLoader.load_state_dict` resume exactly where a run stopped.
+
+Reading: shards are local paths or URLs (``s3://...``: read by fsspec). A shard is read and its
+images decoded either in the training process when it is needed (``workers=0``) or, ahead of
+use, by ``workers`` background processes (:class:`ShardReader`): each stream asks for its next
+``prefetch`` shards in the order it will visit them, so the batches are the same either way;
+:attr:`PackedLoader.wait_s` is the time the loader waited for a shard.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -71,12 +82,72 @@ class StreamState:
     offset: int = 0  # tokens of the current document already used
 
 
-class KindStream:
-    """The documents of one kind in a seeded order, one shard in memory at a time."""
+def _exit_with_parent(parent: int) -> None:
+    """(In a reader process) end when the training process is gone, even killed with -9."""
 
-    def __init__(self, shards: list[Path], seed: int, kind_index: int, repeat: bool, shuffle: bool):
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+class ShardReader:
+    """Reads shards and decodes their images: in the caller (``workers=0``) or ahead of use in
+    ``workers`` processes (spawned: safe beside torch threads and process groups)."""
+
+    def __init__(self, image_size: int, workers: int = 0):
+        self.image_size = image_size
+        self.pool: ProcessPoolExecutor | None = None
+        if workers:
+            ctx = mp.get_context("spawn")
+            self.pool = ProcessPoolExecutor(
+                workers, mp_context=ctx, initializer=_exit_with_parent, initargs=(os.getpid(),)
+            )
+        self.pending: dict[str | Path, Future] = {}
+        self.wait_s = 0.0  # time the caller waited for a shard (read and decoded in it or not)
+
+    def ahead(self, path: str | Path) -> None:
+        """Start reading ``path`` in a worker (no-op without workers or if already started)."""
+        if self.pool is not None and path not in self.pending:
+            self.pending[path] = self.pool.submit(read_shard, path, self.image_size)
+
+    def read(self, path: str | Path) -> list[Sample]:
+        t0 = time.perf_counter()
+        if self.pool is None:
+            samples = read_shard(path, self.image_size)
+        else:
+            self.ahead(path)
+            samples = self.pending.pop(path).result()
+        self.wait_s += time.perf_counter() - t0
+        return samples
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for f in self.pending.values():
+                f.cancel()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool, self.pending = None, {}
+
+
+class KindStream:
+    """The documents of one kind in a seeded order, one shard in memory at a time (the next
+    ``prefetch`` being read ahead when the reader has workers)."""
+
+    def __init__(
+        self,
+        shards: list[str | Path],
+        seed: int,
+        kind_index: int,
+        repeat: bool,
+        shuffle: bool,
+        reader: ShardReader,
+        prefetch: int = 0,
+    ):
         self.shards, self.seed, self.kind_index = shards, seed, kind_index
         self.repeat, self.shuffle = repeat, shuffle
+        self.reader, self.prefetch = reader, prefetch
         self.state = StreamState()
         self._loaded: tuple[int, int] | None = None  # (epoch, shard) held in _samples
         self._samples: list[Sample] = []
@@ -95,14 +166,30 @@ class KindStream:
                     return None
                 st.epoch, st.shard, st.sample, st.offset = st.epoch + 1, 0, 0, 0
             if self._loaded != (st.epoch, st.shard):
-                path = self.shards[self._order(len(self.shards), st.epoch)[st.shard]]
-                samples = read_shard(path)
+                samples = self.reader.read(self._path(st.epoch, st.shard))
+                for e, k in self._after(st.epoch, st.shard, self.prefetch):
+                    self.reader.ahead(self._path(e, k))
                 order = self._order(len(samples), st.epoch, st.shard)
                 self._samples = [samples[i] for i in order]
                 self._loaded = (st.epoch, st.shard)
             if st.sample < len(self._samples):
                 return self._samples[st.sample]
             st.shard, st.sample, st.offset = st.shard + 1, 0, 0
+
+    def _path(self, epoch: int, shard: int) -> str | Path:
+        return self.shards[self._order(len(self.shards), epoch)[shard]]
+
+    def _after(self, epoch: int, shard: int, n: int) -> list[tuple[int, int]]:
+        """The (epoch, position) of the ``n`` shards this stream visits after this one."""
+        out = []
+        while len(out) < n:
+            shard += 1
+            if shard >= len(self.shards):
+                if not self.repeat:
+                    break
+                epoch, shard = epoch + 1, 0
+            out.append((epoch, shard))
+        return out
 
     def next_doc(self) -> None:
         self.state.sample += 1
@@ -206,9 +293,15 @@ class PackedLoader:
         seed: int = 0,
         split: str = "train",
         start_step: int = 0,
+        workers: int = 0,
+        prefetch: int = 2,
     ):
+        """``shards_dir``: a folder or URL; ``workers``: processes that read and decode shards
+        ahead (0: here, when needed), ``prefetch`` of them per kind."""
         self.batch_size, self.seed = batch_size, seed
-        self.packer = RowPacker(load_info(shards_dir), context_length)
+        info = load_info(shards_dir)
+        self.packer = RowPacker(info, context_length)
+        self.reader = ShardReader(info["image_size"], workers)
         self.probs = np.array([mixture.get(k, 0.0) for k in KINDS], dtype=np.float64)
         if not np.isclose(self.probs.sum(), 1.0) or (self.probs < 0).any():
             raise ValueError(f"mixture must be non-negative and sum to 1, got {mixture}")
@@ -217,10 +310,20 @@ class PackedLoader:
             paths = shard_paths(shards_dir, split, kind)
             if self.probs[i] > 0 and not paths:
                 raise ValueError(f"mixture gives {kind} p={self.probs[i]} but no {split} shards")
-            self.streams.append(KindStream(paths, seed, i, repeat=True, shuffle=True))
+            stream = KindStream(paths, seed, i, True, True, self.reader, prefetch)
+            self.streams.append(stream)
         self.step = 0
         for _ in range(start_step):  # replay: exactly the state an uninterrupted run had
             self.next_batch()
+
+    @property
+    def wait_s(self) -> float:
+        """Seconds spent waiting for shards (reading and decoding them, without workers)."""
+        return self.reader.wait_s
+
+    def close(self) -> None:
+        """Stop the reader processes (a loader without workers holds none)."""
+        self.reader.close()
 
     def kinds_at(self, step: int) -> list[int]:
         rng = np.random.default_rng([self.seed, step])
@@ -249,8 +352,11 @@ def val_batches(
     shards_dir: str | Path, kind: str, batch_size: int, context_length: int
 ) -> Iterator[Batch]:
     """Every validation document of one kind once, in stored order, packed like training."""
-    packer = RowPacker(load_info(shards_dir), context_length)
-    stream = KindStream(shard_paths(shards_dir, "val", kind), 0, KINDS.index(kind), False, False)
+    info = load_info(shards_dir)
+    packer = RowPacker(info, context_length)
+    reader = ShardReader(info["image_size"])
+    stream = KindStream(shard_paths(shards_dir, "val", kind), 0, KINDS.index(kind), False, False,
+                        reader)  # fmt: skip
     k = KINDS.index(kind)
     while True:
         rows = []

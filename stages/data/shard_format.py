@@ -3,7 +3,8 @@
 This is the contract between the ``shards`` stage (writer) and the loader (reader); both go
 through this module and nothing else knows the layout.
 
-A shard is a webdataset tar ``data/shards/{split}/{kind}-NNNNNN.tar``; each sample has
+A shard is a webdataset tar ``data/shards/{split}/{kind}-FFFFFF-KKKK.tar`` (or at a URL,
+``shards.url``); each sample has
 
 - ``KEY.ids.npy``: int32 token ids of the whole document::
 
@@ -11,8 +12,11 @@ A shard is a webdataset tar ``data/shards/{split}/{kind}-NNNNNN.tar``; each samp
 
   one ``<image>`` placeholder per patch (``T = (image_size / patch_size)²``), segments in the
   document's reading order (caption: the image, then its caption);
-- ``KEY.images.npy``: uint8 ``(n_images, image_size, image_size, 3)``, the images in order,
-  centre-cropped and resized to the configured resolution;
+- the images in order, centre-cropped and resized to the configured resolution, either
+  encoded, ``KEY.img0.png``, ``KEY.img1.jpg``, ... (``shards.images: encoded``: the source's
+  own bytes where it already had that size, else re-encoded as ``shards.encode``), or raw,
+  ``KEY.images.npy``, uint8 ``(n_images, image_size, image_size, 3)`` (``shards.images: raw``);
+  readers get the decoded RGB pixels either way (:func:`decode_record`);
 - ``KEY.tags.npy`` (synthetic data only): int32 per position, ``rank * 4 + role`` of the word
   a text token belongs to (roles: template, name, attribute, value; rank 0: no entity;
   stages/data/synthetic.py), 0 at specials and image positions;
@@ -20,7 +24,8 @@ A shard is a webdataset tar ``data/shards/{split}/{kind}-NNNNNN.tar``; each samp
   ``entropy_nats`` and ``entropy_nats_blind`` (the synthetic world's floor for this document
   with and without its images, or null).
 
-``data/shards/manifest.parquet`` has one row per shard (:data:`MANIFEST_SCHEMA`) and
+``data/shards/manifest.parquet`` has one row per shard (:data:`MANIFEST_SCHEMA`; its ``path``
+relative to the folder, or the shard's URL) and
 ``data/shards/info.json`` the constants a reader needs (special ids, T, image size).
 """
 
@@ -30,6 +35,7 @@ import hashlib
 import io
 import json
 import re
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +43,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 from PIL import Image
 
 from stages.data.kinds import KINDS
@@ -45,7 +50,7 @@ from stages.data.kinds import KINDS
 SPLITS = ("train", "val")
 MANIFEST_SCHEMA = pa.schema(
     [
-        ("path", pa.string()),  # relative to the shards directory
+        ("path", pa.string()),  # relative to the shards directory, or a URL
         ("kind", pa.string()),
         ("split", pa.string()),
         ("samples", pa.int64()),
@@ -78,6 +83,8 @@ class Sample:
     entropy_nats: float | None
     entropy_nats_blind: float | None = None
     tags: np.ndarray | None = None  # (L,) int32 word tags, synthetic data only
+    # the images as stored (extension, bytes), written instead of the raw ``images`` when set
+    encoded: list[tuple[str, bytes]] | None = None
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -113,6 +120,29 @@ def prepare_image(data: bytes, size: int) -> np.ndarray:
         if im.size != (size, size):
             im = im.resize((size, size), Image.Resampling.BICUBIC)
         return np.asarray(im, dtype=np.uint8)
+
+
+IMAGE_KEY = re.compile(r"img(\d+)\.(png|jpg|webp)")
+
+
+def encode_image(pixels: np.ndarray, fmt: str, quality: int) -> tuple[str, bytes]:
+    """``pixels`` (uint8 HWC) encoded as ``fmt`` (png: lossless; jpeg/webp at ``quality``)."""
+    buf = io.BytesIO()
+    im = Image.fromarray(pixels)
+    if fmt == "png":
+        im.save(buf, format="PNG")
+        return "png", buf.getvalue()
+    if fmt == "jpeg":
+        im.save(buf, format="JPEG", quality=quality)
+        return "jpg", buf.getvalue()
+    im.save(buf, format="WEBP", quality=quality)
+    return "webp", buf.getvalue()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Stored image bytes as uint8 RGB pixels (HWC)."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 def token_tags(text: str, word_tags: list[int], offsets: list[tuple[int, int]]) -> list[int]:
@@ -166,19 +196,34 @@ def sample_record(s: Sample) -> dict[str, Any]:
         "entropy_nats": s.entropy_nats,
         "entropy_nats_blind": s.entropy_nats_blind,
     }
-    rec = {"__key__": s.key, "ids.npy": _npy(s.ids), "images.npy": _npy(s.images)}
+    rec: dict[str, Any] = {"__key__": s.key, "ids.npy": _npy(s.ids)}
+    if s.encoded is None:
+        rec["images.npy"] = _npy(s.images)
+    else:
+        rec |= {f"img{i}.{ext}": data for i, (ext, data) in enumerate(s.encoded)}
     if s.tags is not None:
         rec["tags.npy"] = _npy(s.tags)
     return rec | {"json": json.dumps(meta, sort_keys=True)}
 
 
-def decode_record(rec: dict[str, Any]) -> Sample:
+def decode_record(rec: dict[str, Any], image_size: int = 0) -> Sample:
+    """One stored sample, its images decoded (``image_size``: the side of the empty image
+    array of a sample without images in an encoded shard; 0 when unknown)."""
     meta = json.loads(rec["json"])
+    if "images.npy" in rec:
+        images = _from_npy(rec["images.npy"])
+    else:
+        found = sorted((int(m.group(1)), k) for k in rec if (m := IMAGE_KEY.fullmatch(k)))
+        if [i for i, _ in found] != list(range(len(found))):
+            raise ValueError(f"sample {rec['__key__']}: images {[k for _, k in found]} not 0..n-1")
+        pixels = [decode_image(rec[k]) for _, k in found]
+        shape = (0, image_size, image_size, 3)
+        images = np.stack(pixels) if pixels else np.zeros(shape, np.uint8)
     return Sample(
         key=rec["__key__"],
         kind=meta["kind"],
         ids=_from_npy(rec["ids.npy"]),
-        images=_from_npy(rec["images.npy"]),
+        images=images,
         targets=meta["targets"],
         entropy_nats=meta["entropy_nats"],
         entropy_nats_blind=meta.get("entropy_nats_blind"),
@@ -212,12 +257,48 @@ def _tar_records(data: bytes) -> list[dict[str, Any]] | None:
     return records if pos <= end else None
 
 
-def read_shard(path: str | Path) -> list[Sample]:
-    """All samples of one shard, in stored order (a shard is small: one is read at a time)."""
-    records = _tar_records(Path(path).read_bytes())
-    if records is None:
-        records = list(wds.WebDataset(str(path), shardshuffle=False, empty_check=False))
-    return [decode_record(rec) for rec in records]
+def read_shard(path: str | Path, image_size: int = 0) -> list[Sample]:
+    """All samples of one shard, in stored order, images decoded (a shard is small: one is read
+    at a time). ``path``: a local path or an fsspec URL (``s3://...``)."""
+    data = read_bytes(path)
+    records = _tar_records(data)
+    if records is None:  # not a plain ustar (written by other tools): the standard reader
+        records = []
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for m in tar:
+                if not m.isfile() or "." not in m.name.rsplit("/", 1)[-1]:
+                    continue
+                head, name = m.name.rsplit("/", 1) if "/" in m.name else ("", m.name)
+                key, ext = name.split(".", 1)
+                key = f"{head}/{key}" if head else key
+                if not records or records[-1]["__key__"] != key:
+                    records.append({"__key__": key})
+                records[-1][ext] = tar.extractfile(m).read()
+    return [decode_record(rec, image_size) for rec in records]
+
+
+def is_url(path: str | Path) -> bool:
+    """Whether ``path`` names an object in storage (``s3://``, ``gs://``, ...): read by fsspec."""
+    return "://" in str(path)
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """The bytes of a local file or of an fsspec URL (credentials and endpoint from the
+    environment only: ``AWS_*`` for S3, ``GOOGLE_APPLICATION_CREDENTIALS`` for GCS)."""
+    if is_url(path):
+        import fsspec
+
+        with fsspec.open(str(path), "rb") as f:
+            return f.read()
+    return Path(path).read_bytes()
+
+
+def join(root: str | Path, rel: str) -> str | Path:
+    """``root/rel`` for a local folder (a Path) or a URL (a string); ``rel`` itself when it is
+    a URL (a manifest row of shards in object storage)."""
+    if is_url(rel):
+        return rel
+    return f"{str(root).rstrip('/')}/{rel}" if is_url(root) else Path(root) / rel
 
 
 def sha256_file(path: str | Path) -> str:
@@ -231,14 +312,21 @@ def split_of(key: str, val_fraction: float) -> str:
     return "val" if u < val_fraction else "train"
 
 
-def shard_paths(shards_dir: str | Path, split: str, kind: str) -> list[Path]:
-    """The shards of one split and kind, in the manifest's order."""
-    m = pq.read_table(Path(shards_dir) / "manifest.parquet").to_pylist()
-    return [Path(shards_dir) / r["path"] for r in m if r["split"] == split and r["kind"] == kind]
+def read_manifest(shards_dir: str | Path) -> list[dict[str, Any]]:
+    """The manifest's rows (local folder or URL)."""
+    data = read_bytes(join(shards_dir, "manifest.parquet"))
+    return pq.read_table(pa.BufferReader(data)).to_pylist()
+
+
+def shard_paths(shards_dir: str | Path, split: str, kind: str) -> list[str | Path]:
+    """The shards of one split and kind, in the manifest's order (Paths, or URLs when the
+    shards lie in object storage)."""
+    m = read_manifest(shards_dir)
+    return [join(shards_dir, r["path"]) for r in m if r["split"] == split and r["kind"] == kind]
 
 
 def load_info(shards: str | Path) -> dict[str, Any]:
-    return json.loads((Path(shards) / "info.json").read_text())
+    return json.loads(read_bytes(join(shards, "info.json")))
 
 
 def text_floors(info_path: str | Path, field: str = "floor_nats_per_token") -> dict[str, float]:

@@ -1,16 +1,22 @@
 """Sharding (stage ``shards``, entry point stages/shards.py): every corpus sample tokenized
-into webdataset train/val shards per kind.
+into webdataset train/val shards, one task per corpus file.
 
 Reads ``data/corpus`` and ``data/tokenizer/tokenizer.json``; writes
-``data/shards/{train,val}/{kind}-NNNNNN.tar``, ``manifest.parquet`` and ``info.json`` (layout in
-stages/data/shard_format.py). Streams: memory does not grow with the corpus. Deterministic: the same
-corpus, tokenizer and params give byte-identical shards (fixed tar mtime, stable key-hash split).
+``data/shards/{train,val}/{kind}-FFFFFF-KKKK.tar`` (corpus file F, its K-th shard of that
+split), ``manifest.parquet`` and ``info.json`` (layout in stages/data/shard_format.py); with
+``shards.url`` the shards go to object storage and ``data/shards`` keeps the manifest and
+info, a few kB that DVC versions. The tasks run in a local pool or on a Ray cluster
+(``data.engine``: stages/common/engine.py). Streams: memory does not grow with the corpus.
+Deterministic: the same corpus, tokenizer and params give byte-identical shards (fixed tar
+mtime, stable key-hash split, names from the corpus file), whatever the engine and workers.
 """
 
 from __future__ import annotations
 
-import json
+import io
 import logging
+import os
+import tempfile
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -19,17 +25,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
+from PIL import Image
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
-from stages.common.stage import fresh_dir, run_per_kind
-from stages.data.corpus_format import iter_docs, write_json
+from stages.common.engine import run_tasks
+from stages.common.stage import fresh_dir
+from stages.data.corpus_format import corpus_files, image_ext, iter_docs, write_json
 from stages.data.kinds import KINDS
 from stages.data.shard_format import (
     MANIFEST_SCHEMA,
     SPLITS,
     Sample,
     encode_doc,
+    encode_image,
+    is_url,
+    join,
     prepare_image,
     sample_record,
     sha256_file,
@@ -45,24 +55,29 @@ CHUNK = 256  # docs tokenized per encode_batch call
 
 
 class _SplitWriter:
-    """Rotating tar writer for one (kind, split) that keeps the manifest row of each shard."""
+    """Rotating tar writer for one (kind, split) of one corpus file that keeps the manifest row
+    of each shard. A shard is written to a temporary file and moved into place (a folder) or
+    uploaded (a URL) once whole: a reader never sees part of one, a retried task rewrites it."""
 
-    def __init__(self, root: Path, kind: str, split: str, per_shard: int, image_tokens: int):
-        self.root, self.kind, self.split = root, kind, split
+    def __init__(self, store: str | Path, name: str, split: str, per_shard: int,
+                 image_tokens: int):  # fmt: skip
+        self.store, self.name, self.split = store, name, split
         self.per_shard, self.image_tokens = per_shard, image_tokens
         self.rows: list[dict[str, Any]] = []
         self._tar: wds.TarWriter | None = None
-        (root / split).mkdir(parents=True, exist_ok=True)
+        self._tmp: Path | None = None
 
     def write(self, s: Sample) -> None:
         if self._tar is None or self.rows[-1]["samples"] >= self.per_shard:
             self._finish()
-            rel = f"{self.split}/{self.kind}-{len(self.rows):06d}.tar"
-            self._tar = wds.TarWriter(str(self.root / rel), mtime=0)
+            rel = f"{self.split}/{self.name}-{len(self.rows):04d}.tar"
+            self._tmp = _scratch(self.store, rel)
+            self._tar = wds.TarWriter(str(self._tmp), mtime=0)
+            path = join(self.store, rel)
             self.rows.append(
                 dict(
-                    path=rel,
-                    kind=self.kind,
+                    path=str(path) if is_url(path) else rel,
+                    kind=s.kind,
                     split=self.split,
                     samples=0,
                     tokens=0,
@@ -86,70 +101,124 @@ class _SplitWriter:
             row[k] = None if row[k] is None or x is None else row[k] + x
 
     def _finish(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
-            self.rows[-1]["sha256"] = sha256_file(self.root / self.rows[-1]["path"])
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._tar = None
+        row, tmp = self.rows[-1], self._tmp
+        row["sha256"] = sha256_file(tmp)
+        dest = join(self.store, f"{self.split}/{Path(row['path']).name}")
+        if is_url(dest):
+            import fsspec
+
+            fs, inner = fsspec.core.url_to_fs(str(dest))
+            fs.put_file(str(tmp), inner)
+            tmp.unlink()
+        else:
+            os.replace(tmp, dest)
 
     def close(self) -> list[dict[str, Any]]:
         self._finish()
         return self.rows
 
 
-def shard_kind(
-    kind: str, corpus: Path, tokenizer_path: Path, out: Path, p: ShardsParams, total: int | None
+def _scratch(store: str | Path, rel: str) -> Path:
+    """Where a shard is written before it is whole: beside it in a folder, else a temp file."""
+    if is_url(store):
+        fd, name = tempfile.mkstemp(suffix=".tar", prefix="shard-")
+        os.close(fd)
+        return Path(name)
+    dest = Path(store) / rel
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return dest.with_name(f".{dest.name}.tmp")
+
+
+def store_image(data: bytes, p: ShardsParams) -> tuple[np.ndarray, tuple[str, bytes]]:
+    """One source image as stored: (pixels, (extension, bytes)). The pixels are centre-cropped
+    and resized to ``image_size``; the bytes are the source's own where that changed nothing
+    (its size was already ``image_size`` square), else the pixels re-encoded as ``p.encode``.
+    Lossless either way except a re-encode to jpeg/webp (the loader decodes what is stored)."""
+    pixels = prepare_image(data, p.image_size)
+    with Image.open(io.BytesIO(data)) as im:
+        unchanged = im.size == (p.image_size, p.image_size)
+    if unchanged and image_ext(data) in ("png", "jpg", "webp"):
+        return pixels, (image_ext(data), data)
+    return pixels, encode_image(pixels, p.encode, p.quality)
+
+
+def shard_file(
+    kind: str, index: int, path: Path, tokenizer_path: Path, store: str | Path, p: ShardsParams
 ) -> list[dict[str, Any]]:
-    """Write the shards of one kind; return their manifest rows."""
+    """One task: the samples of corpus file ``path`` (the ``index``-th of its kind) tokenized
+    into shards ``{split}/{kind}-{index:06d}-{k:04d}.tar`` of ``store`` (a folder or URL);
+    return their manifest rows (train, then val)."""
     tok = Tokenizer.from_file(str(tokenizer_path))
     special = special_ids(tok)
-    writers = {s: _SplitWriter(out, kind, s, p.samples_per_shard, p.image_tokens) for s in SPLITS}
-    docs = iter_docs(corpus, kind)
-    with tqdm(total=total, desc=f"shards {kind}", unit="doc", mininterval=2) as bar:
-        while chunk := list(islice(docs, CHUNK)):
-            texts = [t for d in chunk for t in d.texts if t is not None]
-            encoded = iter(tok.encode_batch(texts, add_special_tokens=False))
-            for d in chunk:
-                enc = [next(encoded) for t in d.texts if t is not None]
-                text_ids = [e.ids for e in enc]
-                text_tags = None
-                if d.meta.get("word_tags") is not None:  # synthetic: roles and entity ranks
-                    words = [(t, w) for t, w in zip(d.texts, d.meta["word_tags"], strict=True) if t]
-                    text_tags = [
-                        token_tags(t, w, e.offsets) for (t, w), e in zip(words, enc, strict=True)
-                    ]
-                images = [prepare_image(b, p.image_size) for b in d.images if b is not None]
-                ids, tags = encode_doc(
-                    d.texts, text_ids, images, special, p.image_tokens, text_tags
-                )
-                shape = (len(images), p.image_size, p.image_size, 3)
-                sample = Sample(
-                    key=d.key,
-                    kind=kind,
-                    ids=ids,
-                    images=np.stack(images) if images else np.zeros(shape, np.uint8),
-                    targets=int(text_target_mask(ids, special).sum()),
-                    entropy_nats=d.meta.get("entropy_nats"),
-                    entropy_nats_blind=d.meta.get("entropy_nats_blind"),
-                    tags=tags,
-                )
-                writers[split_of(d.key, p.val_fraction)].write(sample)
-            bar.update(len(chunk))
+    name = f"{kind}-{index:06d}"
+    writers = {s: _SplitWriter(store, name, s, p.samples_per_shard, p.image_tokens) for s in SPLITS}
+    docs = iter_docs(path.parent.parent, kind, [path])
+    while chunk := list(islice(docs, CHUNK)):
+        texts = [t for d in chunk for t in d.texts if t is not None]
+        encoded = iter(tok.encode_batch(texts, add_special_tokens=False))
+        for d in chunk:
+            enc = [next(encoded) for t in d.texts if t is not None]
+            text_ids = [e.ids for e in enc]
+            text_tags = None
+            if d.meta.get("word_tags") is not None:  # synthetic: roles and entity ranks
+                words = [(t, w) for t, w in zip(d.texts, d.meta["word_tags"], strict=True) if t]
+                text_tags = [
+                    token_tags(t, w, e.offsets) for (t, w), e in zip(words, enc, strict=True)
+                ]
+            stored = [store_image(b, p) for b in d.images if b is not None]
+            images = [pixels for pixels, _ in stored]
+            ids, tags = encode_doc(d.texts, text_ids, images, special, p.image_tokens, text_tags)
+            shape = (len(images), p.image_size, p.image_size, 3)
+            sample = Sample(
+                key=d.key,
+                kind=kind,
+                ids=ids,
+                images=np.stack(images) if images else np.zeros(shape, np.uint8),
+                targets=int(text_target_mask(ids, special).sum()),
+                entropy_nats=d.meta.get("entropy_nats"),
+                entropy_nats_blind=d.meta.get("entropy_nats_blind"),
+                tags=tags,
+                encoded=None if p.images == "raw" else [e for _, e in stored],
+            )
+            writers[split_of(d.key, p.val_fraction)].write(sample)
     return [row for s in SPLITS for row in writers[s].close()]
 
 
 def build_shards(
-    corpus: Path, tokenizer_path: Path, out: Path, p: ShardsParams, workers: int | None = None
+    corpus: Path,
+    tokenizer_path: Path,
+    out: Path,
+    p: ShardsParams,
+    workers: int | None = None,
+    engine: str = "local",
+    address: str | None = None,
 ) -> list[dict[str, Any]]:
+    """Every corpus file sharded by its own task (``engine``: stages/common/engine.py); the
+    manifest and info in ``out``, and the shards there too, or at ``p.url`` (then the manifest
+    names each shard by its URL, and a copy of both lies beside them)."""
     fresh_dir(out)
-    report = corpus / "report.json"
-    kept = {}
-    if report.exists():
-        kept = {k: v.get("kept") for k, v in json.loads(report.read_text())["kinds"].items()}
-    jobs = [(k, corpus, tokenizer_path, out, p, kept.get(k)) for k in KINDS]
-    rows = [r for rows in run_per_kind(shard_kind, jobs, workers) for r in rows]
-    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), out / "manifest.parquet")
+    store = p.url.rstrip("/") if p.url else out
+    tasks = [(k, i, f, tokenizer_path, store, p) for k in KINDS
+             for i, f in enumerate(corpus_files(corpus, k))]  # fmt: skip
+    done = run_tasks(shard_file, tasks, engine, address, workers, desc="shards")
+    rows = [r for rows in done for r in rows]
+    if not p.url:  # what a task on a lost worker left half-written (its rerun wrote it whole)
+        for tmp in out.rglob(".*.tmp"):
+            tmp.unlink()
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    pq.write_table(table, out / "manifest.parquet")
     tok = Tokenizer.from_file(str(tokenizer_path))
     write_json(out / "info.json", shard_info(rows, tok, p))
+    if p.url:
+        import fsspec
+
+        fs, inner = fsspec.core.url_to_fs(store)
+        for name in ("manifest.parquet", "info.json"):
+            fs.put_file(str(out / name), f"{inner}/{name}")
     return rows
 
 

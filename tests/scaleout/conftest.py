@@ -6,7 +6,8 @@ PostgreSQL is Debian's (``make test`` installs the ``postgresql`` package when i
 with password authentication for TCP. The S3 is moto's server (``moto[server]`` from PyPI),
 in memory, on 127.0.0.1 at a free port. Slurm is Debian's too (``make test`` installs it with
 munge): a one-node cluster whose controller, node daemon and munge run in a directory of their
-own, the node at 127.0.0.1. All live for the test session.
+own, the node at 127.0.0.1. All live for the test session. A Ray cluster (``ray`` from PyPI) of
+two nodes on loopback lives for one test.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -244,3 +246,95 @@ def slurm() -> Iterator[Slurm]:
                 os.kill(int((root / pidfile).read_text().strip()), signal.SIGTERM)
         time.sleep(1)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class RayCluster:
+    """A head node and one worker node on loopback (``ray start --block``), each in a process
+    group of its own."""
+
+    address: str
+    head: subprocess.Popen
+    worker: subprocess.Popen
+
+    def _worker_processes(self) -> list:
+        """The worker node's processes: its ``ray start``, raylet and the workers the raylet
+        started (each in a session of its own, so found as descendants, not by group)."""
+        import psutil
+
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(self.worker.pid)
+            return [root, *root.children(recursive=True)]
+        return []
+
+    def worker_tasks(self, name: str) -> list[int]:
+        """Pids of the worker node's processes running a task ``name`` (Ray titles them)."""
+        import psutil
+
+        out = []
+        for p in self._worker_processes():
+            with contextlib.suppress(psutil.Error):
+                if any(f"ray::{name}" in c for c in p.cmdline()):
+                    out.append(p.pid)
+        return out
+
+    def kill_worker(self) -> None:
+        """The worker node lost: its raylet and every process of it killed with -9."""
+        import psutil
+
+        for p in self._worker_processes():
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        self.worker.wait()
+
+
+def _ray_node(*args: str, log: Path) -> subprocess.Popen:
+    ray = str(Path(sys.executable).parent / "ray")
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    return subprocess.Popen([ray, "start", "--block", "--node-ip-address", "127.0.0.1",
+                             "--num-cpus", "1", *args], env=env, start_new_session=True,
+                            stdout=log.open("a"), stderr=subprocess.STDOUT)  # fmt: skip
+
+
+@pytest.fixture
+def ray_cluster(tmp_path) -> Iterator[RayCluster]:
+    """A 2-node Ray cluster on loopback, one CPU each (``ray start --head``, then ``ray start
+    --address``), stopped (killed) after the test."""
+    port = free_port()
+    head = _ray_node("--head", "--port", str(port), "--include-dashboard", "false",
+                     "--temp-dir", str(Path(tempfile.gettempdir()) / f"ray-nmm-{port}"),
+                     log=tmp_path / "ray-head.log")  # fmt: skip
+    worker = None
+    try:
+        address = f"127.0.0.1:{port}"
+        import ray
+
+        deadline = time.monotonic() + 120
+        worker = _ray_node("--address", address, log=tmp_path / "ray-worker.log")
+        while True:  # both nodes up
+            assert head.poll() is None, (tmp_path / "ray-head.log").read_text()[-2000:]
+            assert worker.poll() is None, (tmp_path / "ray-worker.log").read_text()[-2000:]
+            with contextlib.suppress(Exception):
+                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+                try:
+                    if len([n for n in ray.nodes() if n["Alive"]]) == 2:
+                        break
+                finally:
+                    ray.shutdown()
+            assert time.monotonic() < deadline, "the Ray cluster did not come up in 120 s"
+            time.sleep(1)
+        yield RayCluster(address, head, worker)
+    finally:
+        import psutil
+
+        for node in (worker, head):
+            if node is None:
+                continue
+            with contextlib.suppress(psutil.Error):
+                for p in [*psutil.Process(node.pid).children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        p.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+        shutil.rmtree(Path(tempfile.gettempdir()) / f"ray-nmm-{port}", ignore_errors=True)

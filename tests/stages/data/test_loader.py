@@ -143,3 +143,26 @@ def test_resume_from_a_step_yields_the_same_next_batch(tiny_data, k):
 def test_a_kind_without_shards_is_refused(tiny_data, tmp_path):
     with pytest.raises(ValueError, match="no test shards"):
         _loader(tiny_data, split="test")
+
+
+def test_reader_processes_ahead_give_the_same_batches_and_resume(tiny_data):
+    """2 worker processes reading 2 shards ahead per kind: the batches of the in-process loader,
+    over an epoch wrap, and a resumed one; the workers end with close()."""
+    plain = _loader(tiny_data)
+    ahead = _loader(tiny_data, workers=2, prefetch=2)
+    try:
+        for _ in range(45):  # wraps the caption epoch
+            _assert_equal(ahead.next_batch(), plain.next_batch())
+        state = ahead.state_dict()
+        resumed = _loader(tiny_data, workers=1)
+        try:
+            resumed.load_state_dict(state)
+            _assert_equal(resumed.next_batch(), plain.next_batch())
+        finally:
+            resumed.close()
+        assert ahead.wait_s > 0 and plain.wait_s > 0
+        procs = list(ahead.reader.pool._processes.values())
+        assert len(procs) == 2 and all(p.is_alive() for p in procs)
+    finally:
+        ahead.close()
+    assert not any(p.is_alive() for p in procs)
