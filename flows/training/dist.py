@@ -1,8 +1,9 @@
 """One point over several processes (``train.processes`` > 1: torchrun; DDP or FSDP2).
 
 The grid launches such a point as ``torchrun --standalone --nproc_per_node=P -m flows.train``
-(flows/launch.py); each rank builds the same global batch from the same seeded loader and
-trains on its share of the rows (:func:`shard`), gloo on CPU, NCCL on GPUs, one GPU per rank.
+(flows/launch.py); each rank packs the same global batch from the same seeded loader and
+collates and trains on its share of the rows only (:func:`shard`), gloo on CPU, NCCL on GPUs,
+one GPU per rank.
 With ``train.sharding: none`` each rank holds the whole model, wrapped in
 DistributedDataParallel; with ``fsdp`` (:func:`fully_shard_model`, FSDP2 as torchtitan applies
 it) each block, then the rest of the model, is sharded over the ranks: parameters, gradients

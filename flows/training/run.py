@@ -117,6 +117,7 @@ class Run:
         self.loader = PackedLoader(
             shards, cfg.schedule.batch_rows, cfg.context_length, cfg.mixture, seed=cfg.point.seed,
             workers=cfg.loader_workers, prefetch=cfg.loader_prefetch,
+            rows=dist.shard(cfg.schedule.batch_rows),  # this rank's rows
         )  # fmt: skip
         self.c = Counters()
         self.pending: tuple | None = None  # a save whose commit waits (:meth:`settle`)

@@ -2,8 +2,9 @@
 processes and passes.
 
 One process is a world of one (flows/training/dist.py: its all-reduces return their input), so
-there is one step path. Every rank draws the same global batch from the same seeded loader and
-trains on its share of the rows, ``train.micro_batch_rows`` at a time (gradient accumulation:
+there is one step path. Every rank packs the same global batch from the same seeded loader and
+collates, decodes and trains on its own share of the rows (stages/data/loader.py ``rows``),
+``train.micro_batch_rows`` at a time (gradient accumulation:
 a forward and backward per pass, one optimizer step); each pass's loss is its rows' summed
 token loss over the batch's *global* target count, so the passes' and ranks' losses sum to the
 global batch's, and the average of their gradients (DDP, FSDP), times the number of ranks, is
@@ -56,10 +57,11 @@ class StepMetrics:
 def train_step(run: Run, lr: float) -> StepMetrics:
     """One optimizer step of ``run`` at learning rate ``lr`` (its counters advance by one)."""
     t0 = time.perf_counter()
-    batch = run.loader.next_batch()  # the global batch: every rank draws the same
-    n_targets = int(batch.loss_mask.bool().sum())  # (on the host: no device sync)
-    start, stop = dist.shard(batch.tokens.shape[0])
-    passes = range(start, stop, run.cfg.micro_batch_rows)  # gradient accumulation, if several
+    batch = run.loader.next_batch()  # this rank's rows of the global batch
+    whole = run.loader.totals  # the global batch's rows, text targets and images
+    n_targets = whole.targets  # (on the host: no device sync)
+    stop = batch.tokens.shape[0]
+    passes = range(0, stop, run.cfg.micro_batch_rows)  # gradient accumulation, if several
     for g in run.opt.param_groups:
         g["lr"] = lr * g["lr_mult"]
     data = time.perf_counter() - t0
@@ -93,9 +95,9 @@ def train_step(run: Run, lr: float) -> StepMetrics:
     c.train_seconds += dt
     run.timing["steps"] += dt
     c.step += 1
-    c.tokens += batch.tokens.numel()
-    c.image_tokens += len(batch.images) * cfg.image_tokens
+    c.tokens += whole.rows * batch.tokens.shape[1]
+    c.image_tokens += whole.images * cfg.image_tokens
     c.text_targets += n_targets
-    flops = step_flops(cfg, *batch.tokens.shape, n_targets, len(batch.images))
+    flops = step_flops(cfg, whole.rows, batch.tokens.shape[1], n_targets, whole.images)
     c.flops += flops
     return StepMetrics(parts[0], parts[1], parts[2] if out.moe else None, flops)

@@ -68,7 +68,8 @@ def build_corpus(params: Params, out: Path, workers: int | None = None) -> dict[
         }
     else:
         try:
-            report = ingest(params.corpus.files, out, params.corpus.samples_per_file)
+            report = ingest(params.corpus.files, out, params.corpus.samples_per_file, workers,
+                            params.data.engine, params.data.address)  # fmt: skip
         except IngestError as e:
             if getattr(e, "report", None) is not None:
                 write_json(out / "report.json", e.report)

@@ -40,8 +40,8 @@ from typing import Any, BinaryIO, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageFile
-from tqdm import tqdm
 
+from stages.common.engine import run_tasks
 from stages.common.inputs import require_set
 from stages.data.corpus_format import (
     IMAGE_EXTS,
@@ -417,32 +417,40 @@ def _strict_pil() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
-def _ingest_kind(
-    kind: str, files: list[str], check: _Checks, out_root: Path, samples_per_file: int
+def _ingest_file(
+    kind: str, file_index: int, path: str, check: _Checks, out_root: Path, samples_per_file: int
 ) -> dict[str, Any]:
+    """One task: the samples of input file ``path`` (the ``file_index``-th of its kind)
+    checked, the valid ones written as corpus files ``{kind}-FFFFFF-NNNN.ext``; its counts."""
     bad: Counter[str] = Counter()
     kept = 0
-    if files:
-        with CorpusWriter(out_root, kind, samples_per_file) as writer:
-            bar = tqdm(files, desc=f"ingest {kind}", unit="file", disable=None)
-            for file_index, path in enumerate(bar):
-                items = READERS[kind](path, file_index, check)
-                while True:
-                    try:
-                        item = next(items)
-                    except StopIteration:
-                        break
-                    except READ_ERRORS as e:
-                        log.warning("%s: unreadable file %s: %s", kind, path, e)
-                        bad["unreadable_file"] += 1
-                        break
-                    if isinstance(item, _Bad):
-                        log.debug("%s: skip %s: %s", kind, item.where, item.reason)
-                        bad[item.reason] += 1
-                    else:
-                        writer.write(item)
-                        kept += 1
-                bar.set_postfix(kept=kept, bad=sum(bad.values()))
+    with _strict_pil(), CorpusWriter(out_root, kind, samples_per_file,
+                                     stem=f"{kind}-{file_index:06d}") as writer:  # fmt: skip
+        items = READERS[kind](path, file_index, check)
+        while True:
+            try:
+                item = next(items)
+            except StopIteration:
+                break
+            except READ_ERRORS as e:
+                log.warning("%s: unreadable file %s: %s", kind, path, e)
+                bad["unreadable_file"] += 1
+                break
+            if isinstance(item, _Bad):
+                log.debug("%s: skip %s: %s", kind, item.where, item.reason)
+                bad[item.reason] += 1
+            else:
+                writer.write(item)
+                kept += 1
+    return {"kept": kept, "bad": dict(bad)}
+
+
+def _summary(kind: str, files: list[str], results: list[dict[str, Any]]) -> dict[str, Any]:
+    """A kind's report from its files' tasks: counts by reason summed."""
+    bad: Counter[str] = Counter()
+    for r in results:
+        bad.update(r["bad"])
+    kept = sum(r["kept"] for r in results)
     read = kept + sum(bad.values())
     fraction = sum(bad.values()) / read if read else 0.0
     summary = ", ".join(f"{r}={n}" for r, n in sorted(bad.items())) or "none"
@@ -463,8 +471,17 @@ def _ingest_kind(
     }
 
 
-def ingest(files: FilesCorpus, out_root: Path, samples_per_file: int) -> dict:
-    """Check every sample of ``files`` and write the valid ones as the corpus in ``out_root``.
+def ingest(
+    files: FilesCorpus,
+    out_root: Path,
+    samples_per_file: int,
+    workers: int | None = None,
+    engine: str = "local",
+    address: str | None = None,
+) -> dict:
+    """Check every sample of ``files`` and write the valid ones as the corpus in ``out_root``,
+    one task per input file (``engine``: stages/common/engine.py; the counts, corpus files and
+    report do not depend on it or on ``workers``).
 
     Canonical files of every kind already in ``out_root`` are removed first (a stale file from
     an earlier, larger run would otherwise be read as corpus). Returns the report; raises
@@ -476,11 +493,15 @@ def ingest(files: FilesCorpus, out_root: Path, samples_per_file: int) -> dict:
     for kind in KINDS:
         for stale in corpus_files(out_root, kind):
             stale.unlink()
-    with _strict_pil():
-        kinds = {
-            kind: _ingest_kind(kind, inputs[kind], check, out_root, samples_per_file)
-            for kind in KINDS
-        }
+    tasks = [(kind, i, path, check, out_root, samples_per_file)
+             for kind in KINDS for i, path in enumerate(inputs[kind])]  # fmt: skip
+    results = run_tasks(_ingest_file, tasks, engine, address, workers, desc="ingest")
+    kinds = {
+        kind: _summary(
+            kind, inputs[kind], [r for t, r in zip(tasks, results, strict=True) if t[0] == kind]
+        )  # fmt: skip
+        for kind in KINDS
+    }
     fractions = {kind: k.pop("_fraction") for kind, k in kinds.items()}
     report = {"source": "files", "max_bad_fraction": files.max_bad_fraction, "kinds": kinds}
     breaches = [

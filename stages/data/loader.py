@@ -13,11 +13,17 @@ visits its shards in an order drawn per epoch and the samples of a shard in an o
 sample, token offset): :meth:`PackedLoader.state_dict` saves it and ``start_step`` or
 :meth:`PackedLoader.load_state_dict` resume exactly where a run stopped.
 
-Reading: shards are local paths or URLs (``s3://...``: read by fsspec). A shard is read and its
-images decoded either in the training process when it is needed (``workers=0``) or, ahead of
-use, by ``workers`` background processes (:class:`ShardReader`): each stream asks for its next
-``prefetch`` shards in the order it will visit them, so the batches are the same either way;
-:attr:`PackedLoader.wait_s` is the time the loader waited for a shard.
+Ranks: every rank packs every row of the global batch (token ids only: cheap), so every
+stream's state is the one-process state, and collates only its own rows (``rows``), whose
+images alone it decodes; :attr:`PackedLoader.totals` counts the whole global batch (rows, text
+targets, images) for the loss scale and the counters.
+
+Reading: shards are local paths or URLs (``s3://...``: read by fsspec). A shard is read either
+in the training process when it is needed (``workers=0``; its images are then decoded when a
+row takes them) or, ahead of use, by ``workers`` background processes that also decode its
+images (:class:`ShardReader`): each stream asks for its next ``prefetch`` shards in the order it
+will visit them, so the batches are the same either way; :attr:`PackedLoader.wait_s` is the
+time the loader waited for a shard.
 """
 
 from __future__ import annotations
@@ -74,6 +80,15 @@ class Batch:
         )
 
 
+@dataclass(frozen=True)
+class Totals:
+    """What a whole global batch holds (a rank's batch is a part of it)."""
+
+    rows: int
+    targets: int  # text targets (the loss mask's ones)
+    images: int
+
+
 @dataclass
 class StreamState:
     epoch: int = 0
@@ -115,8 +130,8 @@ class ShardReader:
 
     def read(self, path: str | Path) -> list[Sample]:
         t0 = time.perf_counter()
-        if self.pool is None:
-            samples = read_shard(path, self.image_size)
+        if self.pool is None:  # (images decoded when a row takes them)
+            samples = read_shard(path, self.image_size, decode=False)
         else:
             self.ahead(path)
             samples = self.pending.pop(path).result()
@@ -209,8 +224,8 @@ class RowPacker:
             raise ValueError(f"context_length={self.L} cannot hold an image of {self.T} tokens")
 
     def fill(self, stream: KindStream) -> tuple[np.ndarray, np.ndarray, list, np.ndarray] | None:
-        """One row: (ids (L+1,), segment ids (L+1,), [(image uint8 HWC, first position)],
-        word tags (L+1,))."""
+        """One row: (ids (L+1,), segment ids (L+1,), [(a document's images, index, first
+        position)] (an image is decoded when collated), word tags (L+1,))."""
         L1 = self.L + 1
         ids = np.full(L1, self.pad, dtype=np.int64)
         seg = np.full(L1, -1, dtype=np.int64)
@@ -235,7 +250,7 @@ class RowPacker:
             if doc.tags is not None:
                 tags[pos : pos + n] = doc.tags[off:cut]
             seg[pos : pos + n] = n_seg
-            images += [(doc.images[m], pos + b + 1 - off) for m, b in spans if b < cut]
+            images += [(doc.images, m, pos + b + 1 - off) for m, b in spans if b < cut]
             if cut == len(doc.ids):
                 stream.next_doc()
                 pos += n
@@ -250,18 +265,22 @@ class RowPacker:
             return None
         return ids, seg, images, tags
 
+    def target_mask(self, ids: np.ndarray, seg: np.ndarray) -> np.ndarray:
+        """(..., L) True where the next token is a text target of the same document."""
+        same_doc = (seg[..., :-1] == seg[..., 1:]) & (seg[..., :-1] >= 0)
+        return same_doc & ~np.isin(ids[..., 1:], self.non_target)
+
     def collate(self, rows: list[tuple], kinds: list[int]) -> Batch:
         ids = np.stack([r[0] for r in rows])
         seg = np.stack([r[1] for r in rows])
-        same_doc = (seg[:, :-1] == seg[:, 1:]) & (seg[:, :-1] >= 0)
-        mask = same_doc & ~np.isin(ids[:, 1:], self.non_target)
+        mask = self.target_mask(ids, seg)
         positions = np.zeros_like(seg[:, :-1])
         for b in range(len(rows)):  # position inside each segment
             s = seg[b, :-1]
             starts = np.r_[0, np.flatnonzero(s[1:] != s[:-1]) + 1]
             lengths = np.diff(np.r_[starts, len(s)])
             positions[b] = np.arange(len(s)) - np.repeat(starts, lengths)
-        imgs = [(img, b, p) for b, r in enumerate(rows) for img, p in r[2]]
+        imgs = [(images[m], b, p) for b, r in enumerate(rows) for images, m, p in r[2]]
         if imgs:
             pixels = torch.from_numpy(np.stack([i for i, _, _ in imgs])).permute(0, 3, 1, 2)
             index = torch.tensor([[b, p] for _, b, p in imgs], dtype=torch.int64)
@@ -295,10 +314,17 @@ class PackedLoader:
         start_step: int = 0,
         workers: int = 0,
         prefetch: int = 2,
+        rows: tuple[int, int] | None = None,
     ):
         """``shards_dir``: a folder or URL; ``workers``: processes that read and decode shards
-        ahead (0: here, when needed), ``prefetch`` of them per kind."""
+        ahead (0: here, when needed), ``prefetch`` of them per kind; ``rows``: the rows
+        [start, stop) of each global batch of ``batch_size`` rows this loader returns (one
+        rank's; None: all)."""
         self.batch_size, self.seed = batch_size, seed
+        self.keep = rows or (0, batch_size)
+        if not 0 <= self.keep[0] < self.keep[1] <= batch_size:
+            raise ValueError(f"rows {rows} are not a part of a batch of {batch_size} rows")
+        self.totals = Totals(0, 0, 0)  # of the last global batch
         info = load_info(shards_dir)
         self.packer = RowPacker(info, context_length)
         self.reader = ShardReader(info["image_size"], workers)
@@ -330,10 +356,14 @@ class PackedLoader:
         return rng.choice(len(KINDS), size=self.batch_size, p=self.probs).tolist()
 
     def next_batch(self) -> Batch:
+        """The next global batch's rows this loader keeps (:attr:`totals`: the whole batch's)."""
         kinds = self.kinds_at(self.step)
         rows = [self.packer.fill(self.streams[k]) for k in kinds]
         self.step += 1
-        return self.packer.collate(rows, kinds)
+        targets = sum(int(self.packer.target_mask(r[0], r[1]).sum()) for r in rows)
+        self.totals = Totals(len(rows), targets, sum(len(r[2]) for r in rows))
+        a, b = self.keep
+        return self.packer.collate(rows[a:b], kinds[a:b])
 
     def __iter__(self) -> Iterator[Batch]:
         while True:

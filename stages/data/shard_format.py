@@ -78,7 +78,7 @@ class Sample:
     key: str
     kind: str
     ids: np.ndarray  # (L,) int32
-    images: np.ndarray  # (n, S, S, 3) uint8
+    images: np.ndarray | EncodedImages  # (n, S, S, 3) uint8, or decoded when indexed
     targets: int
     entropy_nats: float | None
     entropy_nats_blind: float | None = None
@@ -120,6 +120,20 @@ def prepare_image(data: bytes, size: int) -> np.ndarray:
         if im.size != (size, size):
             im = im.resize((size, size), Image.Resampling.BICUBIC)
         return np.asarray(im, dtype=np.uint8)
+
+
+class EncodedImages:
+    """A sample's stored images, decoded one at a time when indexed (uint8 HWC): a reader that
+    uses a few of a shard's images decodes those only."""
+
+    def __init__(self, data: list[bytes]):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return decode_image(self.data[i])
 
 
 IMAGE_KEY = re.compile(r"img(\d+)\.(png|jpg|webp)")
@@ -206,9 +220,10 @@ def sample_record(s: Sample) -> dict[str, Any]:
     return rec | {"json": json.dumps(meta, sort_keys=True)}
 
 
-def decode_record(rec: dict[str, Any], image_size: int = 0) -> Sample:
+def decode_record(rec: dict[str, Any], image_size: int = 0, decode: bool = True) -> Sample:
     """One stored sample, its images decoded (``image_size``: the side of the empty image
-    array of a sample without images in an encoded shard; 0 when unknown)."""
+    array of a sample without images in an encoded shard; 0 when unknown), or with
+    ``decode=False`` encoded images as :class:`EncodedImages` (raw ones are arrays anyway)."""
     meta = json.loads(rec["json"])
     if "images.npy" in rec:
         images = _from_npy(rec["images.npy"])
@@ -216,9 +231,12 @@ def decode_record(rec: dict[str, Any], image_size: int = 0) -> Sample:
         found = sorted((int(m.group(1)), k) for k in rec if (m := IMAGE_KEY.fullmatch(k)))
         if [i for i, _ in found] != list(range(len(found))):
             raise ValueError(f"sample {rec['__key__']}: images {[k for _, k in found]} not 0..n-1")
-        pixels = [decode_image(rec[k]) for _, k in found]
         shape = (0, image_size, image_size, 3)
-        images = np.stack(pixels) if pixels else np.zeros(shape, np.uint8)
+        if not decode and found:
+            images = EncodedImages([rec[k] for _, k in found])
+        else:
+            pixels = [decode_image(rec[k]) for _, k in found]
+            images = np.stack(pixels) if pixels else np.zeros(shape, np.uint8)
     return Sample(
         key=rec["__key__"],
         kind=meta["kind"],
@@ -257,9 +275,10 @@ def _tar_records(data: bytes) -> list[dict[str, Any]] | None:
     return records if pos <= end else None
 
 
-def read_shard(path: str | Path, image_size: int = 0) -> list[Sample]:
-    """All samples of one shard, in stored order, images decoded (a shard is small: one is read
-    at a time). ``path``: a local path or an fsspec URL (``s3://...``)."""
+def read_shard(path: str | Path, image_size: int = 0, decode: bool = True) -> list[Sample]:
+    """All samples of one shard, in stored order, images decoded (``decode=False``: when
+    indexed; :func:`decode_record`). A shard is small: one is read at a time. ``path``: a local
+    path or an fsspec URL (``s3://...``)."""
     data = read_bytes(path)
     records = _tar_records(data)
     if records is None:  # not a plain ustar (written by other tools): the standard reader
@@ -274,7 +293,7 @@ def read_shard(path: str | Path, image_size: int = 0) -> list[Sample]:
                 if not records or records[-1]["__key__"] != key:
                     records.append({"__key__": key})
                 records[-1][ext] = tar.extractfile(m).read()
-    return [decode_record(rec, image_size) for rec in records]
+    return [decode_record(rec, image_size, decode) for rec in records]
 
 
 def is_url(path: str | Path) -> bool:

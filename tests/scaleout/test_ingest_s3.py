@@ -1,7 +1,7 @@
 """Real data read where it lies: the ingest of all three kinds (and a DCLM-style .jsonl.zst)
 from the test S3 (moto's server on loopback; credentials and endpoint from the environment only)
-counts every bad sample by reason and keeps the same documents, byte for byte, as from a local
-folder."""
+counts every bad sample by reason and keeps the same documents, byte for byte, in 2 worker
+processes (a task per file) as in one process from a local folder."""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ def test_the_ingest_reads_s3_globs_and_counts_as_from_a_folder(s3, monkeypatch, 
     assert urls["text"][2] == f"s3://{bucket}/texts/**/*.parquet"  # a recursive glob, too
     remote = params.model_copy(update=urls)
 
-    local = ingest(params, tmp_path / "local", samples_per_file=2)
-    report = ingest(remote, tmp_path / "remote", samples_per_file=2)
+    local = ingest(params, tmp_path / "local", samples_per_file=2, workers=1)  # one process
+    report = ingest(remote, tmp_path / "remote", samples_per_file=2, workers=2)  # 2 at a time
     for kind, k in report["kinds"].items():
         assert k["bad"] == expected[kind] == local["kinds"][kind]["bad"], kind
         assert (k["read"], k["kept"]) == (local["kinds"][kind]["read"], len(kept[kind])), kind

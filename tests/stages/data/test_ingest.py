@@ -326,6 +326,20 @@ def test_cut_gzip_counts_unreadable_and_keeps_lines_before(tmp_path):
     ]
 
 
+def test_two_workers_count_and_write_what_one_process_does(tmp_path):
+    """A task per input file: the report (counts by reason summed over tasks) and every corpus
+    file, byte for byte, are those of one process."""
+    params, _ = build(tmp_path)
+    one = ingest(params, tmp_path / "one", samples_per_file=2, workers=1)
+    two = ingest(params, tmp_path / "two", samples_per_file=2, workers=2)
+    assert two == one
+    files = {p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*")}
+    assert files == {p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*")}
+    for f in files:
+        a, b = tmp_path / "one" / f, tmp_path / "two" / f
+        assert a.is_dir() or a.read_bytes() == b.read_bytes(), f
+
+
 def test_stale_corpus_files_are_replaced(tmp_path):
     (tmp_path / "t.jsonl").write_text("".join(f'{{"text": "d{i}"}}\n' for i in range(5)))
     params = files_params(text=[str(tmp_path / "t.jsonl")])
