@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import sys
 import tarfile
@@ -131,10 +132,12 @@ def main() -> None:
     base = {"corpus": {"source": "files", "samples_per_file": args.captions // args.files,
                        "files": {"caption": inputs}},
             "shards": {"image_size": 224, "patch_size": 14, "samples_per_shard": 1000,
-                       "images": "encoded", "encode": "jpeg", "quality": 95}}  # fmt: skip
+                       "images": "encoded", "encode": "jpeg", "quality": 95},
+            "data": {"context_length": 1024}}  # fmt: skip
     p = study_params(base)
     corpus = tmp / "corpus"
-    t_check, _ = timed(ingest, p.corpus.files, corpus, p.corpus.samples_per_file)
+    t_check2, _ = timed(ingest, p.corpus.files, tmp / "corpus2", p.corpus.samples_per_file, 2)
+    t_check, _ = timed(ingest, p.corpus.files, corpus, p.corpus.samples_per_file, 1)
     tok = train_bpe(
         (d.text for d in iter_docs(corpus, "caption")), vocab_size=1024, min_frequency=2
     )
@@ -151,7 +154,10 @@ def main() -> None:
     per_core_1 = rates["jpeg, 1 worker"]
     check_rate = args.captions / t_check
     print("\nper sample (real JPEG -> 224 px):")
-    print(f"  check (ingest, 1 process):           {check_rate:8.1f} samples/s")
+    check2 = args.captions / t_check2
+    print(f"  check (ingest), 1 worker             {check_rate:8.1f} samples/s")
+    print(f"  check (ingest), 2 workers            {check2:8.1f} samples/s ({check2 / 2:.1f} per "
+          f"core; {check2 / check_rate:.2f}x)")  # fmt: skip
     for name, r in rates.items():
         w = 2 if "2" in name else 1
         print(f"  tokenize + shard, {name:16s}  {r:8.1f} samples/s ({r / w:.1f} per core)")
@@ -163,14 +169,15 @@ def main() -> None:
           f"({sizes['raw, 2 workers'] / sizes['jpeg, 2 workers']:.1f}x encoded)")  # fmt: skip
     combined = 1 / (1 / check_rate + 1 / per_core_1)  # one core doing both, per sample
     print(f"\n1B captions, check + tokenize + shard: {1e9 / combined / 3600:,.0f} core-hours "
-          f"({combined:.1f} samples/s per core; the shards stage's tasks scale over cores and "
-          "nodes, the check runs one process per kind today)")  # fmt: skip
+          f"({combined:.1f} samples/s per core at 1 worker; both stages run a task per input "
+          "file, over cores and Ray nodes)")  # fmt: skip
 
     # the loader from S3 (moto on loopback)
     from moto.server import ThreadedMotoServer
 
     from flows.ui import free_port
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # (moto's request log)
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -184,8 +191,9 @@ def main() -> None:
         url_shards = p.shards.model_copy(update={"url": "s3://bench/shards"})
         build_shards(corpus, tok_path, tmp / "s3-manifest", url_shards, 2)
         need, rows, context = consumed_rows_per_gpu_s()
-        print(f"\nloader from S3 (rows of {context} tokens; the 275M model trains {rows} rows a "
-              f"step, ~{need:.1f} rows per GPU-second at the plan's MFU):")  # fmt: skip
+        print(f"\nloader from S3, whole batches (rows of {context} tokens; the 275M model trains "
+              f"{rows} rows a step, ~{need:.1f} rows per GPU-second at the plan's MFU; a rank "
+              "decodes only its own rows' images):")  # fmt: skip
         for workers in (0, 2):
             r = loader_rate(tmp / "s3-manifest", 16, context, workers)
             print(
