@@ -14,14 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from flows import records
+from flows.plan import fingerprints, plan
 from stages.common.paths import ROOT
 from stages.data.kinds import KINDS
 from stages.data.loader import PackedLoader, val_batches
 from stages.data.shard_format import read_bytes, read_manifest
 from stages.data.shards import build_shards
-from tests.flows.conftest import write_params
+from stages.params import validate_params
+from tests.flows.conftest import grid_params
 
 pytestmark = [pytest.mark.scaleout]
 MIX = {"caption": 0.45, "interleaved": 0.45, "text": 0.10}
@@ -83,24 +86,35 @@ def _grid(params: Path, shards: str, results: Path, env: dict) -> None:
 
 @pytest.mark.slow
 def test_a_grid_trains_from_s3_shards_to_the_local_numbers(s3, tiny_data, tmp_path, monkeypatch):
+    """The grid (a reader process per point) from the S3 shards; the same 2 points trained one
+    after the other by ``flows.train`` from the folder: equal losses."""
     for k, v in s3.env.items():
         monkeypatch.setenv(k, v)
     to_s3(s3, tiny_data, "nmm-grid", tmp_path / "manifest")
-    env = dict(os.environ)
-    got = {}
-    for name, shards, workers in (("local", str(tiny_data.shards), 0),
-                                  ("s3", str(tmp_path / "manifest"), 1)):  # fmt: skip
-        root = tmp_path / name
-        root.mkdir()
-        params = write_params(root / "params.yaml", grid={"archs": ["early"]},
-                              train={"loader_workers": workers})  # fmt: skip
-        _grid(params, shards, root / "results", {**env, "PREFECT_HOME": str(root / "prefect")})
-        table = records.read_table(root / "results" / "runs.parquet")
-        got[name] = {(r["arch"], r["tokens_budget"]): r for r in table}
-    assert len(got["s3"]) == 2 and got["s3"].keys() == got["local"].keys()
-    for point, row in got["s3"].items():
-        # another manifest (the shards' URLs), so other ids: the same numbers
-        assert row["status"] == "ok" and row["point_id"] != got["local"][point]["point_id"]
+    raw = grid_params(grid={"archs": ["early"]}, train={"loader_workers": 1})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    _grid(tmp_path / "params.yaml", str(tmp_path / "manifest"), tmp_path / "results",
+          {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")})  # fmt: skip
+    table = records.read_table(tmp_path / "results" / "runs.parquet")
+    got = {(r["arch"], r["tokens_budget"]): r for r in table}
+    jobs = sorted(plan(validate_params(raw), fingerprints(tiny_data.shards, None)),
+                  key=lambda j: j.point.tokens)  # the chain's order: the trunk first  # fmt: skip
+    assert len(got) == len(jobs) == 2
+    local = tmp_path / "local"
+    local.mkdir()
+    for job in jobs:
+        (local / "config.json").write_text(job.config.with_(loader_workers=0).to_json())
+        out = subprocess.run(
+            [sys.executable, "-m", "flows.train", "--config", str(local / "config.json"),
+             "--shards", str(tiny_data.shards), "--codebook", str(local / "none.pt"),
+             "--workdir", str(local)],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+        want = records.read_record(local, job.point_id)
+        row = got[(job.point.arch, job.point.tokens)]
+        # another manifest (the shards' URLs), so another id: the same numbers
+        assert row["status"] == "ok" and row["point_id"] != job.point_id
         assert row["data_wait_s"] >= 0
         for k in ("loss_avg", "loss_caption", "loss_interleaved", "loss_text", "train_loss"):
-            assert row[k] == got["local"][point][k], k
+            assert row[k] == want[k], k
