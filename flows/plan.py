@@ -50,7 +50,7 @@ from flows.config import Point, RunConfig, check_batch_split
 from model.archs import Variant, variant
 from stages.common.inputs import digest, require, require_made_from, require_set
 from stages.common.paths import ROOT
-from stages.data.shard_format import is_url, join, load_info
+from stages.data.shard_format import join, load_info
 from stages.params import Params
 
 CODE = ("model", "stages/data/loader.py", "stages/data/shard_format.py", "stages/data/kinds.py",
@@ -142,11 +142,6 @@ def _digests(root: Path) -> dict[str, str]:
     return {f: source_digest((root / f).read_text()) for f in code_files(root)}
 
 
-def file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 @dataclass(frozen=True)
 class Fingerprints:
     """The data and code a grid's points are trained from (computed once per process)."""
@@ -178,16 +173,12 @@ class Fingerprints:
 def fingerprints(shards: Path, codebook: Path | None, root: Path = ROOT) -> Fingerprints:
     """Fingerprints of the shards at ``shards`` (a folder or URL; none when they do not exist
     yet), the codebook file and the code under ``root``."""
-    manifest = join(shards, "manifest.parquet")
-    if is_url(manifest):
-        try:
-            data = digest(manifest)
-        except FileNotFoundError:
-            data = None
-    else:
-        data = file_digest(manifest) if manifest.is_file() else None
+    try:
+        data = digest(join(shards, "manifest.parquet"))
+    except FileNotFoundError:
+        data = None
     info = load_info(shards) if data is not None else None
-    cb = file_digest(codebook) if codebook is not None and Path(codebook).is_file() else None
+    cb = digest(codebook) if codebook is not None and Path(codebook).is_file() else None
     return Fingerprints(data, cb, _digests(Path(root).resolve()), info)
 
 

@@ -53,6 +53,7 @@ from stages.data.corpus_format import (
     iter_tar_groups,
 )
 from stages.data.kinds import KINDS
+from stages.data.shard_format import is_url
 from stages.params import FilesCorpus
 
 log = logging.getLogger(__name__)
@@ -172,11 +173,6 @@ def _meta(path: str, where: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- readers
 # Each yields a Doc or a _Bad per sample, and raises one of READ_ERRORS if the file is cut.
-
-
-def is_url(path: str) -> bool:
-    """Whether an input names an object in storage (``s3://``, ``gs://``, ...): read by fsspec."""
-    return "://" in path
 
 
 @contextlib.contextmanager
