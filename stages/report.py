@@ -10,9 +10,10 @@ figures and their data) and points (results/points: loss curves, MoE routing), i
   loss on name and value tokens by entity-rank decade against tokens seen (synthetic world);
 - a table of the fitted E, alpha, beta, a, b, c, d with bootstrap intervals beside the paper's
   Table 2, every fit with the synthetic corpus's entropy floor beside its E;
-- the paper's qualitative findings (and one claim about discrete tokens it does not make), each marked
-  reproduced / not reproduced / inconclusive / not tested on this study, with the numbers
-  behind the verdict (results/report/findings.json);
+- the paper's qualitative findings (and one claim about discrete tokens it does not make), each
+  marked reproduced / not reproduced at this scale / contradicted / inconclusive / not testable
+  here by rules fixed in stages/reporting/findings.py, with the numbers behind the verdict and
+  its reason (results/report/findings.json);
 - whether the grid is past the optimisation transient and each arch's law holds out of sample
   (stages/reporting/health.py; results/report/health.json).
 
@@ -92,7 +93,7 @@ def run_report(results: str | Path = "results", shards: str | Path = "data/shard
              "%.1f%% of budget triples)", tr["past_transient"], 100 * tr["falling_share"],
              100 * tr["decelerating_share"])  # fmt: skip
     for f in found:
-        log.info("%s: %s (%s)", f.verdict.upper(), f.claim, f.evidence)
+        log.info("%s: %s (%s)", f.verdict.upper(), f.claim, f.reason)
     log.info("wrote %s and %s", results / "report.md", results / "report.html")
     return results / "report.md"
 

@@ -21,7 +21,7 @@ def report_verdicts() -> list[str]:
     rows = [r for r in section.splitlines() if r.startswith("| ") and not r.startswith("| claim")]
     out = ["| claim | verdict | effect [95% CI] |", "|---|---|---|"]
     for row in rows:
-        claim, _source, verdict, effect, _evidence = [
+        claim, _source, verdict, effect, _why, _evidence = [
             c.strip() for c in row.strip("|").split(" | ")
         ]
         out.append(f"| {claim} | {verdict} | {effect} |")

@@ -76,15 +76,24 @@ def paper_form(entry: dict) -> dict:
     return {**entry, **fam, "law": "paper"} if fam else entry
 
 
-def paper_table(fits: dict) -> dict[str, Any]:
-    """Our E..d (the paper's form, with intervals) beside the paper's, per row of its Table 2."""
+def paper_table(fits: dict, floor: dict[str, float] | None = None) -> dict[str, Any]:
+    """Our E..d (the paper's form, with intervals) beside the paper's, per row of its Table 2;
+    an E below the corpus's ``floor`` of its target is marked."""
     rows = []
     for (arch, target), paper in PAPER_TABLE2.items():
         f = fits.get(f"{arch}/{target}")
         ours = [_with_ci(paper_form(f), k) for k in PARAMS] if f else ["not run"] * len(PARAMS)
+        if f and below_floor(paper_form(f).get("E"), (floor or {}).get(target)):
+            ours[0] += " (below the floor)"
         rows.append([f"{arch}/{target}", "this study", *ours])
         rows.append(["", "paper", *(f"{v:g}" for v in paper)])
     return {"header": ["fit", "source", *PARAMS], "rows": rows}
+
+
+def chosen_laws(fits: dict, archs: list[str]) -> str:
+    """Each arch's chosen law family for the avg loss, e.g. "early: shared, late: floor"."""
+    return ", ".join(f"{a}: {fits[f'{a}/avg'].get('law', 'paper')}" for a in archs
+                     if f"{a}/avg" in fits) or "no avg fits"  # fmt: skip
 
 
 def fits_table(fits: dict, floor: dict[str, float]) -> dict[str, Any]:
@@ -200,6 +209,17 @@ def equal_compute_rows(eq: pd.DataFrame) -> dict[str, Any] | None:
     return {"header": ["kind", "C", *archs], "rows": rows}
 
 
+def scope(runs: pd.DataFrame) -> str:
+    """The study's scope in a sentence: its data, sizes, budgets and seeds."""
+    synthetic = any(c.startswith("eval_value_rank") for c in runs.columns)
+    data = ("a synthetic long-tail world (docs/long-tail-world.md)" if synthetic
+            else "the data this study ingested")  # fmt: skip
+    seeds = int(runs.seed.nunique()) if "seed" in runs else 1
+    return (f"This study trained {len(runs)} points on {data}: N {runs.N.min():,}–{runs.N.max():,} "
+            f"parameters, D {runs.D.min():,}–{runs.D.max():,} tokens, "
+            f"{seeds} seed{'s' if seeds != 1 else ''}.")  # fmt: skip
+
+
 def render_markdown(
     results: Path,
     runs: pd.DataFrame,
@@ -227,6 +247,7 @@ def render_markdown(
         if (results / "plots" / f"isoflop_{slug(a)}_avg.png").exists()
     ]
     return env.get_template("report.md.j2").render(
+        scope=scope(runs),
         n_runs=len(runs),
         archs=archs,
         sizes=list(dict.fromkeys(runs.sort_values("N")["size"])),
@@ -239,7 +260,8 @@ def render_markdown(
                 f.source,
                 f"**{f.verdict}**",
                 _effect(f),
-                f.evidence + (f" ({f.decide})" if f.decide else ""),
+                f.reason + (f" ({f.decide})" if f.decide else ""),
+                f.evidence,
             ]
             for f in found
         ],
@@ -247,7 +269,8 @@ def render_markdown(
         why=why,
         equal_compute=equal_compute_rows(eq),
         isoflop=isoflop,
-        paper=paper_table(fits),
+        paper=paper_table(fits, floor),
+        chosen=chosen_laws(fits, archs),
         fits_table=fits_table(fits, floor),
         families=families_table(fits),
         mixtures=mixtures_table(fits),

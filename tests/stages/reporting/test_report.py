@@ -1,5 +1,6 @@
 """stages/report.py: the report is built from this run's runs and fits, and its verdicts follow
-the data (a study built to reproduce each finding, and one built to contradict them)."""
+the data and the rules of stages/reporting/findings.py (a study built to reproduce each finding,
+one built to contradict them at two seeds, the same at one seed, and judge()'s rules one by one)."""
 
 from __future__ import annotations
 
@@ -27,46 +28,47 @@ FIT = {
 }
 
 
-def study(tmp_path, offsets: dict[str, float], late_A: float) -> pd.DataFrame:
+def study(
+    tmp_path, offsets: dict[str, float], late_A: float, seeds=(0,), sizes=None
+) -> pd.DataFrame:
     """A grid table from a known law per arch: loss = law(N, D) * (1 + offset), where late
-    fusion's law has A = ``late_A`` (the others 300). Writes points/<id>/metrics.jsonl and, for
-    MoE archs, routing.json."""
+    fusion's law has A = ``late_A`` (the others 300), at each of ``seeds`` (0.2% noise). Writes
+    points/<id>/metrics.jsonl and, for MoE archs, routing.json."""
     rng = np.random.default_rng(0)
     rows = []
-    for arch, off in offsets.items():
-        for size, N in SIZES.items():
-            for tokens in TOKENS:
-                law = 0.5 + (late_A if arch == "late" else 300) / N**0.5 + 400 / tokens**0.5
-                law *= 1 + off
-                pid = f"{arch}-{size}-{tokens}"
-                kinds = {k: law * f * (1 + rng.normal(0, 0.002))
-                         for k, f in (("caption", 0.9), ("interleaved", 1.0), ("text", 1.1))}  # fmt: skip
-                rows.append({
-                    "point_id": pid, "status": "ok", "arch": arch, "moe": "moe" in arch,
-                    "size": size, "tokens_budget": tokens, "mixture": "45-45-10", "seed": 0,
-                    "N": int(N), "D": tokens, "C": 6 * N * tokens * (1.2 if arch == "late" else 1),
-                    **{f"loss_{k}": v for k, v in kinds.items()},
-                    "loss_avg": float(np.mean(list(kinds.values()))),
-                })  # fmt: skip
-                pdir = tmp_path / "results" / "points" / pid
-                pdir.mkdir(parents=True)
-                curve = [
-                    {"step": s, "tokens": 1024 * s, "train_loss": 6 / s**0.3} for s in range(1, 30)
-                ]
-                (pdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
-                if "moe" in arch:
-                    layers = [{"image": list(rng.dirichlet(np.ones(8))), "text": list(rng.dirichlet(np.ones(8))),
-                               "image_tokens": 100.0, "text_tokens": 300.0} for _ in range(4)]  # fmt: skip
-                    (pdir / "routing.json").write_text(
-                        json.dumps({"arch": arch, "size": size, "layers": layers})
-                    )
+    for arch, off, (size, N), tokens, seed in (
+        (a, o, sz, t, sd) for a, o in offsets.items() for sz in (sizes or SIZES).items()
+        for t in TOKENS for sd in seeds
+    ):  # fmt: skip
+        law = 0.5 + (late_A if arch == "late" else 300) / N**0.5 + 400 / tokens**0.5
+        law *= 1 + off
+        pid = f"{arch}-{size}-{tokens}-s{seed}"
+        kinds = {k: law * f * (1 + rng.normal(0, 0.002))
+                 for k, f in (("caption", 0.9), ("interleaved", 1.0), ("text", 1.1))}  # fmt: skip
+        rows.append({
+            "point_id": pid, "status": "ok", "arch": arch, "moe": "moe" in arch,
+            "size": size, "tokens_budget": tokens, "mixture": "45-45-10", "seed": seed,
+            "N": int(N), "D": tokens, "C": 6 * N * tokens * (1.2 if arch == "late" else 1),
+            **{f"loss_{k}": v for k, v in kinds.items()},
+            "loss_avg": float(np.mean(list(kinds.values()))),
+        })  # fmt: skip
+        pdir = tmp_path / "results" / "points" / pid
+        pdir.mkdir(parents=True)
+        curve = [{"step": s, "tokens": 1024 * s, "train_loss": 6 / s**0.3} for s in range(1, 30)]
+        (pdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
+        if "moe" in arch:
+            layers = [{"image": list(rng.dirichlet(np.ones(8))), "text": list(rng.dirichlet(np.ones(8))),
+                       "image_tokens": 100.0, "text_tokens": 300.0} for _ in range(4)]  # fmt: skip
+            (pdir / "routing.json").write_text(
+                json.dumps({"arch": arch, "size": size, "layers": layers})
+            )
     runs = pd.DataFrame(rows)
     runs.to_parquet(tmp_path / "results" / "runs.parquet")
     return runs
 
 
-def build(tmp_path, offsets, late_A):
-    study(tmp_path, offsets, late_A)
+def build(tmp_path, offsets, late_A, seeds=(0,), sizes=None):
+    study(tmp_path, offsets, late_A, seeds, sizes)
     res = tmp_path / "results"
     fit = study_params({"fit": FIT}).fit
     run_fit(res / "runs.parquet", res / "fits.json", fit, plots=res / "plots",
@@ -112,18 +114,71 @@ def test_a_study_that_reproduces_the_findings_is_reported_as_such(tmp_path):
     assert len(list((res / "report" / "curves").glob("*.csv"))) == len(offsets) * len(SIZES)
 
 
-def test_a_study_that_contradicts_them_is_reported_as_contradicted(tmp_path):
-    offsets = {"early": 0.0, "late": -0.02, "discrete": -0.05, "early-moe": 0.05,
-               "early-moe-aware": 0.0}  # fmt: skip
-    v = verdicts(build(tmp_path, offsets, late_A=200))
+# smaller sizes than SIZES: both archs' compute-optimal N lie among them when late's A is 200
+SMALL = {"xxs": 2.5e4, "xs": 6e4, "s": 1.5e5, "m": 4e5}
+AGAINST = {"early": 0.0, "late": -0.02, "discrete": -0.05, "early-moe": 0.05,
+           "early-moe-aware": 0.0}  # fmt: skip
+
+
+def test_a_study_that_contradicts_them_at_two_seeds_is_reported_as_contradicted(tmp_path):
+    res = build(tmp_path, AGAINST, late_A=200, seeds=(0, 1), sizes=SMALL)
+    v = verdicts(res)
     assert set(v.values()) == {"contradicted"}, v
+    found = json.loads((res / "report" / "findings.json").read_text())
+    assert all(set(f["seeds"]) == {"0", "1"} for f in found if f["seeds"]), found
+    assert all(len(f["frontier"]) >= 2 for f in found), [f["frontier"] for f in found]
+    md = (res / "report.md").read_text()
+    assert md.index("**Scope.**") < md.index("## Findings") and "2 seeds" in md
 
 
-def test_missing_archs_are_not_tested_and_missing_inputs_are_named(tmp_path, caplog):
+def test_one_seed_never_contradicts_and_an_extrapolated_optimum_is_not_testable(tmp_path):
+    v = verdicts(build(tmp_path, AGAINST, late_A=200))
+    assert v.pop("Late fusion") == "not testable here"  # late's N_opt below its smallest size
+    assert set(v.values()) == {"not reproduced at this scale"}, v
+    found = json.loads((tmp_path / "results" / "report" / "findings.json").read_text())
+    late = next(f for f in found if f["claim"].startswith("Late fusion"))
+    assert "outside the sizes trained" in late["reason"] and late["effect"] < 0
+    assert all("one seed" in f["reason"] for f in found if f["verdict"].startswith("not repro"))
+
+
+def test_judge_follows_its_rules():
+    from stages.reporting.findings import VERDICTS, judge
+
+    both = {"0": -0.02, "1": -0.01}
+    # the interval on the claimed side (claimed -1: a lower loss)
+    assert (
+        judge(-0.02, -0.03, -0.01, -1, {"paper": -0.02, "shared": -0.01}, both)[0] == "reproduced"
+    )
+    assert judge(-0.02, -0.03, -0.01, -1, {}, 1)[0] == "reproduced"
+    verdict, reason, _ = judge(-0.02, -0.03, -0.01, -1, {"paper": 0.01, "shared": -0.01}, both)
+    assert verdict == "inconclusive" and "paper shows the opposite" in reason
+    # the interval on the opposite side: contradicted only across families and seeds
+    against = {"0": 0.02, "1": 0.01}
+    assert judge(0.02, 0.01, 0.03, -1, {"paper": 0.02, "floor": 0.01}, against)[0] == "contradicted"
+    v, why, _ = judge(0.02, 0.01, 0.03, -1, {"paper": 0.02, "floor": -0.001}, against)
+    assert v == "not reproduced at this scale" and "floor does not show it" in why
+    v, why, _ = judge(0.02, 0.01, 0.03, -1, {"paper": 0.02}, {"0": 0.03, "1": -0.01})
+    assert v == "not reproduced at this scale" and "seed 1 does not show it" in why
+    v, why, _ = judge(0.02, 0.01, 0.03, -1, {"paper": 0.02}, {"0": 0.02})
+    assert v == "not reproduced at this scale" and "one seed" in why
+    assert judge(0.02, 0.01, 0.03, +1, {"paper": 0.02}, 2)[0] == "reproduced"
+    assert judge(-0.02, -0.03, -0.01, +1, {"paper": -0.02}, 2)[0] == "contradicted"
+    # the interval contains zero
+    v, why, decide = judge(0.005, -0.005, 0.015, -1, {"paper": 0.02}, against)
+    assert v == "inconclusive" and "contains zero" in why and "against the claim" in decide
+    assert judge(0.01, None, None, -1)[0] == "inconclusive"
+    assert {judge(*a)[0] for a in [(-0.02, -0.03, -0.01, -1), (0.01, -0.01, 0.03, -1)]} <= set(
+        VERDICTS
+    )
+
+
+def test_missing_archs_are_not_testable_and_missing_inputs_are_named(tmp_path, caplog):
     res = build(tmp_path, {"early": 0.0, "early-moe": -0.05}, 300)
     v = verdicts(res)
-    assert v["Early fusion"] == v["Late fusion"] == v["Discrete visual"] == "not tested"
+    assert v["Early fusion"] == v["Late fusion"] == v["Discrete visual"] == "not testable here"
     assert v["MoE beats"] == "reproduced"
+    found = json.loads((res / "report" / "findings.json").read_text())
+    assert "no late runs" in found[0]["reason"] and "grid.archs" in found[0]["reason"]
     (res / "fits.json").unlink()
     assert main(["--results", str(res)]) == 2
     assert "fits.json not found" in caplog.text
