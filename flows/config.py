@@ -12,9 +12,9 @@ Recipe (paper §2.1 and App. B): decoupled AdamW (β1 0.9, β2 ``adam_beta2``; t
 weight decay, gradient clipping, linear warm-up, constant learning rate, then a cooldown over
 the last ``cooldown_fraction`` of the steps to 0 with the 1-sqrt shape (Hägele et al. 2024,
 arXiv 2405.18392). Learning rate, batch size and warm-up are functions of N (params ``train``,
-OLMo-ladder style), never per-point constants: lr = lr_ref·(N/n_ref)^lr_exponent, rows =
-batch_rows_ref·(N/n_ref)^batch_exponent (a power of two), warm-up =
-warmup_tokens_ref·(N/n_ref)^warmup_exponent tokens (times ``moe_warmup_mult`` for MoE).
+OLMo-ladder style), never per-point constants: lr = lr_ref·(N/n_ref)^lr_exponent (times the
+arch's ``lr_arch_mult``), rows = batch_rows_ref·(N/n_ref)^batch_exponent (a power of two),
+warm-up = warmup_tokens_ref·(N/n_ref)^warmup_exponent tokens (times ``moe_warmup_mult`` for MoE).
 
 A config can be built before any data exists (``info=None``): the vocabulary size and the image
 geometry then come from params (``vocab_source: params``); N, the schedule and the memory they
@@ -101,10 +101,12 @@ class Schedule:
 
 
 def schedule(
-    tokens: int, n: int, params: Params, moe: bool, size_lr: float | None = None
-) -> Schedule:
+    tokens: int, n: int, params: Params, moe: bool, size_lr: float | None = None,
+    arch: str | None = None,
+) -> Schedule:  # fmt: skip
     """The schedule of a point of ``tokens`` tokens and ``n`` parameters (params ``train``);
-    with ``train.lr_source: sizes`` the peak lr is ``size_lr``, the size's own."""
+    with ``train.lr_source: sizes`` the peak lr is ``size_lr``, the size's own; either way
+    times ``train.lr_arch_mult`` of ``arch`` (1 for an arch it does not name)."""
     tp, context = params.train, params.data.context_length
     scale = n / tp.n_ref
     rows = 2 ** max(0, round(math.log2(max(1.0, tp.batch_rows_ref * scale**tp.batch_exponent))))
@@ -120,6 +122,7 @@ def schedule(
         lr = size_lr
     else:
         lr = tp.lr_ref * scale**tp.lr_exponent
+    lr *= tp.lr_arch_mult.get(arch, 1.0) if arch is not None else 1.0
     return Schedule(rows, lr, warmup, steps, steps - cooldown, tp.schedule)
 
 
@@ -222,9 +225,10 @@ class RunConfig:
         model = size_config(point.size, v.config(base, moe))
         counts = count_params(model, with_embeddings=mp.count_embeddings)
         lr = size(point.size).lr
-        sched = schedule(point.tokens, counts.N, params, v.moe, lr)
+        sched = schedule(point.tokens, counts.N, params, v.moe, lr, point.arch)
         budgets = {
-            schedule(t, counts.N, params, v.moe, lr).cooldown_start for t in params.grid.tokens
+            schedule(t, counts.N, params, v.moe, lr, point.arch).cooldown_start
+            for t in params.grid.tokens
         }
         share = sched.batch_rows // tp.processes  # rows each process trains per step
         batch_tokens = sched.batch_rows * params.data.context_length

@@ -2,8 +2,9 @@
 
 Reads ``data/shards`` (train split, image kinds) and params ``codebook``; writes
 ``data/codebook/codebook.pt`` (:meth:`model.discrete.VisualCodebook.save`) and
-``data/codebook/report.json`` (MSE against random codes, perplexity, iterations, and the sha256
-of the shards' manifest it was made from, which the grid checks). The method,
+``data/codebook/report.json`` (MSE against random codes, perplexity, iterations, the sha256
+of the shards' manifest it was made from, which the grid checks, and on the synthetic world the
+information the codes lose: stages/data/codebook.py look_information). The method,
 its memory bound and its determinism are described in stages/data/codebook.py.
 """
 
@@ -16,10 +17,20 @@ from pathlib import Path
 
 from stages.common.inputs import digest, require
 from stages.common.stage import entry_point, fresh_dir, parser
-from stages.data.codebook import CodebookError, build_codebook
+from stages.data.codebook import CodebookError, build_codebook, look_information
 from stages.params import load_params
 
 log = logging.getLogger(__name__)
+
+
+def information(codebook, params, image_size: int) -> dict:
+    """What the codes keep of the synthetic world's images (look_information), or why not."""
+    w = params.corpus.synthetic
+    if params.corpus.source != "synthetic":
+        return {"skipped": "real data: no known looks to measure against"}
+    if image_size != w.image_size:
+        return {"skipped": f"the shards' images are {image_size} px, the world's {w.image_size} px"}
+    return look_information(codebook, w, params.seed)
 
 
 @entry_point
@@ -34,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 1
     report["shards_manifest_sha256"] = digest(manifest)  # what it was made from
+    report["information"] = information(codebook, params, report["image_size"])
     out = fresh_dir(args.out)
     codebook.save(out / "codebook.pt")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

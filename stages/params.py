@@ -251,7 +251,7 @@ class GridParams(Strict):
 class TrainParams(Strict):
     """The recipe (paper §2.1, App. B), with lr, batch and warmup as functions of N.
 
-    lr = lr_ref·(N/n_ref)^lr_exponent; batch rows = batch_rows_ref·(N/n_ref)^batch_exponent
+    lr = lr_ref·(N/n_ref)^lr_exponent (times lr_arch_mult of the arch); batch rows = batch_rows_ref·(N/n_ref)^batch_exponent
     (rounded to a power of two); warmup = warmup_tokens_ref·(N/n_ref)^warmup_exponent tokens
     (times moe_warmup_mult for MoE: the paper warms MoE up longer).
     """
@@ -270,6 +270,8 @@ class TrainParams(Strict):
     lr_source: Literal["law", "sizes"]
     lr_ref: Annotated[float, Field(gt=0.0)]
     lr_exponent: float
+    # per arch, a factor on that lr (a sweep's optimum, bench/recipe_sweep.py); archs not named: 1
+    lr_arch_mult: dict[Literal[ARCHS], Annotated[float, Field(gt=0.0)]]
     n_ref: Annotated[float, Field(gt=0.0)]
     batch_rows_ref: PosInt
     batch_exponent: float

@@ -46,7 +46,11 @@ from stages.reporting.health import health_tables
 log = logging.getLogger(__name__)
 
 
-def run_report(results: str | Path = "results", shards: str | Path = "data/shards") -> Path:
+def run_report(
+    results: str | Path = "results",
+    shards: str | Path = "data/shards",
+    codebook: str | Path | None = "data/codebook/report.json",
+) -> Path:
     results, shards = Path(results), Path(shards)
     runs, fits = load_inputs(results)
     archs = list(dict.fromkeys(runs.arch))
@@ -78,11 +82,13 @@ def run_report(results: str | Path = "results", shards: str | Path = "data/shard
         figures["moe_routing"] = figs.moe_routing(routing, fig_dir)
     else:
         why["moe_routing"] = "no MoE arch with a routing record in this study"
-    found = findings(runs, fits)
+    cb = json.loads(Path(codebook).read_text()) if codebook and Path(codebook).exists() else {}
+    info = cb.get("information") or {}
+    found = findings(runs, fits, info if "share_lost" in info else None)
     value = text_floors(shards, "image_value_nats_per_token")
     health = health_tables(runs, fits, floor)
     md = render_markdown(results, runs, fits, floor, found, figures, why, eq, value, health,
-                         load_sparsity(results))  # fmt: skip
+                         load_sparsity(results), info)  # fmt: skip
     (results / "report.md").write_text(md)
     (results / "report.html").write_text(to_html(md, results))
     (out / "findings.json").write_text(json.dumps([f.__dict__ for f in found], indent=1))
@@ -103,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", default="results", help="the grid's and fit's outputs")
     ap.add_argument("--shards", default="data/shards", help="for the entropy floor (info.json)")
+    ap.add_argument("--codebook", default="data/codebook/report.json",
+                    help="the codebook stage's report: the information its codes lose")  # fmt: skip
     args = ap.parse_args(argv)
-    run_report(args.results, args.shards)
+    run_report(args.results, args.shards, args.codebook)
     return 0
 
 

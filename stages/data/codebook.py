@@ -35,7 +35,7 @@ from model.discrete import VisualCodebook, nearest_code
 from model.patches import normalise, patchify
 from stages.common.inputs import bounded
 from stages.data.shard_format import load_info, read_shard, shard_paths
-from stages.params import CodebookParams
+from stages.params import CodebookParams, SyntheticCorpus
 
 log = logging.getLogger(__name__)
 
@@ -266,3 +266,62 @@ def build_codebook(shards: Path, params: CodebookParams) -> tuple[VisualCodebook
         }
     report["wall_time_s"] = round(time.perf_counter() - t0, 3)
     return VisualCodebook(res.codes, p), report
+
+
+# --- what the codes keep of the world's images ------------------------------------------------
+
+
+def look_information(
+    codebook: VisualCodebook, w: SyntheticCorpus, seed: int, batch: int = 1024
+) -> dict[str, Any]:
+    """How much of what the synthetic world's images show survives the codebook.
+
+    An image cell shows one entity's *look* (its class and visible code bits, stages/data/world.py);
+    a model reading codes can only tell looks apart whose cells quantise to different codes. Every
+    distinct look is drawn noise-free in a cell (:func:`stages.data.synthetic.render`) and its
+    patches quantised; with each look's Zipf mass m (normalised), in bits: ``bits_per_look``
+    H(look), ``bits_lost`` H(look | codes) = H(look) - H(codes) (the codes are a function of the
+    look), ``share_lost`` their ratio, and ``mass_shared`` the mass of looks whose codes another
+    look shares. Information, not pixel error: pixel noise and exact shades cost nothing here
+    unless they merge looks. ``{"skipped": reason}`` when a cell is not a whole number of patches.
+    """
+    from stages.data.synthetic import render
+    from stages.data.world import world
+
+    S, p = w.image_size, codebook.patch_size
+    cell = S // 2
+    if S % 2 or cell % p:
+        return {"skipped": f"a {cell}-pixel image cell is not a whole number of {p}-pixel patches"}
+    W = world(w, seed)
+    looks, first = np.unique(W.looks, return_index=True)
+    mass = np.exp(W.look_logmass(looks))
+    mass /= mass.sum()
+    k, side = cell // p, S // p
+    keys = np.empty((len(looks), k * k), dtype=np.int64)
+    cells = [(c // 2, c % 2) for c in range(4)]
+    for s in range(0, len(looks), 4 * batch):
+        ranks = first[s : s + 4 * batch] + 1
+        scenes = [tuple((c, int(r)) for c, r in enumerate(ranks[i : i + 4]))
+                  for i in range(0, len(ranks), 4)]  # fmt: skip
+        imgs = np.stack([render(sc, W, None) for sc in scenes])  # (B, S, S, 3)
+        ids = codebook.encode(torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous())
+        ids = ids.reshape(len(scenes), side, side).numpy()
+        for i, sc in enumerate(scenes):
+            for c, _ in sc:
+                cy, cx = cells[c]
+                keys[s + 4 * i + c] = ids[i, cy * k : (cy + 1) * k, cx * k : (cx + 1) * k].ravel()
+    _, group = np.unique(keys, axis=0, return_inverse=True)
+    group = group.ravel()
+    gmass = np.bincount(group, weights=mass)
+    sizes = np.bincount(group)
+    h_look = float(-(mass * np.log2(mass)).sum())
+    h_codes = float(-(gmass[gmass > 0] * np.log2(gmass[gmass > 0])).sum())
+    lost = max(0.0, h_look - h_codes)
+    return {
+        "looks": int(len(looks)),
+        "code_tuples": int(len(gmass)),
+        "bits_per_look": h_look,
+        "bits_lost": lost,
+        "share_lost": lost / h_look if h_look > 0 else 0.0,
+        "mass_shared": float(mass[sizes[group] > 1].sum()),
+    }

@@ -162,6 +162,15 @@ class World:
         np.add.at(mass, self._look, np.exp(self.zipf.logp))
         self._look_logmass = np.log(mass, where=mass > 0, out=np.full_like(mass, -np.inf))
 
+    @property
+    def looks(self) -> np.ndarray:
+        """The look of every entity, by rank - 1 (see :meth:`look`)."""
+        return self._look
+
+    def look_logmass(self, looks: np.ndarray) -> np.ndarray:
+        """log of the Zipf mass of the entities that show each of ``looks``."""
+        return self._look_logmass[looks]
+
     # ------------------------------------------------------------------ per entity
     def klass(self, r: int) -> int:
         return int(self._class[r - 1])

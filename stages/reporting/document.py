@@ -232,6 +232,7 @@ def render_markdown(
     image_value: dict[str, float] | None = None,
     health: dict[str, Any] | None = None,
     sparse: dict | None = None,
+    codebook: dict | None = None,
 ) -> str:
     """results/report.md (templates/report.md.j2) from this run's inputs and figures."""
     archs = list(dict.fromkeys(runs.arch))
@@ -278,6 +279,7 @@ def render_markdown(
         image_use=image_use_table(runs, image_value or {}),
         health=health,
         coverage=coverage_table(fits, runs),
+        codebook=codebook or {},
     )
 
 

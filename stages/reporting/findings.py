@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import yaml
 
+from stages.common.paths import ROOT
 from stages.scaling.law import fitted_law, law_from_entry
 
 log = logging.getLogger(__name__)
@@ -212,12 +214,27 @@ def matched(runs: pd.DataFrame, a: str, b: str, target: str = "avg") -> pd.DataF
     return x.merge(y, on=MATCH, suffixes=(f"_{a}", f"_{b}"))
 
 
+def study_with(archs: list[str]) -> str | None:
+    """The repository's study file (studies/*.yaml, by name) whose grid trains every one of
+    ``archs``, or None."""
+    for path in sorted((ROOT / "studies").glob("*.yaml")):
+        try:
+            trained = (yaml.safe_load(path.read_text()).get("grid") or {}).get("archs") or []
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        if set(archs) <= set(trained):
+            return f"studies/{path.name}"
+    return None
+
+
 def _missing(runs: pd.DataFrame, archs: list[str]) -> str | None:
     names = [x for x in archs if x not in set(runs.arch)]
     if not names:
         return None
-    return (f"the study trained no {' or '.join(names)} runs (a study whose grid.archs include "
-            f"{', '.join(names)} tests it)")  # fmt: skip
+    preset = study_with(names)
+    where = (f"{preset} trains them (docs/study.md)" if preset
+             else f"a study whose grid.archs include {', '.join(names)} tests it")  # fmt: skip
+    return f"the study trained no {' or '.join(names)} runs; {where}"
 
 
 def _per_seed(m: pd.DataFrame, rel: np.ndarray) -> dict[str, float]:
@@ -269,7 +286,12 @@ def moe_name(runs: pd.DataFrame, arch: str) -> str:
     return f"{arch}-e{8 if 8 in counts else counts[-1]}"
 
 
-def findings(runs: pd.DataFrame, fits: dict) -> list[Finding]:
+LOSSLESS = 0.01
+"""A codebook that loses less than this share of the looks' information (bits an image shows of
+an entity) cannot test "discrete does worst": codes and pixels then carry the same information."""
+
+
+def findings(runs: pd.DataFrame, fits: dict, codebook: dict | None = None) -> list[Finding]:
     out = []
     moe, aware = moe_name(runs, "early-moe"), moe_name(runs, "early-moe-aware")
     smallest = lambda m: m[m["N"] == m["N"].min()]  # noqa: E731
@@ -281,7 +303,7 @@ def findings(runs: pd.DataFrame, fits: dict) -> list[Finding]:
                         "paper Sec. 4, Fig. 9"))  # fmt: skip
     out.append(_compare(runs, fits, moe, aware, "Learned (modality-agnostic) "
                         "routing beats modality-aware hard routing", "paper Sec. 4, Fig. 11"))  # fmt: skip
-    out.append(discrete_worst(runs, fits))
+    out.append(discrete_worst(runs, fits, codebook))
     return out
 
 
@@ -344,10 +366,12 @@ def late_needs_more_parameters(runs: pd.DataFrame, fits: dict) -> Finding:
                    fam)  # fmt: skip
 
 
-def discrete_worst(runs: pd.DataFrame, fits: dict) -> Finding:
+def discrete_worst(runs: pd.DataFrame, fits: dict, codebook: dict | None = None) -> Finding:
     """Effect: the mean relative gap of discrete's avg loss over the worse of early and late at
     matched runs (> 0: discrete is the worst), its interval by a bootstrap over them; beside it
-    the same gap on each law family's frontiers."""
+    the same gap on each law family's frontiers. ``codebook``: the codebook stage's measure of
+    the information its codes lose (``information`` of data/codebook/report.json): below
+    :data:`LOSSLESS` the claim is not testable here."""
     claim = "Discrete visual tokens do worst (vs early and late fusion on continuous patches)"
     source = "this pipeline's question (not in the paper, which has no discrete variant)"
     others = [a for a in ("early", "late") if a in set(runs.arch)]
@@ -377,6 +401,15 @@ def discrete_worst(runs: pd.DataFrame, fits: dict) -> Finding:
     fam = frontier_effects(fits, runs, "discrete", others)
     verdict, reason, decide = judge(effect, low, high, +1, fam, seeds)
     parts.append(_fmt_frontier(fam))
+    share = (codebook or {}).get("share_lost")
+    if share is not None:
+        lost = (f"the codebook loses {share:.2%} of what the images show of an entity "
+                f"({codebook['bits_lost']:.3g} of {codebook['bits_per_look']:.3g} bits)")  # fmt: skip
+        parts.append(lost)
+        if share < LOSSLESS:
+            verdict, decide = "not testable here", ""
+            reason = (f"{lost}, under the {LOSSLESS:.0%} the claim needs: codes and pixels "
+                      "carry the same information here")  # fmt: skip
     return Finding(claim, source, verdict, "; ".join(parts), effect, low, high,
                    f"(discrete − worse of {'/'.join(others)}) / it, avg", decide, reason, fam,
                    seeds)  # fmt: skip

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from flows import records
+from flows.config import Point, RunConfig
 from flows.grid.__main__ import main
 from flows.plan import CODE, NOT_RESULTS, code_files, fingerprints, group_id, plan
 from model.archs import VARIANTS
@@ -110,6 +111,8 @@ def test_settings_and_data_change_the_ids_of_the_variants_that_use_them(tiny_dat
     enc = {
         j.label: j.point_id for j in plan(study_params(ALL, {"model": {"enc_lr_mult": 0.5}}), fp)
     }
+    half = study_params(ALL, {"train": {"lr_arch_mult": {"late": 0.5}}})
+    lr = {j.label: j.point_id for j in plan(half, fp)}
     codebook = tmp_path / "codebook.pt"
     codebook.write_bytes(b"codes")
     cb = {j.label: j.point_id for j in plan(params, fingerprints(tiny_data.shards, codebook))}
@@ -117,7 +120,16 @@ def test_settings_and_data_change_the_ids_of_the_variants_that_use_them(tiny_dat
         v = VARIANTS[label.split("-xxs-")[0]]
         assert (moe[label] != pid) == v.moe, label
         assert (enc[label] != pid) == (v.base == "late"), label
+        assert (lr[label] != pid) == (label.split("-xxs-")[0] == "late"), label
         assert (cb[label] != pid) == (v.base == "discrete"), label
+    # the arch's factor multiplies the lr law's value, for its points only
+    info = json.loads((tiny_data.shards / "info.json").read_text())
+    tp = half.train
+    for arch in ("late", "early"):
+        cfg = RunConfig.build(half, Point(arch, "xxs", 4096, "45-45-10", 0), info)
+        law = tp.lr_ref * (cfg.counts.N / tp.n_ref) ** tp.lr_exponent
+        want = law * (0.5 if arch == "late" else tp.lr_arch_mult.get(arch, 1.0))
+        assert cfg.schedule.lr == pytest.approx(want), arch
 
 
 def test_a_sweep_of_expert_counts_adds_moe_points_and_keeps_the_ids_it_shares(tiny_data):

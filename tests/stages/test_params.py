@@ -144,3 +144,15 @@ def test_cli_fails_before_any_work(tmp_path):
         assert r.returncode != 0
         assert "corpus.synthetic.n_text" in r.stderr
     assert not (tmp_path / "data").exists()  # nothing was written
+
+
+def test_the_five_arch_study_is_the_default_with_two_more_archs():
+    """studies/five-arch.yaml decides the two findings the default cannot test: it must stay the
+    default study (every other key equal) with discrete and early-moe-aware added."""
+    default, five = read_yaml(REPO_PARAMS), read_yaml(ROOT / "studies" / "five-arch.yaml")
+    validate_params(five)
+    assert set(five["grid"]["archs"]) == set(default["grid"]["archs"]) | {"discrete",
+                                                                          "early-moe-aware"}  # fmt: skip
+    for raw in (default, five):
+        del raw["grid"]["archs"], raw["grid"]["study"]
+    assert five == default

@@ -129,3 +129,32 @@ def test_max_shards_draws_the_sample_from_a_seeded_subset_of_the_train_shards(ti
                                                           max_shards=1))  # fmt: skip
     seed3 = [len(x) for x in train_patches(tiny_data.shards, 32, 8, max_shards=1, seed=0)]
     assert report["patches_seen"] == seed3[0] < sum(per_shard)
+
+
+def test_look_information_is_zero_when_every_patch_is_a_code_and_all_when_one_code_is():
+    """The codes' information loss on the world's looks: a codebook holding every distinct
+    noise-free patch keeps every look apart (0 bits lost), one code loses everything, and a small
+    k-means codebook loses a part."""
+    from stages.data.codebook import look_information
+    from stages.data.synthetic import render
+    from stages.data.world import world
+
+    w = study_params({"corpus": {"synthetic": {"entity_bits": 10, "visual_bits": 10,
+                                               "classes": 4}}}).corpus.synthetic  # fmt: skip
+    W = world(w, 0)
+    looks, first = np.unique(W.looks, return_index=True)
+    imgs = np.stack([render(((0, int(r) + 1),), W, None) for r in first])
+    patches = patchify(torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), 8)
+    patches = patches.reshape(-1, patches.shape[-1])
+    every = VisualCodebook(normalise(torch.unique(patches, dim=0)), 8)
+    kept = look_information(every, w, 0)
+    assert kept["looks"] == len(looks) and kept["code_tuples"] == len(looks)
+    assert kept["bits_lost"] == pytest.approx(0, abs=1e-9) and kept["mass_shared"] == 0
+    assert 0 < kept["bits_per_look"] <= np.log2(len(looks))
+    one = look_information(VisualCodebook(every.codes[:1], 8), w, 0)
+    assert one["code_tuples"] == 1 and one["mass_shared"] == pytest.approx(1)
+    assert one["bits_lost"] == pytest.approx(one["bits_per_look"]) and one[
+        "share_lost"
+    ] == pytest.approx(1)
+    few = look_information(VisualCodebook(every.codes[:: max(1, len(every.codes) // 6)], 8), w, 0)
+    assert 0 < few["share_lost"] < 1 and 1 < few["code_tuples"] < len(looks)

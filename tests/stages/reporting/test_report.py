@@ -78,7 +78,8 @@ def build(tmp_path, offsets, late_A, seeds=(0,), sizes=None):
     floors = {"caption": 0.16, "interleaved": 0.18, "text": 0.43}
     info = {"totals": {f"val/{k}": {"floor_nats_per_token": v} for k, v in floors.items()}}
     (shards / "info.json").write_text(json.dumps(info))
-    assert main(["--results", str(res), "--shards", str(shards)]) == 0
+    cb = tmp_path / "codebook.json"  # the codebook stage's report: none unless a test writes it
+    assert main(["--results", str(res), "--shards", str(shards), "--codebook", str(cb)]) == 0
     return res
 
 
@@ -141,6 +142,22 @@ def test_one_seed_never_contradicts_and_an_extrapolated_optimum_is_not_testable(
     assert all("one seed" in f["reason"] for f in found if f["verdict"].startswith("not repro"))
 
 
+def test_discrete_is_not_testable_when_the_codebook_keeps_what_the_images_show(tmp_path):
+    offsets = {"early": 0.0, "late": 0.01, "discrete": 0.3}
+    res = build(tmp_path, offsets, late_A=450)
+    assert verdicts(res)["Discrete visual"] == "reproduced"
+    for share, want in ((0.004, "not testable here"), (0.2, "reproduced")):
+        info = {"bits_per_look": 4.5, "bits_lost": 4.5 * share, "share_lost": share,
+                "looks": 1024, "code_tuples": 900, "mass_shared": 0.1}  # fmt: skip
+        (tmp_path / "codebook.json").write_text(json.dumps({"information": info}))
+        args = ["--shards", str(tmp_path / "shards"), "--codebook", str(tmp_path / "codebook.json")]
+        assert main(["--results", str(res), *args]) == 0
+        assert verdicts(res)["Discrete visual"] == want, share
+        found = json.loads((res / "report" / "findings.json").read_text())
+        assert f"loses {share:.2%}" in found[-1]["evidence"]
+        assert f"**{100 * share:.2f}%** lost" in (res / "report.md").read_text()
+
+
 def test_judge_follows_its_rules():
     from stages.reporting.findings import VERDICTS, judge
 
@@ -178,7 +195,9 @@ def test_missing_archs_are_not_testable_and_missing_inputs_are_named(tmp_path, c
     assert v["Early fusion"] == v["Late fusion"] == v["Discrete visual"] == "not testable here"
     assert v["MoE beats"] == "reproduced"
     found = json.loads((res / "report" / "findings.json").read_text())
-    assert "no late runs" in found[0]["reason"] and "grid.archs" in found[0]["reason"]
+    assert "no late runs" in found[0]["reason"]
+    # a study file of the repository that trains the missing archs is named
+    assert "studies/" in found[0]["reason"] and "docs/study.md" in found[0]["reason"]
     (res / "fits.json").unlink()
     assert main(["--results", str(res)]) == 2
     assert "fits.json not found" in caplog.text
@@ -189,7 +208,7 @@ def test_degenerate_fits_still_give_a_report(tmp_path):
     fits = json.loads((res / "fits.json").read_text())
     fits["early/avg"]["alpha"] = -3.0  # as a degenerate fit reports it
     (res / "fits.json").write_text(json.dumps(fits))
-    assert run_report(res, tmp_path / "shards").exists()
+    assert run_report(res, tmp_path / "shards", codebook=None).exists()
     assert "early/avg (degenerate)" in (res / "report.md").read_text()
     assert verdicts(res)["Late fusion"] == "inconclusive"
 

@@ -1,0 +1,239 @@
+"""Where is the compute optimum of this world, and how large is a size step against the noise?
+
+An IsoFLOP probe (Hoffmann et al. 2022, approach 2) on the default world with early fusion: the
+real pipeline (corpus, tokenizer, shards, the grid flow) trains ``--sizes`` x ``--tokens`` at
+``--seeds``, on a corpus ``--scale`` times the default's so that no budget reads a document
+twice. Then, from the runs alone:
+
+- **IsoFLOP optima**: for each compute C = 6 N D on a log grid, each size's loss at
+  D = C / (6 N) is interpolated in log L over log D between its trained budgets; a parabola in
+  log N through three or more sizes gives N_opt(C) and the compute-optimal tokens per parameter
+  D_opt / N_opt, per seed and on the seeds' mean. An optimum outside the sizes at that C is
+  reported as a bound (``edge``), not as a number.
+- **The fitted law's optimum**: the fit stage's code (``fit.law: auto`` and its families) on
+  the runs, and its D_opt / N_opt at the same C: the second estimate.
+- **Step noise and size steps**: per (size, budget), the two seeds' relative difference; the
+  per-run noise is its sd / sqrt(2). A size step is the relative loss drop from one size to the
+  next at the same budget and seed; their median against the noise says whether N shows.
+
+Prints the tables and writes ``isoflop.json``, ``runs.csv`` and ``isoflop.png`` under ``--out``.
+
+    python bench/isoflop.py [--sizes w16d4 xxs xs s] [--tokens 150000 ... 2400000]
+                            [--seeds 0 1] [--scale 4] [--analyse]
+
+``--analyse`` re-reads the runs of an earlier call (no training). The defaults train 40 points:
+~14 min on the 2-core machine (data ~2.5 min).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.long_tail import grid, prepare  # noqa: E402
+from stages.data.shard_format import text_floors  # noqa: E402
+from stages.params import study_params  # noqa: E402
+from stages.scaling.fit import fit_table  # noqa: E402
+from stages.scaling.runs import load_runs  # noqa: E402
+
+OUT = ROOT / "bench" / "out" / "isoflop"
+SIZES = ["w16d4", "xxs", "xs", "s"]  # widths 16, 32, 48, 64: N 15k .. 208k
+TOKENS = [150_000, 300_000, 600_000, 1_200_000, 2_400_000]
+
+
+def world(scale: float) -> dict:
+    """The default corpus ``scale`` times larger (documents per kind)."""
+    syn = study_params().corpus.synthetic
+    return {k: int(round(getattr(syn, k) * scale)) for k in ("n_caption", "n_interleaved",
+                                                            "n_text")}  # fmt: skip
+
+
+def interpolated(g: pd.DataFrame, D: float) -> float:
+    """log L at ``D`` from one size's budgets: linear in log D between the trained budgets;
+    NaN outside them (never extrapolated)."""
+    x, y = np.log(g["D"].to_numpy(float)), np.log(g["loss"].to_numpy(float))
+    order = np.argsort(x)
+    x, y = x[order], y[order]
+    lx = math.log(D)
+    if lx < x[0] - 1e-9 or lx > x[-1] + 1e-9:
+        return math.nan
+    return float(np.interp(lx, x, y))
+
+
+def isoflop_optimum(runs: pd.DataFrame, C: float) -> dict:
+    """N_opt at compute ``C`` from a parabola in log N through the sizes whose budgets span
+    D = C / (6 N); ``edge`` when the parabola's minimum is not inside those sizes (or it opens
+    downwards), with the side it lies on."""
+    pts = []
+    for N, g in runs.groupby("N"):
+        y = interpolated(g, C / (6 * N))
+        if math.isfinite(y):
+            pts.append((math.log(N), y))
+    if len(pts) < 3:
+        return {"C": C, "sizes": len(pts), "N_opt": None, "ratio": None, "edge": "too few sizes"}
+    x, y = np.array(pts).T
+    c2, c1, c0 = np.polyfit(x, y, 2)
+    best = int(np.argmin(y))
+    if c2 <= 0 or not (x.min() <= -c1 / (2 * c2) <= x.max()):
+        side = "below" if best == 0 else "above" if best == len(x) - 1 else "inside"
+        return {"C": C, "sizes": len(pts), "N_opt": None, "ratio": None,
+                "edge": f"optimum {side} the sizes trained (lowest at N={math.exp(x[best]):.3g})"}  # fmt: skip
+    n_opt = math.exp(-c1 / (2 * c2))
+    return {"C": C, "sizes": len(pts), "N_opt": n_opt, "ratio": C / (6 * n_opt**2), "edge": None,
+            "L_opt": float(math.exp(c0 - c1**2 / (4 * c2)))}  # fmt: skip
+
+
+def noise_and_steps(runs: pd.DataFrame) -> dict:
+    """Per-run noise (sd of the seeds' log-loss difference / sqrt 2) and the size steps."""
+    out: dict = {}
+    seeds = sorted(runs.seed.unique())
+    if len(seeds) >= 2:
+        w = runs.pivot_table(index=["N", "D"], columns="seed", values="loss")
+        d = np.log(w[seeds[1]]) - np.log(w[seeds[0]])
+        out["noise"] = float(np.std(d, ddof=1) / math.sqrt(2))
+        out["noise_pairs"] = int(d.notna().sum())
+    steps = []
+    for (seed, D), g in runs.groupby(["seed", "D"]):
+        g = g.sort_values("N")
+        L, N = g["loss"].to_numpy(float), g["N"].to_numpy(float)
+        for i in range(len(g) - 1):
+            steps.append({"seed": int(seed), "D": float(D), "N_from": N[i], "N_to": N[i + 1],
+                          "step": float(1 - L[i + 1] / L[i])})  # fmt: skip
+    s = pd.DataFrame(steps)
+    out["steps"] = steps
+    out["median_step"] = float(s.step.median()) if len(s) else None
+    if len(s):
+        out["median_step_by_pair"] = {
+            f"{a:.3g}->{b:.3g}": float(g.step.median())
+            for (a, b), g in s.groupby(["N_from", "N_to"])
+        }
+    return out
+
+
+def analyse(runs: pd.DataFrame, shards: Path, out: Path) -> dict:
+    runs = runs.assign(loss=runs["loss_avg"].astype(float), D=runs["D"].astype(float),
+                       N=runs["N"].astype(float))  # fmt: skip
+    lo = (6 * runs.N * runs.D).min()
+    hi = (6 * runs.N * runs.D).max()
+    budgets = np.geomspace(lo, hi, 13)
+    per_seed = {}
+    for seed, g in runs.groupby("seed"):
+        per_seed[int(seed)] = [isoflop_optimum(g, C) for C in budgets]
+    mean = runs.groupby(["N", "D"], as_index=False)["loss"].apply(
+        lambda s: float(np.exp(np.log(s).mean()))
+    )
+    on_mean = [isoflop_optimum(mean, C) for C in budgets]
+    # the fit stage's laws on the same runs (avg target): the second estimate of the optimum
+    table = load_runs(out / "results" / "runs.parquet")
+    floors = text_floors(shards)
+    fit = study_params().fit
+    fits = fit_table(table[table.target == "avg"], fit, seed=0, floors=floors)
+    tf = fits["early/avg"]
+    law = tf.law
+    n_law, d_law, _ = law.optimum(budgets)
+    errs = tf.metrics().get("heldout", {}) if hasattr(tf, "metrics") else {}
+    result = {
+        "budgets_C": budgets.tolist(),
+        "isoflop_per_seed": per_seed,
+        "isoflop_on_mean": on_mean,
+        "law": {
+            "family": tf.choice,
+            **{k: float(v) for k, v in law.as_dict().items()},
+            "why": tf.why,
+            "ratio_at_C": (d_law / n_law).tolist(),
+            "heldout": errs,
+        },  # fmt: skip
+        "grid_ratio_range": [float((runs.D / runs.N).min()), float((runs.D / runs.N).max())],
+        **noise_and_steps(runs),
+    }
+    print_result(result, runs)
+    plot(runs, mean, on_mean, out / "isoflop.png")
+    return result
+
+
+def print_result(r: dict, runs: pd.DataFrame) -> None:
+    table = runs.pivot_table(index="N", columns="D", values="loss", aggfunc="mean")
+    print("validation loss (avg of kinds; mean over seeds), N rows x D columns")
+    print(table.round(4).to_string())
+    lo, hi = r["grid_ratio_range"]
+    print(f"\ngrid D/N: {lo:.3g} .. {hi:.3g}")
+    print("\nIsoFLOP optimum D_opt/N_opt per compute (parabola in log N; '-' at an edge)")
+    print(f"{'C':>10} {'mean':>9} " + " ".join(f"{'seed ' + str(s):>9}" for s in
+                                                r["isoflop_per_seed"]) + f" {'law':>9}")  # fmt: skip
+    for i, C in enumerate(r["budgets_C"]):
+        cells = [r["isoflop_on_mean"][i]] + [v[i] for v in r["isoflop_per_seed"].values()]
+        txt = " ".join(f"{c['ratio']:9.3g}" if c["ratio"] else f"{'-':>9}" for c in cells)
+        print(f"{C:10.3g} {txt} {r['law']['ratio_at_C'][i]:9.3g}")
+    law = r["law"]
+    print(f"\nfitted law ({law['family']}): E {law['E']:.4g} A {law['A']:.4g} B {law['B']:.4g} "
+          f"alpha {law['alpha']:.3f} beta {law['beta']:.3f}")  # fmt: skip
+    if "noise" in r:
+        print(f"per-run noise {r['noise']:.2%} ({r['noise_pairs']} seed pairs); median size step "
+              f"{r['median_step']:.2%} ({r['median_step'] / r['noise']:.1f}x the noise)")  # fmt: skip
+    for k, v in (r.get("median_step_by_pair") or {}).items():
+        print(f"  step N {k}: median {v:.2%}")
+
+
+def plot(runs: pd.DataFrame, mean: pd.DataFrame, on_mean: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for N, g in mean.groupby("N"):
+        g = g.sort_values("D")
+        a.plot(g.D, g.loss, "o-", label=f"N={N:.3g}")
+    a.set(xscale="log", yscale="log", xlabel="tokens D", ylabel="loss (avg; mean of seeds)")
+    a.legend(fontsize=8)
+    for c in on_mean:
+        pts = [(N, math.exp(interpolated(g, c["C"] / (6 * N)))) for N, g in mean.groupby("N")]
+        pts = [(n, v) for n, v in pts if math.isfinite(v)]
+        if len(pts) >= 2:
+            x, y = zip(*pts, strict=True)
+            b.plot(x, y, ".-", color="grey", lw=0.8)
+        if c["N_opt"]:
+            b.plot(c["N_opt"], c["L_opt"], "r*")
+    b.set(xscale="log", yscale="log", xlabel="parameters N", ylabel="loss at C = 6ND",
+          title="IsoFLOP curves (red: parabola minima)")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", nargs="+", default=SIZES)
+    ap.add_argument("--tokens", nargs="+", type=int, default=TOKENS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--scale", type=float, default=4.0, help="corpus size x the default's")
+    ap.add_argument("--analyse", action="store_true", help="the runs of an earlier call only")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    over = {
+        "corpus": {"synthetic": world(args.scale)},
+        "grid": {"study": "isoflop", "archs": ["early"], "sizes": args.sizes,
+                 "tokens": args.tokens, "seeds": args.seeds},
+    }  # fmt: skip
+    params_path, shards = prepare(args.out, over)
+    if args.analyse:
+        runs = pd.read_parquet(args.out / "results" / "runs.parquet")
+    else:
+        runs = grid(args.out, params_path, shards)
+    runs.to_csv(args.out / "runs.csv", index=False)
+    result = analyse(runs, shards, args.out)
+    (args.out / "isoflop.json").write_text(json.dumps(result, indent=1, default=float))
+    print(f"\nwrote {args.out / 'isoflop.json'}, {args.out / 'isoflop.png'}")
+
+
+if __name__ == "__main__":
+    main()
