@@ -8,8 +8,9 @@ twice. Then, from the runs alone:
 - **IsoFLOP optima**: for each compute C = 6 N D on a log grid, each size's loss at
   D = C / (6 N) is interpolated in log L over log D between its trained budgets; a parabola in
   log N through three or more sizes gives N_opt(C) and the compute-optimal tokens per parameter
-  D_opt / N_opt, per seed and on the seeds' mean. An optimum outside the sizes at that C is
-  reported as a bound (``edge``), not as a number.
+  D_opt / N_opt, per seed and on the seeds' mean. Only a bracketed optimum counts (a size
+  inside has the lowest loss and the parabola's minimum lies among the sizes); otherwise the
+  budget's lowest size and its D/N are reported as a bound (``edge``), not as an optimum.
 - **The fitted law's optimum**: the fit stage's code (``fit.law: auto`` and its families) on
   the runs, and its D_opt / N_opt at the same C: the second estimate.
 - **Step noise and size steps**: per (size, budget), the two seeds' relative difference; the
@@ -83,10 +84,15 @@ def isoflop_optimum(runs: pd.DataFrame, C: float) -> dict:
     x, y = np.array(pts).T
     c2, c1, c0 = np.polyfit(x, y, 2)
     best = int(np.argmin(y))
-    if c2 <= 0 or not (x.min() <= -c1 / (2 * c2) <= x.max()):
-        side = "below" if best == 0 else "above" if best == len(x) - 1 else "inside"
+    # bracketed only when a size inside has the lowest loss (the curve turns up on both sides)
+    # and the parabola's minimum lies among the sizes
+    if not 0 < best < len(x) - 1 or c2 <= 0 or not (x.min() <= -c1 / (2 * c2) <= x.max()):
+        side = "at or below" if best == 0 else "at or above" if best == len(x) - 1 else "near"
+        bound = C / (6 * math.exp(2 * x[best]))  # D/N of the lowest size on this budget
         return {"C": C, "sizes": len(pts), "N_opt": None, "ratio": None,
-                "edge": f"optimum {side} the sizes trained (lowest at N={math.exp(x[best]):.3g})"}  # fmt: skip
+                "lowest_N": float(math.exp(x[best])), "ratio_at_lowest": float(bound),
+                "edge": f"not bracketed: N_opt {side} N={math.exp(x[best]):.3g} (D/N there "
+                        f"{bound:.3g})"}  # fmt: skip
     n_opt = math.exp(-c1 / (2 * c2))
     return {"C": C, "sizes": len(pts), "N_opt": n_opt, "ratio": C / (6 * n_opt**2), "edge": None,
             "L_opt": float(math.exp(c0 - c1**2 / (4 * c2)))}  # fmt: skip
@@ -166,13 +172,17 @@ def print_result(r: dict, runs: pd.DataFrame) -> None:
     print(table.round(4).to_string())
     lo, hi = r["grid_ratio_range"]
     print(f"\ngrid D/N: {lo:.3g} .. {hi:.3g}")
-    print("\nIsoFLOP optimum D_opt/N_opt per compute (parabola in log N; '-' at an edge)")
+    print("\nIsoFLOP optimum D_opt/N_opt per compute (parabola in log N; '-': not bracketed)")
     print(f"{'C':>10} {'mean':>9} " + " ".join(f"{'seed ' + str(s):>9}" for s in
                                                 r["isoflop_per_seed"]) + f" {'law':>9}")  # fmt: skip
     for i, C in enumerate(r["budgets_C"]):
         cells = [r["isoflop_on_mean"][i]] + [v[i] for v in r["isoflop_per_seed"].values()]
         txt = " ".join(f"{c['ratio']:9.3g}" if c["ratio"] else f"{'-':>9}" for c in cells)
         print(f"{C:10.3g} {txt} {r['law']['ratio_at_C'][i]:9.3g}")
+    print("\nseeds' mean, where not bracketed:")
+    for c in r["isoflop_on_mean"]:
+        if c["edge"]:
+            print(f"  C {c['C']:.3g}: {c['edge']}")
     law = r["law"]
     print(f"\nfitted law ({law['family']}): E {law['E']:.4g} A {law['A']:.4g} B {law['B']:.4g} "
           f"alpha {law['alpha']:.3f} beta {law['beta']:.3f}")  # fmt: skip
@@ -224,10 +234,11 @@ def main() -> None:
         "grid": {"study": "isoflop", "archs": ["early"], "sizes": args.sizes,
                  "tokens": args.tokens, "seeds": args.seeds},
     }  # fmt: skip
-    params_path, shards = prepare(args.out, over)
-    if args.analyse:
+    if args.analyse:  # the runs and shards of an earlier call, as they are
+        shards = args.out / "data" / "shards"
         runs = pd.read_parquet(args.out / "results" / "runs.parquet")
     else:
+        params_path, shards = prepare(args.out, over)
         runs = grid(args.out, params_path, shards)
     runs.to_csv(args.out / "runs.csv", index=False)
     result = analyse(runs, shards, args.out)

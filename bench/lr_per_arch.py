@@ -3,9 +3,11 @@
 The lr law of params.yaml (lr = lr_ref (N / n_ref)^lr_exponent) was fitted on early fusion at
 the old ladder (bench/recipe_sweep.py). Here every arch of ``--archs`` trains at ``--sizes`` x
 ``--mults`` x ``--seeds`` for ``--tokens`` tokens with lr = lr(N) x mult (the default world with
-``--scale`` times its documents, the default mixture; ``train.lr_arch_mult`` ignored). Per (arch, size), the best mult is the minimum of a
-parabola in log2 mult through the seeds' mean losses (clipped to the mults swept, and flagged
-when it lies at an end). One law goes through every best lr: a slope shared by the archs and a
+``--scale`` times its documents, the default mixture; lr(N) is the law of ``--lr-ref`` and
+``--lr-exponent``, params.yaml's by default, without ``train.lr_arch_mult``). Per (arch, size),
+the best mult is the minimum of a parabola in log2 mult through the seeds' mean losses (clipped
+to the mults swept), flagged as not bracketed when it or the lowest mean lies at an end of them.
+One law goes through every best lr: a slope shared by the archs and a
 factor per arch (least squares in log lr), which is what params.yaml's ``train.lr_ref``,
 ``lr_exponent`` and ``lr_arch_mult`` take. Prints the table (also ``lr_per_arch.md``, for
 docs/recipe.md) and the law; writes ``lr_per_arch.json`` under ``--out``. Runs are kept under
@@ -13,6 +15,10 @@ docs/recipe.md) and the law; writes ``lr_per_arch.json`` under ``--out``. Runs a
 
     python bench/lr_per_arch.py [--archs early late early-moe] [--sizes w16d4 xxs xs]
                                 [--mults 0.25 0.5 1 2] [--seeds 0 1] [--tokens 300000]
+                                [--lr-ref 5.5e-3 --lr-exponent -0.9]
+
+docs/recipe.md's table: ``--archs early late early-moe discrete early-moe-aware --lr-ref 5.5e-3
+--lr-exponent -0.9`` (the law before the refit it led to).
 
 Two processes, one thread each: the defaults train 72 points, ~8 min on the 2-core machine.
 """
@@ -36,7 +42,7 @@ from bench.long_tail import prepare  # noqa: E402
 from bench.recipe_sweep import config  # noqa: E402
 from flows.training.point import train_point  # noqa: E402
 from stages.common.stage import run_per_kind  # noqa: E402
-from stages.params import study_params  # noqa: E402
+from stages.params import ARCHS, study_params  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "lr_per_arch"
 
@@ -66,9 +72,12 @@ def best_mult(mults: list[float], losses: list[float]) -> tuple[float, bool]:
     swept range), and whether it lies at an end of that range (the sweep does not bracket it)."""
     x = np.log2(mults)
     a, b, _ = np.polyfit(x, losses, 2)
-    xm = -b / (2 * a) if a > 0 else x[int(np.argmin(losses))]
+    low = int(np.argmin(losses))
+    xm = -b / (2 * a) if a > 0 else x[low]
     clipped = float(np.clip(xm, x.min(), x.max()))
-    return float(2**clipped), bool(clipped in (x.min(), x.max()))
+    # bracketed only when a mult inside has the lowest loss and the minimum lies among them
+    edge = clipped in (x.min(), x.max()) or low in (0, len(x) - 1)
+    return float(2**clipped), bool(edge)
 
 
 def main() -> None:
@@ -78,6 +87,10 @@ def main() -> None:
     ap.add_argument("--mults", nargs="+", type=float, default=[0.25, 0.5, 1.0, 2.0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--tokens", type=int, default=300_000)
+    ap.add_argument("--lr-ref", type=float, default=None,
+                    help="the law swept around (default: params.yaml's train.lr_ref)")  # fmt: skip
+    ap.add_argument("--lr-exponent", type=float, default=None,
+                    help="(default: params.yaml's train.lr_exponent)")  # fmt: skip
     ap.add_argument("--scale", type=float, default=0.25,
                     help="corpus size x the default's (a quarter holds 300k tokens many times)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=OUT)
@@ -85,13 +98,18 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     _, shards = prepare(args.out / "world", {"corpus": {"synthetic": world(args.scale)}})
     tp = study_params().train
+    base = tp.model_copy(update={"lr_ref": args.lr_ref or tp.lr_ref,
+                                 "lr_exponent": tp.lr_exponent if args.lr_exponent is None
+                                 else args.lr_exponent})  # fmt: skip
     work = str(args.out / "runs")
     cb = str(codebook_for(shards)) if "discrete" in args.archs else None
-    jobs = [(a, s, args.tokens, {"lr_ref": tp.lr_ref * m, "lr_arch_mult": {}}, str(shards), work, sd,
+    ones = {a: 1.0 for a in ARCHS}  # the sweep's own multiples replace params' factors
+    jobs = [(a, s, args.tokens, {"lr_ref": base.lr_ref * m, "lr_exponent": base.lr_exponent,
+                                 "lr_arch_mult": ones}, str(shards), work, sd,
              cb if a == "discrete" else None)
             for a in args.archs for s in args.sizes for sd in args.seeds for m in args.mults]  # fmt: skip
     runs = run_per_kind(train, jobs, workers=2)
-    result = analyse(runs, args.mults, tp)
+    result = analyse(runs, args.mults, base)
     result["tokens"] = args.tokens
     print(f"validation loss (avg of kinds) after {args.tokens:,} tokens, lr = lr(N) x mult\n")
     print(result["markdown"])

@@ -283,7 +283,10 @@ def look_information(
     H(look), ``bits_lost`` H(look | codes) = H(look) - H(codes) (the codes are a function of the
     look), ``share_lost`` their ratio, and ``mass_shared`` the mass of looks whose codes another
     look shares. Information, not pixel error: pixel noise and exact shades cost nothing here
-    unless they merge looks. ``{"skipped": reason}`` when a cell is not a whole number of patches.
+    unless they merge looks. With the world's pixel noise, ``noise`` gives the same for one noisy
+    drawing per look (a plug-in estimate: a look's codes taken as that drawing's) and the mass of
+    looks whose codes the noise changes. ``{"skipped": reason}`` when a cell is not a whole number
+    of patches.
     """
     from stages.data.synthetic import render
     from stages.data.world import world
@@ -297,31 +300,46 @@ def look_information(
     mass = np.exp(W.look_logmass(looks))
     mass /= mass.sum()
     k, side = cell // p, S // p
-    keys = np.empty((len(looks), k * k), dtype=np.int64)
     cells = [(c // 2, c % 2) for c in range(4)]
-    for s in range(0, len(looks), 4 * batch):
-        ranks = first[s : s + 4 * batch] + 1
-        scenes = [tuple((c, int(r)) for c, r in enumerate(ranks[i : i + 4]))
-                  for i in range(0, len(ranks), 4)]  # fmt: skip
-        imgs = np.stack([render(sc, W, None) for sc in scenes])  # (B, S, S, 3)
-        ids = codebook.encode(torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous())
-        ids = ids.reshape(len(scenes), side, side).numpy()
-        for i, sc in enumerate(scenes):
-            for c, _ in sc:
-                cy, cx = cells[c]
-                keys[s + 4 * i + c] = ids[i, cy * k : (cy + 1) * k, cx * k : (cx + 1) * k].ravel()
-    _, group = np.unique(keys, axis=0, return_inverse=True)
-    group = group.ravel()
-    gmass = np.bincount(group, weights=mass)
-    sizes = np.bincount(group)
+
+    def codes_of(rng: np.random.Generator | None) -> np.ndarray:
+        keys = np.empty((len(looks), k * k), dtype=np.int64)
+        for s in range(0, len(looks), 4 * batch):
+            ranks = first[s : s + 4 * batch] + 1
+            scenes = [tuple((c, int(r)) for c, r in enumerate(ranks[i : i + 4]))
+                      for i in range(0, len(ranks), 4)]  # fmt: skip
+            imgs = np.stack([render(sc, W, rng) for sc in scenes])  # (B, S, S, 3)
+            ids = codebook.encode(torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous())
+            ids = ids.reshape(len(scenes), side, side).numpy()
+            for i, sc in enumerate(scenes):
+                for c, _ in sc:
+                    cy, cx = cells[c]
+                    keys[s + 4 * i + c] = ids[
+                        i, cy * k : (cy + 1) * k, cx * k : (cx + 1) * k
+                    ].ravel()
+        return keys
+
+    def lost_bits(keys: np.ndarray) -> tuple[float, np.ndarray]:
+        _, group = np.unique(keys, axis=0, return_inverse=True)
+        group = group.ravel()
+        gmass = np.bincount(group, weights=mass)
+        h_codes = float(-(gmass[gmass > 0] * np.log2(gmass[gmass > 0])).sum())
+        return max(0.0, h_look - h_codes), np.bincount(group)[group]
+
     h_look = float(-(mass * np.log2(mass)).sum())
-    h_codes = float(-(gmass[gmass > 0] * np.log2(gmass[gmass > 0])).sum())
-    lost = max(0.0, h_look - h_codes)
-    return {
+    clean = codes_of(None)
+    lost, shared = lost_bits(clean)
+    out = {
         "looks": int(len(looks)),
-        "code_tuples": int(len(gmass)),
+        "code_tuples": int(len(np.unique(clean, axis=0))),
         "bits_per_look": h_look,
         "bits_lost": lost,
         "share_lost": lost / h_look if h_look > 0 else 0.0,
-        "mass_shared": float(mass[sizes[group] > 1].sum()),
+        "mass_shared": float(mass[shared > 1].sum()),
     }
+    if w.noise > 0:  # one noisy drawing per look, as the shards hold them: codes that flip
+        noisy = codes_of(np.random.default_rng([seed, 7]))
+        lost_n, _ = lost_bits(noisy)
+        out["noise"] = {"mass_changed": float(mass[(noisy != clean).any(1)].sum()),
+                        "bits_lost": lost_n, "share_lost": lost_n / h_look if h_look > 0 else 0.0}  # fmt: skip
+    return out

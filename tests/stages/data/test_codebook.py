@@ -151,6 +151,9 @@ def test_look_information_is_zero_when_every_patch_is_a_code_and_all_when_one_co
     assert kept["looks"] == len(looks) and kept["code_tuples"] == len(looks)
     assert kept["bits_lost"] == pytest.approx(0, abs=1e-9) and kept["mass_shared"] == 0
     assert 0 < kept["bits_per_look"] <= np.log2(len(looks))
+    # the world's pixel noise moves some cells off their clean codes: measured, in range
+    assert 0 <= kept["noise"]["mass_changed"] <= 1 and kept["noise"]["bits_lost"] >= 0
+    assert "noise" not in look_information(every, w.model_copy(update={"noise": 0.0}), 0)
     one = look_information(VisualCodebook(every.codes[:1], 8), w, 0)
     assert one["code_tuples"] == 1 and one["mass_shared"] == pytest.approx(1)
     assert one["bits_lost"] == pytest.approx(one["bits_per_look"]) and one[
