@@ -69,6 +69,11 @@ def choose(
         f"({best} {scores[best]:.2%}; {fit.parsimony:g} paired standard errors)"
         if choice != best
         else ", the lowest"
+        + (
+            " of the families whose E is not below the floor"
+            if choice not in below and below
+            else ""
+        )
     )
     if below:
         E = ", ".join(f"{n} {families[n].law.E:.4g}" for n in below)

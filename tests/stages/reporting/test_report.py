@@ -5,9 +5,11 @@ one built to contradict them at two seeds, the same at one seed, and judge()'s r
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from stages.fit import run_fit
 from stages.params import study_params
@@ -88,10 +90,22 @@ def verdicts(res):
             for f in json.loads((res / "report" / "findings.json").read_text())}  # fmt: skip
 
 
-def test_a_study_that_reproduces_the_findings_is_reported_as_such(tmp_path):
-    offsets = {"early": 0.0, "late": 0.01, "discrete": 0.3, "early-moe": -0.05,
-               "early-moe-aware": -0.02}  # fmt: skip
-    res = build(tmp_path, offsets, late_A=450)
+REPRODUCE = {"early": 0.0, "late": 0.01, "discrete": 0.3, "early-moe": -0.05,
+             "early-moe-aware": -0.02}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reproducing(tmp_path_factory):
+    """The study built to reproduce every finding (its folder, built once for the file)."""
+    root = tmp_path_factory.mktemp("reproduce")
+    build(root, REPRODUCE, late_A=450)
+    return root
+
+
+def test_a_study_that_reproduces_the_findings_is_reported_as_such(reproducing, tmp_path):
+    shutil.copytree(reproducing, tmp_path, dirs_exist_ok=True)
+    res = tmp_path / "results"
+    offsets = REPRODUCE
     md = (res / "report.md").read_text()
     assert set(verdicts(res).values()) == {"reproduced"}, verdicts(res)
     for fig in ("loss_vs_compute", "equal_compute", "optimal_allocation",
@@ -144,9 +158,11 @@ def test_one_seed_never_contradicts_and_an_extrapolated_optimum_is_not_testable(
     assert all("one seed" in f["reason"] for f in found if f["verdict"].startswith("not repro"))
 
 
-def test_discrete_is_not_testable_when_the_codebook_keeps_what_the_images_show(tmp_path):
-    offsets = {"early": 0.0, "late": 0.01, "discrete": 0.3}
-    res = build(tmp_path, offsets, late_A=450)
+def test_discrete_is_not_testable_when_the_codebook_keeps_what_the_images_show(
+    reproducing, tmp_path
+):
+    shutil.copytree(reproducing, tmp_path, dirs_exist_ok=True)
+    res = tmp_path / "results"
     assert verdicts(res)["Discrete visual"] == "reproduced"
     for share, want in ((0.004, "not testable here"), (0.2, "reproduced")):
         info = {"bits_per_look": 4.5, "bits_lost": 4.5 * share, "share_lost": share,
