@@ -32,10 +32,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.data.corpus_format import iter_docs  # noqa: E402
-from stages.data.ingest import ingest  # noqa: E402
+from stages.data.corpus_format import write_json  # noqa: E402
+from stages.data.ingest import check_corpus, list_inputs  # noqa: E402
 from stages.data.shards import build_shards  # noqa: E402
-from stages.data.tokenizer import train_bpe  # noqa: E402
+from stages.data.tokenizer import corpus_texts, train_bpe  # noqa: E402
 from stages.params import load_params, study_params  # noqa: E402
 
 _TEXT = ("a photo of the old temple by the lake with red roof and green trees under a blue sky "
@@ -129,18 +129,17 @@ def main() -> None:
           f"work in {tmp}")  # fmt: skip
     inputs = make_captions(tmp / "input", args.captions, args.files)
     src_bytes = sum(Path(p).stat().st_size for p in inputs) / args.captions
-    base = {"corpus": {"source": "files", "samples_per_file": args.captions // args.files,
-                       "files": {"caption": inputs}},
+    base = {"corpus": {"source": "files", "files": {"caption": inputs}},
             "shards": {"image_size": 224, "patch_size": 14, "samples_per_shard": 1000,
                        "images": "encoded", "encode": "jpeg", "quality": 95},
             "data": {"context_length": 1024}}  # fmt: skip
     p = study_params(base)
     corpus = tmp / "corpus"
-    t_check2, _ = timed(ingest, p.corpus.files, tmp / "corpus2", p.corpus.samples_per_file, 2)
-    t_check, _ = timed(ingest, p.corpus.files, corpus, p.corpus.samples_per_file, 1)
-    tok = train_bpe(
-        (d.text for d in iter_docs(corpus, "caption")), vocab_size=1024, min_frequency=2
-    )
+    t_list, listing = timed(list_inputs, p.corpus.files)
+    write_json(corpus / "report.json", listing)  # the corpus stage's output: no copy
+    t_check2, _ = timed(check_corpus, corpus, 2)  # the optional dry run (stages.corpus --check)
+    t_check, _ = timed(check_corpus, corpus, 1)
+    tok = train_bpe(corpus_texts(corpus), vocab_size=1024, min_frequency=2)
     tok_path = tmp / "tokenizer.json"
     tok.save(str(tok_path))
     rates, sizes = {}, {}
@@ -153,24 +152,27 @@ def main() -> None:
         sizes[name] = sum((out / r["path"]).stat().st_size for r in rows) / args.captions
     per_core_1 = rates["jpeg, 1 worker"]
     check_rate = args.captions / t_check
-    print("\nper sample (real JPEG -> 224 px):")
+    print(
+        "\nper sample (real JPEG -> 224 px; the shards stage checks, tokenizes and shards in one "
+        f"pass; the corpus stage listed the {args.files} inputs in {t_list * 1e3:.0f} ms):"
+    )
     check2 = args.captions / t_check2
-    print(f"  check (ingest), 1 worker             {check_rate:8.1f} samples/s")
-    print(f"  check (ingest), 2 workers            {check2:8.1f} samples/s ({check2 / 2:.1f} per "
-          f"core; {check2 / check_rate:.2f}x)")  # fmt: skip
+    print(f"  check only (corpus --check), 1 worker   {check_rate:8.1f} samples/s")
+    print(f"  check only (corpus --check), 2 workers  {check2:8.1f} samples/s ({check2 / 2:.1f} "
+          f"per core; {check2 / check_rate:.2f}x)")  # fmt: skip
     for name, r in rates.items():
         w = 2 if "2" in name else 1
-        print(f"  tokenize + shard, {name:16s}  {r:8.1f} samples/s ({r / w:.1f} per core)")
-    print(f"  scaling 1 -> 2 workers:              {rates['jpeg, 2 workers'] / per_core_1:.2f}x")
+        print(f"  shards stage, {name:16s}         {r:8.1f} samples/s ({r / w:.1f} per core)")
+    print(f"  scaling 1 -> 2 workers:                 {rates['jpeg, 2 workers'] / per_core_1:.2f}x")
     print("\nbytes per sample:")
     print(f"  source JPEGs (q90, 256-640 px):      {src_bytes:8.0f}")
     print(f"  shards, encoded (JPEG q95, 224 px):  {sizes['jpeg, 2 workers']:8.0f}")
     print(f"  shards, raw pixels (.npy):           {sizes['raw, 2 workers']:8.0f} "
           f"({sizes['raw, 2 workers'] / sizes['jpeg, 2 workers']:.1f}x encoded)")  # fmt: skip
-    combined = 1 / (1 / check_rate + 1 / per_core_1)  # one core doing both, per sample
-    print(f"\n1B captions, check + tokenize + shard: {1e9 / combined / 3600:,.0f} core-hours "
-          f"({combined:.1f} samples/s per core at 1 worker; both stages run a task per input "
-          "file, over cores and Ray nodes)")  # fmt: skip
+    print(f"\n1B captions, shards stage: {1e9 / per_core_1 / 3600:,.0f} core-hours "
+          f"({per_core_1:.1f} samples/s per core at 1 worker: each input read once, where it "
+          "lies, checked, tokenized and sharded; a task per input file, over cores and Ray "
+          f"nodes); a check-only dry run first adds {1e9 / check_rate / 3600:,.0f}")  # fmt: skip
 
     # the loader from S3 (moto on loopback)
     from moto.server import ThreadedMotoServer

@@ -95,7 +95,7 @@ class FilesCorpus(Strict):
 
 class CorpusParams(Strict):
     source: Literal["synthetic", "files"]
-    samples_per_file: PosInt
+    samples_per_file: PosInt  # per file of a generated corpus (real data is never copied)
     synthetic: SyntheticCorpus
     files: FilesCorpus
 

@@ -1,9 +1,12 @@
 """Stage ``shards``: tokenize every corpus sample into webdataset train/val shards, one task
-per corpus file (local processes or a Ray cluster: ``data.engine``).
+per corpus or input file (local processes or a Ray cluster: ``data.engine``); real data is read
+once, where it lies, each sample checked and each bad one counted on the way.
 
 Reads ``data/corpus`` and ``data/tokenizer/tokenizer.json``; writes
-``data/shards/{train,val}/{kind}-FFFFFF-KKKK.tar`` (or to ``shards.url``), ``manifest.parquet``
-and ``info.json`` (stages/data/shards.py, layout in stages/data/shard_format.py).
+``data/shards/{train,val}/{kind}-FFFFFF-KKKK.tar`` (or to ``shards.url``), ``manifest.parquet``,
+``info.json`` and ``report.json`` (samples read, kept and skipped by reason; stages/data/shards.py,
+layout in stages/data/shard_format.py). Too many bad samples of a kind (``corpus.files.
+max_bad_fraction``) fail the stage once everything is written, the report kept.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from stages.common.inputs import require, require_set
 from stages.common.stage import entry_point, parser
+from stages.data.ingest import IngestError
 from stages.data.shards import build_shards
 from stages.params import load_params
 
@@ -37,8 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     require(args.tokenizer, "tokenizer", "the tokenizer")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
     require_set("shards.url", params.shards.url)
-    rows = build_shards(Path(args.corpus), Path(args.tokenizer), Path(args.out), params.shards,
-                        args.workers, params.data.engine, params.data.address)  # fmt: skip
+    try:
+        rows = build_shards(Path(args.corpus), Path(args.tokenizer), Path(args.out), params.shards,
+                            args.workers, params.data.engine, params.data.address)  # fmt: skip
+    except IngestError as e:
+        log.error("%s (see %s/report.json)", e, args.out)
+        return 1
     log.info("wrote %d shards, %d samples", len(rows), sum(r["samples"] for r in rows))
     return 0
 

@@ -2,11 +2,12 @@
 kinds, generated or ingested, into data/corpus.
 
 ``corpus.source: synthetic`` (default) writes documents about the seeded long-tail world of
-stages/data/world.py (stages/data/synthetic.py); ``corpus.source: files`` checks and copies real data
-(stages/data/ingest.py). Either way the output is the canonical corpus of
-stages/data/corpus_format.py plus ``report.json``: per kind, how many samples were read and
-kept, every skipped sample counted by reason, and the summed entropy floor of the text
-(synthetic only).
+stages/data/world.py (stages/data/synthetic.py) as the canonical corpus of
+stages/data/corpus_format.py, and ``report.json`` says per kind how many samples were written and
+the summed entropy floor of their text. ``corpus.source: files`` lists real data where it lies
+and copies nothing: ``report.json`` names each input file with its size and version tag and the
+checks its samples must pass, which is what the next stages read (``ingest.corpus_parts``); the
+shards stage checks and counts every sample as it reads it (stages/data/ingest.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from stages.common.stage import fresh_dir, run_per_kind
 from stages.data.corpus_format import CorpusWriter, write_json
-from stages.data.ingest import IngestError, ingest
+from stages.data.ingest import list_inputs
 from stages.data.kinds import KINDS
 from stages.data.synthetic import generate
 from stages.params import Params
@@ -67,12 +68,6 @@ def build_corpus(params: Params, out: Path, workers: int | None = None) -> dict[
             "kinds": dict(zip(KINDS, results, strict=True)),
         }
     else:
-        try:
-            report = ingest(params.corpus.files, out, params.corpus.samples_per_file, workers,
-                            params.data.engine, params.data.address)  # fmt: skip
-        except IngestError as e:
-            if getattr(e, "report", None) is not None:
-                write_json(out / "report.json", e.report)
-            raise
+        report = list_inputs(params.corpus.files)
     write_json(out / "report.json", report)
     return report

@@ -89,27 +89,24 @@ def image_ext(data: bytes) -> str:
     return "png"  # unknown: the reader will refuse to decode it, and count it
 
 
-def _file_pattern(root: Path, kind: str, stem: str | None = None) -> str:
+def _file_pattern(root: Path, kind: str) -> str:
     ext = {"caption": "tar", "interleaved": "parquet", "text": "jsonl"}[kind]
-    return str(root / kind / (f"{stem}-%04d.{ext}" if stem else f"{kind}-%06d.{ext}"))
+    return str(root / kind / f"{kind}-%06d.{ext}")
 
 
 class CorpusWriter:
     """Streams docs of one kind into ``root/kind/`` files of ``samples_per_file`` samples:
-    ``{kind}-NNNNNN.ext``, or with ``stem`` (one writer per input file) ``{stem}-NNNN.ext``
-    (``corpus_files`` sorts both kinds of name in writing order).
+    ``{kind}-NNNNNN.ext`` (``corpus_files`` sorts them in writing order).
 
     Memory is bounded by one file's worth of interleaved rows; output bytes depend only on the
     docs written (fixed tar mtime, sorted JSON keys), so a seeded corpus is reproducible.
     """
 
-    def __init__(
-        self, root: str | Path, kind: str, samples_per_file: int = 5000, stem: str | None = None
-    ):
+    def __init__(self, root: str | Path, kind: str, samples_per_file: int = 5000):
         assert kind in KINDS, kind
         self.root, self.kind, self.per_file = Path(root), kind, samples_per_file
         (self.root / kind).mkdir(parents=True, exist_ok=True)
-        self.pattern = _file_pattern(self.root, kind, stem)
+        self.pattern = _file_pattern(self.root, kind)
         self.count = 0
         self.files: list[str] = []
         self._tar: wds.ShardWriter | None = None

@@ -1,4 +1,4 @@
-"""Ingest a user's real data into the canonical corpus, checking every sample on the way.
+"""Real data read where it lies: every sample checked and each bad one counted, in one pass.
 
 Reads the formats public data comes in (see stages/data/corpus_format.py for the canonical ones):
 
@@ -10,10 +10,15 @@ Reads the formats public data comes in (see stages/data/corpus_format.py for the
 - text: DCLM-style JSON lines (``.jsonl``/``.json``, optionally ``.gz``/``.zst``/``.bz2``) with a
   ``text`` field, or parquet with a ``text`` column.
 
-Every sample is checked; valid ones are written with :class:`CorpusWriter` (images keep their
-original encoded bytes: the shards stage resizes them), every skipped one is counted under one
-of :data:`REASONS`. A kind whose bad fraction exceeds ``max_bad_fraction`` raises
-:class:`IngestError` after all kinds are processed, with the report attached.
+Nothing is copied and each input is read once. The corpus stage lists the inputs with their
+size and version tag (:func:`list_inputs`); the shards stage reads each where it lies and, in
+one pass, checks every sample, counts every skipped one under one of :data:`REASONS`,
+tokenizes and shards the rest (:func:`corpus_parts`, :func:`part_docs`); its report sums the
+counts (:func:`tally`), and a kind whose bad fraction exceeds ``max_bad_fraction`` raises
+:class:`IngestError` after all kinds are processed, with the report kept. An input that changed
+since it was listed is refused. The tokenizer reads a sample of the inputs through the same
+checks; ``python -m stages.corpus --check`` counts without sharding (:func:`check_corpus`).
+Images keep their source bytes; the shards stage resizes them.
 
 Python's ``tarfile`` stops *silently* at a cut or garbled header in mid-archive, so after
 reading a tar we also check that its last member is followed by an end-of-archive block;
@@ -42,14 +47,14 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageFile
 
 from stages.common.engine import run_tasks
-from stages.common.inputs import require_set
+from stages.common.inputs import StaleInput, require_set
 from stages.data.corpus_format import (
     IMAGE_EXTS,
     META_EXT,
     TEXT_EXT,
-    CorpusWriter,
     Doc,
     corpus_files,
+    iter_docs,
     iter_tar_groups,
 )
 from stages.data.kinds import KINDS
@@ -351,17 +356,17 @@ READERS = {"caption": _read_caption, "interleaved": _read_interleaved, "text": _
 # ---------------------------------------------------------------------------------- driver
 
 
-def _expand_url(pattern: str, key: str) -> list[str]:
-    """The objects a URL or URL glob names (``s3://bucket/caps/*.tar``), as sorted URLs."""
+def _expand_url(pattern: str, key: str, infos: dict[str, dict[str, Any]]) -> list[str]:
+    """The objects a URL or URL glob names (``s3://bucket/caps/*.tar``), as sorted URLs; their
+    listing entries (size, ETag) into ``infos`` by URL."""
     import fsspec
 
     try:
         fs, root = fsspec.core.url_to_fs(pattern)
         if glob.has_magic(root):
-            found = fs.glob(root, detail=True)
-            paths = sorted(p for p, info in found.items() if info.get("type") == "file")
+            found = {p: i for p, i in fs.glob(root, detail=True).items() if i.get("type") == "file"}
         else:
-            paths = [root] if fs.isfile(root) else []
+            found = {root: fs.info(root)} if fs.isfile(root) else {}
     except (ImportError, ValueError) as e:  # an unknown protocol, or its package missing
         raise IngestError(f"{key}: {pattern!r}: {e}") from None
     except Exception as e:  # noqa: BLE001 (credentials, endpoint, permissions: the store's words)
@@ -370,12 +375,19 @@ def _expand_url(pattern: str, key: str) -> list[str]:
             "come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
             "AWS_ENDPOINT_URL for S3)"
         ) from None
-    return [fs.unstrip_protocol(p) for p in paths]
+    urls = []
+    for p in sorted(found):
+        urls.append(fs.unstrip_protocol(p))
+        infos[urls[-1]] = found[p]
+    return urls
 
 
-def expand(patterns: list[str], kind: str) -> list[str]:
+def expand(
+    patterns: list[str], kind: str, infos: dict[str, dict[str, Any]] | None = None
+) -> list[str]:
     """Files matched by ``patterns`` (paths or recursive globs, or URLs and URL globs of any
-    fsspec protocol such as ``s3://bucket/caps/*.tar``): sorted per pattern, deduped.
+    fsspec protocol such as ``s3://bucket/caps/*.tar``): sorted per pattern, deduped. A URL's
+    listing entry goes into ``infos`` when given.
 
     Raises IngestError naming a pattern that matches no file, or a file of an unknown format.
     """
@@ -383,7 +395,9 @@ def expand(patterns: list[str], kind: str) -> list[str]:
     for i, pattern in enumerate(patterns):
         require_set(f"corpus.files.{kind}[{i}]", pattern)
         if is_url(pattern):
-            matches = _expand_url(pattern, f"corpus.files.{kind}[{i}]")
+            matches = _expand_url(
+                pattern, f"corpus.files.{kind}[{i}]", {} if infos is None else infos
+            )
         else:
             pat = os.path.expanduser(pattern)
             matches = sorted(p for p in glob.glob(pat, recursive=True) if os.path.isfile(p))
@@ -413,101 +427,206 @@ def _strict_pil() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
-def _ingest_file(
-    kind: str, file_index: int, path: str, check: _Checks, out_root: Path, samples_per_file: int
-) -> dict[str, Any]:
-    """One task: the samples of input file ``path`` (the ``file_index``-th of its kind)
-    checked, the valid ones written as corpus files ``{kind}-FFFFFF-NNNN.ext``; its counts."""
-    bad: Counter[str] = Counter()
-    kept = 0
-    with _strict_pil(), CorpusWriter(out_root, kind, samples_per_file,
-                                     stem=f"{kind}-{file_index:06d}") as writer:  # fmt: skip
+def fingerprint(path: str, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What names this version of an input, read without its bytes: its size and its store's
+    version tag (an object's ETag or generation, a local file's modification time). ``info``:
+    the store's listing entry for a URL, when one is at hand (saves a request per object)."""
+    if is_url(path):
+        if info is None:
+            import fsspec
+
+            fs, inner = fsspec.core.url_to_fs(path)
+            info = fs.info(inner)
+        tags = ("ETag", "etag", "generation", "md5Hash", "LastModified", "mtime")
+        version = next((str(info[k]) for k in tags if info.get(k) is not None), None)
+        size = info.get("size")
+    else:
+        st = os.stat(path)
+        size, version = st.st_size, str(st.st_mtime_ns)
+    return {"path": path, "size": None if size is None else int(size), "version": version}
+
+
+def list_inputs(files: FilesCorpus) -> dict[str, Any]:
+    """The corpus stage on real data: every input file named, with its fingerprint, and the
+    checks its samples must pass; no sample is read here and nothing is copied. The shards stage
+    reads each input once, where it lies, and checks, counts, tokenizes and shards in that one
+    pass (:func:`corpus_parts`, :func:`part_docs`, :func:`tally`).
+
+    Raises :class:`IngestError` naming a pattern that matches no file, or a file of an unknown
+    format, before any work.
+    """
+    infos: dict[str, dict[str, Any]] = {}
+    paths = {kind: expand(getattr(files, kind), kind, infos) for kind in KINDS}
+    kinds = {}
+    for kind in KINDS:
+        inputs = [fingerprint(p, infos.get(p)) for p in paths[kind]]
+        size = sum(r["size"] or 0 for r in inputs)
+        log.info("inputs %s: %d files, %.1f MB", kind, len(inputs), size / 1e6)
+        kinds[kind] = {"files": paths[kind], "bytes": size, "inputs": inputs}
+    return {
+        "source": "files",
+        "checks": {"min_side": files.min_image_side, "max_side": files.max_image_side},
+        "max_bad_fraction": files.max_bad_fraction,
+        "kinds": kinds,
+    }
+
+
+def checked_docs(
+    kind: str, file_index: int, path: str, check: _Checks, bad: Counter[str]
+) -> Iterator[Doc]:
+    """The valid samples of input file ``path`` (the ``file_index``-th of its kind), in file
+    order; each skipped one counted in ``bad`` by reason (a file cut short counts once as
+    ``unreadable_file``, the samples read before the cut are kept)."""
+    with _strict_pil():
         items = READERS[kind](path, file_index, check)
         while True:
             try:
                 item = next(items)
             except StopIteration:
-                break
+                return
             except READ_ERRORS as e:
                 log.warning("%s: unreadable file %s: %s", kind, path, e)
                 bad["unreadable_file"] += 1
-                break
+                return
             if isinstance(item, _Bad):
                 log.debug("%s: skip %s: %s", kind, item.where, item.reason)
                 bad[item.reason] += 1
             else:
-                writer.write(item)
-                kept += 1
-    return {"kept": kept, "bad": dict(bad)}
+                yield item
 
 
-def _summary(kind: str, files: list[str], results: list[dict[str, Any]]) -> dict[str, Any]:
-    """A kind's report from its files' tasks: counts by reason summed."""
+@dataclass(frozen=True)
+class Part:
+    """What one task reads of the corpus: a canonical corpus file (generated data), or an input
+    file read where it lies through the checks (real data: never copied). ``recorded``: the
+    corpus stage's fingerprint of the input, checked again before it is read."""
+
+    kind: str
+    index: int
+    path: str
+    recorded: dict[str, Any] | None = None
+    check: _Checks | None = None
+
+
+def corpus_report(corpus: str | Path) -> dict[str, Any]:
+    """The corpus stage's ``report.json`` in ``corpus``; one made by an older corpus stage (which
+    copied real data) is refused, naming the rerun."""
+    report = json.loads((Path(corpus) / "report.json").read_text())
+    if report.get("source") == "files" and "checks" not in report:
+        raise StaleInput(
+            f"{corpus}/report.json was made by an older corpus stage (a copy of the data); "
+            "rerun it: `dvc repro corpus`"
+        )
+    return report
+
+
+def corpus_parts(corpus: str | Path, kind: str) -> list[Part]:
+    """The parts of one kind of the corpus in ``corpus`` (a corpus stage's output), in order."""
+    report = corpus_report(corpus)
+    if report["source"] != "files":
+        return [Part(kind, i, str(p)) for i, p in enumerate(corpus_files(Path(corpus), kind))]
+    check = _Checks(**report["checks"])
+    inputs = report["kinds"][kind]["inputs"]
+    return [Part(kind, i, row["path"], row, check) for i, row in enumerate(inputs)]
+
+
+def part_docs(part: Part, bad: Counter[str] | None = None) -> Iterator[Doc]:
+    """The documents of one part; an input's skipped samples counted in ``bad`` by reason. An
+    input must still be the file the corpus stage listed (the same size and version tag), else
+    :class:`StaleInput`: nothing made from another version is passed off as current."""
+    if part.recorded is None:
+        path = Path(part.path)
+        yield from iter_docs(path.parent.parent, part.kind, [path])
+        return
+    rec, now = part.recorded, fingerprint(part.path)
+    if (now["size"], now["version"]) != (rec["size"], rec["version"]):
+        raise StaleInput(
+            f"{part.path} changed since the corpus stage listed it (size {rec['size']} -> "
+            f"{now['size']}, version {rec['version']} -> {now['version']}); rerun it: "
+            "`dvc repro --force corpus`, then `dvc repro`"
+        )
+    yield from checked_docs(part.kind, part.index, part.path, part.check,
+                            Counter() if bad is None else bad)  # fmt: skip
+
+
+def check_part(part: Part) -> dict[str, Any]:
+    """One task of a check pass: every sample of one part checked and counted, nothing kept."""
     bad: Counter[str] = Counter()
-    for r in results:
-        bad.update(r["bad"])
-    kept = sum(r["kept"] for r in results)
-    read = kept + sum(bad.values())
-    fraction = sum(bad.values()) / read if read else 0.0
-    summary = ", ".join(f"{r}={n}" for r, n in sorted(bad.items())) or "none"
-    log.info(
-        "ingest %s: %d files, read %d, kept %d, bad %.2f%% (%s)",
-        *(kind, len(files), read, kept, 100 * fraction, summary),
-    )
-    if files and kept == 0:
-        log.warning("ingest %s: no valid sample in %d files", kind, len(files))
+    kept = sum(1 for _ in part_docs(part, bad))
+    return {"kept": kept, "bad": dict(sorted(bad.items()))}
+
+
+def _named(part: Part, corpus: str | Path) -> str:
+    """An input as the params name it; a corpus file relative to the corpus (the report is the
+    same wherever the repository lies)."""
+    if part.recorded is not None:
+        return part.path
+    return Path(part.path).relative_to(Path(corpus)).as_posix()
+
+
+def tally(corpus: str | Path, parts: list[Part], counts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The samples report of a pass over the corpus in ``corpus``: per kind, samples read and
+    kept, every skipped one counted by reason (summed over the parts' tasks, so it does not
+    depend on the engine or the workers), and per part its counts; ``breaches``, the kinds whose
+    bad fraction exceeds the corpus's ``max_bad_fraction`` (see :func:`check_threshold`)."""
+    source = corpus_report(corpus)
+    limit = source.get("max_bad_fraction")
+    kinds: dict[str, Any] = {}
+    breaches = []
+    for kind in KINDS:
+        rows = [{"path": _named(p, corpus), **c}
+                for p, c in zip(parts, counts, strict=True) if p.kind == kind]  # fmt: skip
+        bad: Counter[str] = Counter()
+        for r in rows:
+            bad.update(r["bad"])
+        kept = sum(r["kept"] for r in rows)
+        read = kept + sum(bad.values())
+        fraction = sum(bad.values()) / read if read else 0.0
+        summary = ", ".join(f"{r}={n}" for r, n in sorted(bad.items())) or "none"
+        log.info(
+            "samples %s: %d files, read %d, kept %d, bad %.2f%% (%s)",
+            *(kind, len(rows), read, kept, 100 * fraction, summary),
+        )
+        if rows and kept == 0:
+            log.warning("samples %s: no valid sample in %d files", kind, len(rows))
+        if limit is not None and fraction > limit:
+            breaches.append(
+                f"{kind}: bad fraction {fraction:.4f} > max_bad_fraction {limit:g} (read "
+                f"{read}, kept {kept}; {summary})"
+            )
+        kinds[kind] = {
+            "read": read,
+            "kept": kept,
+            "bad": dict(sorted(bad.items())),
+            "bad_fraction": round(fraction, 6),
+            "parts": rows,
+        }
     return {
-        "files": files,
-        "read": read,
-        "kept": kept,
-        "bad": dict(sorted(bad.items())),
-        "bad_fraction": round(fraction, 6),
-        "entropy_nats": None,
-        "_fraction": fraction,  # exact, for the threshold; removed before returning
+        "source": source["source"],
+        "max_bad_fraction": limit,
+        "kinds": kinds,
+        "breaches": breaches,
     }
 
 
-def ingest(
-    files: FilesCorpus,
-    out_root: Path,
-    samples_per_file: int,
+def check_threshold(report: dict[str, Any]) -> None:
+    """Raise :class:`IngestError` (with the report) if a kind had too many bad samples."""
+    if report["breaches"]:
+        raise IngestError("too many bad samples: " + "; ".join(report["breaches"]), report)
+
+
+def check_corpus(
+    corpus: str | Path,
     workers: int | None = None,
     engine: str = "local",
     address: str | None = None,
-) -> dict:
-    """Check every sample of ``files`` and write the valid ones as the corpus in ``out_root``,
-    one task per input file (``engine``: stages/common/engine.py; the counts, corpus files and
-    report do not depend on it or on ``workers``).
-
-    Canonical files of every kind already in ``out_root`` are removed first (a stale file from
-    an earlier, larger run would otherwise be read as corpus). Returns the report; raises
-    :class:`IngestError` (with ``.report``) if a kind's bad fraction exceeds the threshold.
-    """
-    out_root = Path(out_root)
-    inputs = {kind: expand(getattr(files, kind), kind) for kind in KINDS}  # fail before work
-    check = _Checks(min_side=files.min_image_side, max_side=files.max_image_side)
-    for kind in KINDS:
-        for stale in corpus_files(out_root, kind):
-            stale.unlink()
-    tasks = [(kind, i, path, check, out_root, samples_per_file)
-             for kind in KINDS for i, path in enumerate(inputs[kind])]  # fmt: skip
-    results = run_tasks(_ingest_file, tasks, engine, address, workers, desc="ingest")
-    kinds = {
-        kind: _summary(
-            kind, inputs[kind], [r for t, r in zip(tasks, results, strict=True) if t[0] == kind]
-        )  # fmt: skip
-        for kind in KINDS
-    }
-    fractions = {kind: k.pop("_fraction") for kind, k in kinds.items()}
-    report = {"source": "files", "max_bad_fraction": files.max_bad_fraction, "kinds": kinds}
-    breaches = [
-        f"{kind}: bad fraction {fractions[kind]:.4f} > max_bad_fraction "
-        f"{files.max_bad_fraction:g} (read {k['read']}, kept {k['kept']}; "
-        + ", ".join(f"{r}={n}" for r, n in k["bad"].items())
-        + ")"
-        for kind, k in kinds.items()
-        if fractions[kind] > files.max_bad_fraction
-    ]
-    if breaches:
-        raise IngestError("too many bad samples: " + "; ".join(breaches), report)
+) -> dict[str, Any]:
+    """A check pass (``python -m stages.corpus --check``): every sample of the corpus read
+    through the checks and counted, one task per part (``engine``: stages/common/engine.py),
+    nothing written; the shards stage counts the same in its own pass. Returns the samples
+    report (:func:`tally`), raises :class:`IngestError` on a breach."""
+    parts = [part for kind in KINDS for part in corpus_parts(corpus, kind)]
+    counts = run_tasks(check_part, [(p,) for p in parts], engine, address, workers, desc="check")
+    report = tally(corpus, parts, counts)
+    check_threshold(report)
     return report

@@ -1,14 +1,17 @@
 """Sharding (stage ``shards``, entry point stages/shards.py): every corpus sample tokenized
-into webdataset train/val shards, one task per corpus file.
+into webdataset train/val shards, one task per corpus file (generated data) or input file (real
+data, read once where it lies, each sample checked and each bad one counted in the same pass:
+stages/data/ingest.py).
 
 Reads ``data/corpus`` and ``data/tokenizer/tokenizer.json``; writes
-``data/shards/{train,val}/{kind}-FFFFFF-KKKK.tar`` (corpus file F, its K-th shard of that
-split), ``manifest.parquet`` and ``info.json`` (layout in stages/data/shard_format.py); with
-``shards.url`` the shards go to object storage and ``data/shards`` keeps the manifest and
-info, a few kB that DVC versions. The tasks run in a local pool or on a Ray cluster
+``data/shards/{train,val}/{kind}-FFFFFF-KKKK.tar`` (corpus or input file F, its K-th shard of that
+split), ``manifest.parquet``, ``info.json`` (layout in stages/data/shard_format.py) and
+``report.json`` (samples read, kept and skipped by reason, per kind and part); with
+``shards.url`` the shards go to object storage and ``data/shards`` keeps the manifest,
+info and report, a few kB that DVC versions. The tasks run in a local pool or on a Ray cluster
 (``data.engine``: stages/common/engine.py). Streams: memory does not grow with the corpus.
 Deterministic: the same corpus, tokenizer and params give byte-identical shards (fixed tar
-mtime, stable key-hash split, names from the corpus file), whatever the engine and workers.
+mtime, stable key-hash split, names from the file), whatever the engine and workers.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import io
 import logging
 import os
 import tempfile
+from collections import Counter
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,8 @@ from tokenizers import Tokenizer
 
 from stages.common.engine import run_tasks
 from stages.common.stage import fresh_dir
-from stages.data.corpus_format import corpus_files, image_ext, iter_docs, write_json
+from stages.data.corpus_format import image_ext, write_json
+from stages.data.ingest import Part, check_threshold, corpus_parts, part_docs, tally
 from stages.data.kinds import KINDS
 from stages.data.shard_format import (
     MANIFEST_SCHEMA,
@@ -147,19 +152,24 @@ def store_image(data: bytes, p: ShardsParams) -> tuple[np.ndarray, tuple[str, by
 
 
 def shard_file(
-    kind: str, index: int, path: Path, tokenizer_path: Path, store: str | Path, p: ShardsParams
-) -> list[dict[str, Any]]:
-    """One task: the samples of corpus file ``path`` (the ``index``-th of its kind) tokenized
-    into shards ``{split}/{kind}-{index:06d}-{k:04d}.tar`` of ``store`` (a folder or URL);
-    return their manifest rows (train, then val)."""
+    part: Part, tokenizer_path: Path, store: str | Path, p: ShardsParams
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One task: the samples of one part of the corpus (a corpus file, or an input file read
+    where it lies and checked on the way, the ``index``-th of its kind) tokenized into shards
+    ``{split}/{kind}-{index:06d}-{k:04d}.tar`` of ``store`` (a folder or URL); return their
+    manifest rows (train, then val) and the part's counts (samples kept, skipped by reason)."""
     tok = Tokenizer.from_file(str(tokenizer_path))
     special = special_ids(tok)
-    name = f"{kind}-{index:06d}"
+    kind = part.kind
+    name = f"{kind}-{part.index:06d}"
     writers = {s: _SplitWriter(store, name, s, p.samples_per_shard, p.image_tokens) for s in SPLITS}
-    docs = iter_docs(path.parent.parent, kind, [path])
+    bad: Counter[str] = Counter()
+    kept = 0
+    docs = part_docs(part, bad)
     while chunk := list(islice(docs, CHUNK)):
         texts = [t for d in chunk for t in d.texts if t is not None]
         encoded = iter(tok.encode_batch(texts, add_special_tokens=False))
+        kept += len(chunk)
         for d in chunk:
             enc = [next(encoded) for t in d.texts if t is not None]
             text_ids = [e.ids for e in enc]
@@ -185,7 +195,8 @@ def shard_file(
                 encoded=None if p.images == "raw" else [e for _, e in stored],
             )
             writers[split_of(d.key, p.val_fraction)].write(sample)
-    return [row for s in SPLITS for row in writers[s].close()]
+    rows = [row for s in SPLITS for row in writers[s].close()]
+    return rows, {"kept": kept, "bad": dict(sorted(bad.items()))}
 
 
 def build_shards(
@@ -197,15 +208,18 @@ def build_shards(
     engine: str = "local",
     address: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Every corpus file sharded by its own task (``engine``: stages/common/engine.py); the
+    """Every corpus part (file) sharded by its own task (``engine``: stages/common/engine.py); the
     manifest and info in ``out``, and the shards there too, or at ``p.url`` (then the manifest
-    names each shard by its URL, and a copy of both lies beside them)."""
+    names each shard by its URL, and a copy of both lies beside them). ``report.json`` in
+    ``out``: samples read and kept per kind, each skipped one counted by reason (real data is
+    checked in this same pass: stages/data/ingest.py); a kind with too many bad samples raises
+    :class:`IngestError` once everything is written, the report kept."""
     fresh_dir(out)
     store = p.url.rstrip("/") if p.url else out
-    tasks = [(k, i, f, tokenizer_path, store, p) for k in KINDS
-             for i, f in enumerate(corpus_files(corpus, k))]  # fmt: skip
+    parts = [part for k in KINDS for part in corpus_parts(corpus, k)]
+    tasks = [(part, tokenizer_path, store, p) for part in parts]
     done = run_tasks(shard_file, tasks, engine, address, workers, desc="shards")
-    rows = [r for rows in done for r in rows]
+    rows = [r for rows, _ in done for r in rows]
     if not p.url:  # what a task on a lost worker left half-written (its rerun wrote it whole)
         for tmp in out.rglob(".*.tmp"):
             tmp.unlink()
@@ -219,6 +233,9 @@ def build_shards(
         fs, inner = fsspec.core.url_to_fs(store)
         for name in ("manifest.parquet", "info.json"):
             fs.put_file(str(out / name), f"{inner}/{name}")
+    report = tally(corpus, parts, [counts for _, counts in done])
+    write_json(out / "report.json", report)
+    check_threshold(report)
     return rows
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from stages.common.inputs import bounded
-from stages.data.corpus_format import corpus_files, iter_docs
+from stages.data.ingest import corpus_parts, part_docs
 from stages.data.kinds import KINDS
 from stages.params import TokenizerParams
 
@@ -34,10 +34,11 @@ SPECIAL_TOKENS = {
 
 
 def corpus_texts(corpus: Path, max_files: int | None = None, seed: int = 0) -> Iterator[str]:
-    """Every text of the corpus, or of a seeded sample of ``max_files`` files per kind."""
+    """Every text of the corpus, or of a seeded sample of ``max_files`` files per kind (corpus
+    files, or a real corpus's input files, read where they lie)."""
     for kind in KINDS:
-        for path in bounded(corpus_files(corpus, kind), max_files, seed):
-            for doc in iter_docs(corpus, kind, [path]):
+        for part in bounded(corpus_parts(corpus, kind), max_files, seed):
+            for doc in part_docs(part):
                 yield from (t for t in doc.texts if t)
 
 

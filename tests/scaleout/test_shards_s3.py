@@ -49,8 +49,11 @@ def test_the_shards_stage_writes_to_s3_and_the_loader_reads_there(s3, tiny_data,
     for k, v in s3.env.items():
         monkeypatch.setenv(k, v)
     url = to_s3(s3, tiny_data, "nmm-loader", tmp_path / "shards")
-    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["info.json",
-                                                                       "manifest.parquet"]  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
+        "info.json",
+        "manifest.parquet",
+        "report.json",
+    ]
     local, remote = (read_manifest(d) for d in (tiny_data.shards, tmp_path / "shards"))
     assert [r["path"] for r in remote] == [f"{url}/{r['path']}" for r in local]
     drop = lambda rows: [{k: v for k, v in r.items() if k != "path"} for r in rows]  # noqa: E731

@@ -1,10 +1,12 @@
-"""stages/data/ingest.py: every reason counted exactly, the kept docs read back byte for byte."""
+"""stages/data/ingest.py: every reason counted exactly, the kept docs read back byte for byte
+from the inputs where they lie (nothing copied), an input changed since it was listed refused."""
 
 from __future__ import annotations
 
 import gzip
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -14,8 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from stages.data.corpus_format import iter_docs
-from stages.data.ingest import REASONS, IngestError, ingest
+from stages.common.inputs import StaleInput
+from stages.data.corpus_format import write_json
+from stages.data.ingest import (
+    REASONS,
+    IngestError,
+    check_corpus,
+    corpus_parts,
+    list_inputs,
+    part_docs,
+)
 from stages.params import FilesCorpus, study_params
 
 MAX_SIDE, MIN_SIDE = 48, 8
@@ -43,6 +53,20 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> bytes:
 def data_offset(tar_bytes: bytes, name: str) -> int:
     with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tf:
         return tf.getmember(name).offset_data
+
+
+def corpus_stage(params: FilesCorpus, out: Path, workers: int | None = None) -> dict:
+    """What the corpus stage does with real data (the inputs listed in ``out/report.json``,
+    nothing else), then a check pass over them: the samples report, counted as the shards stage
+    counts in its own pass (tests/stages/data/test_corpus_files.py checks that they agree)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "report.json", list_inputs(params))
+    return check_corpus(out, workers)
+
+
+def read_corpus(out: Path, kind: str) -> list:
+    """Every document of one kind, as the tokenizer and shards stages read them."""
+    return [d for part in corpus_parts(out, kind) for d in part_docs(part)]
 
 
 def files_params(**kw) -> FilesCorpus:
@@ -214,8 +238,11 @@ EXPECTED_BAD = {
 def test_every_reason_counted_and_kept_docs_read_back(tmp_path):
     params, kept = build(tmp_path)
     out = tmp_path / "corpus"
-    report = ingest(params, out, samples_per_file=2)
+    report = corpus_stage(params, out)
 
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"]  # no copy of the data
+    listing = json.loads((out / "report.json").read_text())
+    assert listing["source"] == "files" and listing["max_bad_fraction"] == 1.0
     assert report["source"] == "files" and report["max_bad_fraction"] == 1.0
     assert set(report["kinds"]) == {"caption", "interleaved", "text"}
     seen_reasons = set()
@@ -224,23 +251,29 @@ def test_every_reason_counted_and_kept_docs_read_back(tmp_path):
         assert k["kept"] == len(kept[kind]), kind
         assert k["read"] == k["kept"] + sum(k["bad"].values())
         assert k["bad_fraction"] == pytest.approx(sum(k["bad"].values()) / k["read"], abs=1e-6)
-        assert k["entropy_nats"] is None
+        inputs = listing["kinds"][kind]["inputs"]
+        assert [r["path"] for r in k["parts"]] == [r["path"] for r in inputs]
+        assert [r["path"] for r in inputs] == listing["kinds"][kind]["files"]
+        assert sum(r["kept"] for r in k["parts"]) == k["kept"]
+        assert all(r["size"] == os.path.getsize(r["path"]) and r["version"] for r in inputs)
+        assert listing["kinds"][kind]["bytes"] == sum(r["size"] for r in inputs)
         seen_reasons |= set(k["bad"])
     assert seen_reasons == set(REASONS)
-    assert [Path(f).name for f in report["kinds"]["caption"]["files"]] == [
+    assert [Path(f).name for f in listing["kinds"]["caption"]["files"]] == [
         "a.tar",
         "b.tar",
         "c.tar",
     ]
-    assert [Path(f).name for f in report["kinds"]["text"]["files"]] == [
+    assert [Path(f).name for f in listing["kinds"]["text"]["files"]] == [
         "a.jsonl",
         "b.jsonl.gz",
         "c.parquet",
     ]
-    json.dumps(report)  # the caller writes it as report.json
+    assert report["breaches"] == []
+    json.dumps(report)  # the shards stage writes it as report.json
 
     for kind in ("caption", "interleaved", "text"):
-        docs = list(iter_docs(out, kind))
+        docs = read_corpus(out, kind)
         assert [(d.texts, d.images) for d in docs] == [(t, i) for _, t, i in kept[kind]]
         assert [d.meta["source"].rsplit(":", 1)[1] for d in docs] == [s for s, _, _ in kept[kind]]
         keys = [d.key for d in docs]
@@ -248,7 +281,7 @@ def test_every_reason_counted_and_kept_docs_read_back(tmp_path):
         assert all("." not in k and "/" not in k and k.startswith(kind) for k in keys)
         assert all(d.meta["entropy_nats"] is None for d in docs)
 
-    caps = list(iter_docs(out, "caption"))
+    caps = read_corpus(out, "caption")
     assert [d.key for d in caps[:4]] == [
         "caption-00000-ok0",
         "caption-00000-v1_0_ok",
@@ -258,7 +291,7 @@ def test_every_reason_counted_and_kept_docs_read_back(tmp_path):
     assert caps[0].meta["orig"] == {"url": "http://x/0", "width": 16}
     assert "orig" not in caps[2].meta
     assert caps[4].key == "caption-00001-b0"
-    inter = list(iter_docs(out, "interleaved"))
+    inter = read_corpus(out, "interleaved")
     assert [d.key for d in inter] == [
         "interleaved-00000-doc_1",
         "interleaved-00000-k6",
@@ -271,7 +304,7 @@ def test_threshold_breach_raises_with_report(tmp_path):
     params, _ = build(tmp_path)
     strict = params.model_copy(update={"max_bad_fraction": 0.5})
     with pytest.raises(IngestError) as err:
-        ingest(strict, tmp_path / "corpus", samples_per_file=100)
+        corpus_stage(strict, tmp_path / "corpus")
     msg = str(err.value)
     # caption 10/16, interleaved 8/12 and text 9/15 are bad; each is named with its counts
     for kind in ("caption", "interleaved", "text"):
@@ -287,12 +320,12 @@ def test_breach_names_only_the_bad_kind(tmp_path):
     params, _ = build(tmp_path)
     only_text = files_params(text=params.text, max_bad_fraction=0.5)
     with pytest.raises(IngestError, match=r"text: bad fraction 0\.6000 > max_bad_fraction 0\.5"):
-        ingest(only_text, tmp_path / "corpus", samples_per_file=100)
+        corpus_stage(only_text, tmp_path / "strict")
     ok = files_params(text=params.text, max_bad_fraction=0.6)  # 9/15: not above
-    report = ingest(ok, tmp_path / "corpus", samples_per_file=100)
-    empty = {"files": [], "read": 0, "kept": 0, "bad": {}, "bad_fraction": 0.0}
+    report = corpus_stage(ok, tmp_path / "ok")
+    empty = {"parts": [], "read": 0, "kept": 0, "bad": {}, "bad_fraction": 0.0}
     for kind in ("caption", "interleaved"):
-        assert report["kinds"][kind] == {**empty, "entropy_nats": None}
+        assert report["kinds"][kind] == empty
     assert report["kinds"]["text"]["kept"] == 6
 
 
@@ -301,15 +334,14 @@ def test_pattern_matching_nothing_raises_before_work(tmp_path):
     missing = str(tmp_path / "nowhere" / "*.tar")
     params = files_params(text=[str(tmp_path / "t.jsonl")], caption=[missing])
     with pytest.raises(IngestError, match="nowhere") as err:
-        ingest(params, tmp_path / "corpus", samples_per_file=10)
+        list_inputs(params)
     assert err.value.report is None
-    assert not (tmp_path / "corpus" / "text").exists()
 
 
 def test_unknown_format_raises(tmp_path):
     (tmp_path / "t.csv").write_text("text\nx\n")
     with pytest.raises(IngestError, match=r"t\.csv"):
-        ingest(files_params(text=[str(tmp_path / "*")]), tmp_path / "corpus", 10)
+        list_inputs(files_params(text=[str(tmp_path / "*")]))
 
 
 def test_cut_gzip_counts_unreadable_and_keeps_lines_before(tmp_path):
@@ -317,48 +349,61 @@ def test_cut_gzip_counts_unreadable_and_keeps_lines_before(tmp_path):
     packed = gzip.compress(body)
     (tmp_path / "cut.jsonl.gz").write_bytes(packed[: len(packed) // 2])
     params = files_params(text=[str(tmp_path / "cut.jsonl.gz")], max_bad_fraction=0.01)
-    report = ingest(params, tmp_path / "corpus", samples_per_file=1000)
+    report = corpus_stage(params, tmp_path / "corpus")
     k = report["kinds"]["text"]
     assert k["bad"] == {"unreadable_file": 1}
     assert 0 < k["kept"] < 5000 and k["read"] == k["kept"] + 1
-    assert [d.text for d in iter_docs(tmp_path / "corpus", "text")] == [
+    assert [d.text for d in read_corpus(tmp_path / "corpus", "text")] == [
         f"line {i}" for i in range(k["kept"])
     ]
 
 
-def test_two_workers_count_and_write_what_one_process_does(tmp_path):
-    """A task per input file: the report (counts by reason summed over tasks) and every corpus
-    file, byte for byte, are those of one process."""
+def test_two_workers_count_what_one_process_does(tmp_path):
+    """A task per input file: the report (counts by reason summed over tasks, each input's
+    counts) is that of one process."""
     params, _ = build(tmp_path)
-    one = ingest(params, tmp_path / "one", samples_per_file=2, workers=1)
-    two = ingest(params, tmp_path / "two", samples_per_file=2, workers=2)
-    assert two == one
-    files = {p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*")}
-    assert files == {p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*")}
-    for f in files:
-        a, b = tmp_path / "one" / f, tmp_path / "two" / f
-        assert a.is_dir() or a.read_bytes() == b.read_bytes(), f
+    two = corpus_stage(params, tmp_path / "two", workers=2)
+    assert two == corpus_stage(params, tmp_path / "one", workers=1)
 
 
-def test_stale_corpus_files_are_replaced(tmp_path):
-    (tmp_path / "t.jsonl").write_text("".join(f'{{"text": "d{i}"}}\n' for i in range(5)))
-    params = files_params(text=[str(tmp_path / "t.jsonl")])
-    ingest(params, tmp_path / "corpus", samples_per_file=1)  # five files
-    ingest(params, tmp_path / "corpus", samples_per_file=5)  # one file
-    assert len(list(iter_docs(tmp_path / "corpus", "text"))) == 5
+def test_an_input_changed_since_the_corpus_stage_is_refused(tmp_path):
+    """The readers of the corpus read the inputs where they lie: a file of another size, or of
+    the same size and another version tag (rewritten since), is refused before it is read; a
+    report without checks (an older corpus stage, which copied the data) is refused too. Each
+    error says what to rerun."""
+    path = tmp_path / "t.jsonl"
+    lines = [f'{{"text": "d{i}"}}\n' for i in range(5)]
+    path.write_text("".join(lines))
+    out = tmp_path / "corpus"
+    corpus_stage(files_params(text=[str(path)]), out)
+    assert [d.text for d in read_corpus(out, "text")] == [f"d{i}" for i in range(5)]
+
+    st = os.stat(path)
+    path.write_text("".join(lines[:4]) + '{"txet": "d4"}\n')  # as long, one record malformed
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    with pytest.raises(StaleInput, match=r"size 75 -> 75, version .*dvc repro --force corpus"):
+        read_corpus(out, "text")
+    path.write_text("".join(lines[:3]))
+    with pytest.raises(StaleInput, match=r"since the corpus stage listed it \(size 75 -> 45"):
+        read_corpus(out, "text")
+
+    report = json.loads((out / "report.json").read_text())
+    del report["checks"]
+    write_json(out / "report.json", report)
+    with pytest.raises(StaleInput, match=r"older corpus stage .*dvc repro corpus"):
+        corpus_parts(out, "text")
 
 
 def test_the_tokenizer_trains_on_a_seeded_sample_of_files_per_kind(tmp_path):
-    """tokenizer.max_files: 1 reads one corpus file per kind (texts of 3 files, a subset of all),
+    """tokenizer.max_files: 1 reads one input file per kind (texts of 3 files, a subset of all),
     the same on a rerun; a bound above the file count reads everything in order."""
-    from stages.data.corpus_format import corpus_files
     from stages.data.tokenizer import corpus_texts
 
     params, _ = build(tmp_path)
     out = tmp_path / "corpus"
-    ingest(params, out, samples_per_file=2)
+    corpus_stage(params, out)
     every = list(corpus_texts(out))
-    assert all(len(corpus_files(out, k)) >= 2 for k in ("caption", "interleaved", "text"))
+    assert all(len(corpus_parts(out, k)) >= 2 for k in ("caption", "interleaved", "text"))
     assert list(corpus_texts(out, max_files=100)) == every
     one = list(corpus_texts(out, max_files=1, seed=5))
     assert one == list(corpus_texts(out, max_files=1, seed=5))
