@@ -14,10 +14,19 @@ in a temp dir, then prints, side by side in one run:
 6. one point over 1 and N processes (``train.processes``: torchrun, DDP over NCCL, one GPU per
    rank; needs N >= 2 GPUs): status, final losses and their relative difference, tokens/s;
 7. the plan's memory estimate (flows/memory.py, bf16) against ``torch.cuda.max_memory_allocated``
-   of a training step, activation checkpointing off and on (width 512, depth 8, 4 x 1024 tokens).
+   of a training step, activation checkpointing off and on (width 512, depth 8, 4 x 1024 tokens);
+8. the paper's sizes as the paper study trains them: early fusion at paper-275m and paper-932m,
+   early-moe at paper-275m (the same active size), with FSDP2 (``fully_shard`` per block and root
+   over a one-rank process group: the wrapping, bf16 parameters and fp32 reductions of a multi-GPU
+   run), bf16 autocast, torch.compile, activation checkpointing and 2 micro-batches per step
+   (``flows.training.step.train_step``): tokens/s, MFU, the allocator's peak against the plan's
+   estimate; then whether paper-1b6 trains on one GPU with checkpointing. Targets: dense >= 40% MFU
+   at paper-932m, MoE >= 0.8x dense tokens/s. (The tests' tiny tokenizer and 32 px images: the
+   vocabulary and image tokens are smaller than the paper's, the transformer is the paper's.)
 
     python bench/gpu_check.py [--out gpu_check.json]
     python bench/gpu_check.py --torchrun-on-cpu   # section 6 only, gloo on CPU (no GPU needed)
+    python bench/gpu_check.py --paper-sizes-on-cpu  # section 8's path on CPU at tiny sizes (gloo)
 """
 
 from __future__ import annotations
@@ -260,12 +269,128 @@ def check_memory(params_raw: dict, shards: Path) -> dict:
     return out
 
 
+PAPER_POINTS = (("early", "paper-275m"), ("early-moe", "paper-275m"), ("early", "paper-932m"))
+
+
+def one_rank_group(device: str) -> None:
+    """A process group of this process alone (FSDP2 shards over one): NCCL on CUDA, gloo on CPU."""
+    import os
+
+    import torch.distributed as tdist
+
+    from flows.ui import free_port
+
+    if not tdist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        tdist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+
+
+def paper_sizes(
+    shards: Path,
+    device: str = "cuda",
+    points: tuple[tuple[str, str], ...] = PAPER_POINTS,
+    fits: str | None = "paper-1b6",
+    rows: int = 8,
+    context: int = 1024,
+    steps: int = 10,
+) -> dict:
+    """Section 8: each point's model as a grid point builds it (flows.training.run.Run), sharded
+    with FSDP2 as under torchrun, trained ``steps`` timed steps (after 3 of warm-up and compile)
+    of ``rows`` x ``context`` tokens in 2 micro-batches; tokens/s, MFU, peak memory against the
+    plan's estimate. ``fits``: a size trained 3 steps only to see that it fits (or not)."""
+    from torch.distributed.tensor import DTensor
+
+    from flows.memory import estimate
+    from flows.training import dist
+    from flows.training.run import Run, build_optimizer
+    from flows.training.step import train_step
+
+    one_rank_group(device)
+    cuda = device == "cuda"
+    info = load_info(shards)
+    raw = json.loads(json.dumps(TINY_PARAMS))
+    raw["data"] = {"context_length": context}
+    raw["train"] = {"batch_rows_ref": rows, "batch_exponent": 0.0, "micro_batch_rows": rows // 2,
+                    "activation_checkpointing": True, "compile": True, "sharding": "fsdp",
+                    "device": device}  # fmt: skip
+    params = study_params(raw)
+    mix = {"caption": 0.45, "interleaved": 0.45, "text": 0.1}
+    b = PackedLoader(shards, rows, context, mix).next_batch()
+    peak_flops = float("nan")
+    if cuda:
+        name = torch.cuda.get_device_name()
+        peak_flops = next((v for k, v in PEAK_FLOPS.items() if name.startswith(k)), peak_flops)
+    out: dict = {}
+    todo = [(a, s, steps) for a, s in points] + ([("early", fits, 0)] if fits else [])
+    for arch, size, n in todo:
+        key = f"{arch}/{size}"
+        cfg = RunConfig.build(params, Point(arch, size, 10**9, "45-45-10", 0), info)
+        run = None
+        try:
+            run = Run(cfg, shards, None, {"fingerprint": "gpu-check"})
+            dist.fully_shard_model(run.model)  # (Run shards only when torchrun gave it 2+ ranks)
+            run.opt = build_optimizer(run.model, cfg)  # over the sharded parameters, as Run does
+            if cuda and cfg.compile:  # compiled around the sharded model, as Run does
+                run.forward = torch.compile(run.model)
+            sharded = all(isinstance(p, DTensor) for p in run.model.parameters())
+            for _ in range(3):
+                train_step(run, 1e-4)
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                train_step(run, 1e-4)
+            if cuda:
+                torch.cuda.synchronize()
+            dt = (time.perf_counter() - t0) / max(n, 1)
+            peak = torch.cuda.max_memory_allocated() if cuda else float("nan")
+            est = estimate(cfg).total
+            flops = step_flops(cfg.model, rows, context, int(b.loss_mask.sum()), len(b.images))
+            r = {"status": "ok", "fsdp2": sharded, "N": cfg.counts.N_total, "peak_gib": peak / 2**30,
+                 "estimate_gib": est / 2**30, "estimate_ratio": est / peak}  # fmt: skip
+            if n:
+                r |= {"tokens_per_s": rows * context / dt, "mfu": flops / dt / peak_flops,
+                      "step_ms": 1e3 * dt}  # fmt: skip
+            out[key] = r
+            speed = (f"{r['tokens_per_s']:,.0f} tok/s, MFU {r['mfu']:.1%}, " if n
+                     else "trains (3 steps), ")  # fmt: skip
+            print(f"  {key:22s} N {r['N'] / 1e6:,.1f}M, FSDP2 {sharded}: {speed}peak {r['peak_gib']:.1f} GiB, "
+                  f"estimate {r['estimate_gib']:.1f} GiB ({r['estimate_ratio']:.2f}x)")  # fmt: skip
+        except torch.OutOfMemoryError as e:
+            out[key] = {"status": "out of memory", "error": str(e)[:300]}
+            print(f"  {key:22s} out of memory")
+        finally:
+            del run
+            if cuda:
+                torch.cuda.empty_cache()
+    dense, moe = out.get("early/paper-275m", {}), out.get("early-moe/paper-275m", {})
+    if "tokens_per_s" in dense and "tokens_per_s" in moe:
+        out["moe_over_dense"] = moe["tokens_per_s"] / dense["tokens_per_s"]
+        print(f"  MoE / dense tokens/s at paper-275m: {out['moe_over_dense']:.2f}x (target >= 0.8)")
+    if "mfu" in out.get("early/paper-932m", {}):
+        print(f"  dense MFU at paper-932m: {out['early/paper-932m']['mfu']:.1%} (target >= 40%)")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
     ap.add_argument("--torchrun-on-cpu", action="store_true",
                     help="only section 6, with gloo on CPU (2 processes): checks the script")  # fmt: skip
+    ap.add_argument("--paper-sizes-on-cpu", action="store_true",
+                    help="only section 8's path, on CPU at tiny sizes (gloo): checks the script")  # fmt: skip
     args = ap.parse_args()
+    if args.paper_sizes_on_cpu:
+        work = Path(tempfile.mkdtemp())
+        data = build_data(work / "data", json.loads(json.dumps(TINY_PARAMS)))
+        print("8. FSDP2 (one rank, gloo), checkpointing, 2 micro-batches, on CPU at tiny sizes")
+        res = paper_sizes(data.shards, "cpu", (("early", "xs"), ("early-moe", "xs")), "s",
+                          rows=4, context=64, steps=2)  # fmt: skip
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=1))
+        return 0
     if args.torchrun_on_cpu:
         work = Path(tempfile.mkdtemp())
         raw = json.loads(json.dumps(TINY_PARAMS))
@@ -323,6 +448,8 @@ def main() -> int:
         res["torchrun"] = {"skipped": f"{n} GPU"}
     print("7. the memory estimate vs the CUDA allocator's peak (bf16)")
     section("memory", lambda: check_memory(json.loads(json.dumps(TINY_PARAMS)), data.shards))
+    print("8. the paper's sizes: FSDP2, bf16, compile, checkpointing, 2 micro-batches")
+    section("paper_sizes", lambda: paper_sizes(data.shards))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
     return 0

@@ -270,3 +270,20 @@ def test_two_nodes_meeting_by_c10d_rendezvous_train_the_model_of_one_process(tin
     out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "has processes=1 but 2 process(es) started it" in out.stderr
     assert not list(wrong.glob("points/*/metrics.jsonl"))
+
+
+def test_the_gpu_checks_paper_size_path_runs_fsdp2_on_cpu(tmp_path):
+    """bench/gpu_check.py section 8 (the paper's sizes under FSDP2, checkpointing and 2
+    micro-batches) waits for a GPU; its path runs here at tiny sizes over a one-rank gloo group:
+    every model sharded (DTensor parameters), trained, timed, and a size only checked to fit."""
+    import json
+
+    out = tmp_path / "gc.json"
+    r = subprocess.run([sys.executable, "bench/gpu_check.py", "--paper-sizes-on-cpu", "--out",
+                        str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res) == {"early/xs", "early-moe/xs", "early/s"}
+    assert all(v["status"] == "ok" and v["fsdp2"] for v in res.values())
+    assert all(v["tokens_per_s"] > 0 for k, v in res.items() if k != "early/s")
+    assert "tokens_per_s" not in res["early/s"] and res["early/s"]["estimate_gib"] > 0
