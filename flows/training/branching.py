@@ -34,15 +34,19 @@ log = logging.getLogger(__name__)
 def drop_stale(store: Store, fingerprint: str) -> list[str]:
     """Delete the checkpoints in the group's folder ``store`` written by code other than
     ``fingerprint``; set aside those that no longer read (flows/training/checkpoints.py
-    :meth:`Slot.newest_readable`). Rank 0 reads and deletes; the others wait."""
-    stale = []
-    for slot in store_slots(store) if dist.writer() else []:
-        while (v := slot.newest_readable()) is not None and v.meta()[0] != fingerprint:
-            log.warning("%s was written by other code: not branched from, deleted", v.url)
-            store.remove(v.name)
-            stale.append(v.name)
-    dist.barrier()
-    return stale
+    :meth:`Slot.newest_readable`). Rank 0 reads and deletes; the others wait (and raise if it
+    failed)."""
+
+    def drop() -> list[str]:
+        stale = []
+        for slot in store_slots(store):
+            while (v := slot.newest_readable()) is not None and v.meta()[0] != fingerprint:
+                log.warning("%s was written by other code: not branched from, deleted", v.url)
+                store.remove(v.name)
+                stale.append(v.name)
+        return stale
+
+    return dist.on_writer(drop)
 
 
 def store_slots(store: Store) -> list[Slot]:

@@ -23,15 +23,20 @@ Two formats (``train.checkpoint_format``), both resumable at any process count, 
 
 A version that does not read (its file truncated by a disk or copy fault; a shard missing or
 shorter than the metadata says) is set aside as ``<version>.corrupt`` (kept for a look, never
-read again) and the version before it is read instead (:meth:`Slot.resumable`). Rank 0 reads
-the store and decides for every rank.
+read again) and the version before it is read instead (:meth:`Slot.resumable`). A store that
+cannot be reached (the network, credentials, permissions) condemns nothing: its error
+propagates, the point fails this attempt and its retry finds the versions as they were. Rank 0
+reads the store and decides for every rank; an error there raises on every rank.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
+import pickle
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +119,14 @@ def load_state(data: bytes | str | Path) -> dict[str, Any]:
     return torch.load(source, map_location="cpu", weights_only=True)
 
 
+# What a version that does not read whole raises: a cut zip or pickle (torch.load: RuntimeError,
+# EOFError, UnpicklingError), a short or missing piece of a committed version (ValueError from
+# Version.check, FileNotFoundError), keys absent. Anything else (OSError, a connection or
+# credentials error of the store's client) is the store's trouble, not the version's.
+UNREADABLE = (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError,
+              zipfile.BadZipFile, FileNotFoundError)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Version:
     """One committed save of a slot."""
@@ -136,7 +149,12 @@ class Version:
             return load_state(self.store.read(f"{self.name}/{STATE}"))
         if self.store.local:  # (mmap: the tensors are not read until used)
             path = Path(self.store.root) / self.name
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except OSError as e:  # a file cut short: the zip reader seeks before its start
+                if e.errno == errno.EINVAL:
+                    raise ValueError(f"{path} is not a whole checkpoint: {e}") from e
+                raise
         return load_state(self.store.read(self.name))
 
     def meta(self) -> tuple[str | None, int]:
@@ -206,23 +224,29 @@ class Slot:
 
     def exists(self) -> bool:
         """Whether it has a committed version (rank 0 looks; every rank gets its answer)."""
-        return dist.agree(dist.writer() and bool(self.versions()))
+        return dist.on_writer(lambda: bool(self.versions()))
 
     def resumable(self) -> Version | None:
         """The newest version that reads whole (:meth:`newest_readable`), as rank 0 finds it,
         on every rank; None: start over."""
-        chosen = self.newest_readable() if dist.writer() else None
-        found = dist.decide(None if chosen is None else (chosen.name, chosen.step))
+
+        def find() -> tuple[str, int] | None:
+            chosen = self.newest_readable()
+            return None if chosen is None else (chosen.name, chosen.step)
+
+        found = dist.on_writer(find)
         return None if found is None else Version(self.store, found[0], found[1])
 
     def newest_readable(self) -> Version | None:
         """The newest version that reads whole (:meth:`Version.check`), read on this rank;
-        those that do not are set aside as ``.corrupt`` and logged. Training is deterministic
-        from any checkpoint, so resuming from an earlier one ends with the same numbers."""
+        those that do not (:data:`UNREADABLE`) are set aside as ``.corrupt`` and logged; any
+        other error (the store unreachable) propagates and sets nothing aside. Training is
+        deterministic from any checkpoint, so resuming from an earlier one ends with the same
+        numbers."""
         for i, v in enumerate(self.versions()):
             try:
                 v.check()
-            except Exception as e:  # noqa: BLE001 (zip, pickle, EOF, keys, sizes: unreadable)
+            except UNREADABLE as e:
                 self.store.set_aside(v.name)
                 log.warning("%s does not read (%s): set aside as %s.corrupt", v.url, str(e)[:200],
                             v.name)  # fmt: skip

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -124,6 +125,35 @@ def decide(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+T = TypeVar("T")
+
+
+class RankZeroFailed(RuntimeError):
+    """What the other ranks raise when rank 0's part of a collective step failed."""
+
+
+def on_writer(fn: Callable[[], T]) -> T:
+    """``fn()`` run on rank 0 alone (reading or writing the checkpoint store, say), its result on
+    every rank. If it raised there, it raises on every rank: rank 0 its own error, the others
+    :class:`RankZeroFailed` naming it (else they would wait in the next collective until the job's
+    timeout)."""
+    if world() == 1:
+        return fn()
+    out: tuple[bool, Any] = (True, None)
+    error: BaseException | None = None
+    if writer():
+        try:
+            out = (True, fn())
+        except Exception as e:  # noqa: BLE001 (every rank hears of it, then raises)
+            error, out = e, (False, f"{type(e).__name__}: {e}")
+    ok, value = decide(out)
+    if ok:
+        return value
+    if error is not None:
+        raise error
+    raise RankZeroFailed(f"rank 0 failed: {value}")
 
 
 _checkpoint_group = None

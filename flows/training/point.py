@@ -92,7 +92,7 @@ def train_point(
     store = checkpoint_store(cfg.checkpoint_store, workdir)
     latest = Slot(store / "points" / pid, "latest")
     resume = latest.resumable()  # (one that no longer reads is set aside: the one before)
-    if resume is not None and dist.agree(dist.writer() and resume.meta()[0] != code["fingerprint"]):
+    if resume is not None and dist.on_writer(lambda: resume.meta()[0] != code["fingerprint"]):
         if dist.writer():
             log.warning("%s was written by other code: not resumed, deleted", resume.url)
         latest.clear()
@@ -124,6 +124,7 @@ def train_point(
         rec["status"], rec["error"] = "failed", str(e)
         log.warning("point %s failed: %s", pid, e)
     finally:
+        run.abandon()  # (an asynchronous save still writing, after an error: its writes end)
         run.loader.close()  # (its reader processes, if any)
     rec |= _totals(run, time.perf_counter() - wall0, startup_s)
     if not dist.writer():  # rank 0 records the point

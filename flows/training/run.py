@@ -139,7 +139,7 @@ class Run:
         self.settle()
         t0 = time.perf_counter()
         step = self.c.step
-        if dist.agree(dist.writer() and any(v.step == step for v in slot.versions())):
+        if dist.on_writer(lambda: any(v.step == step for v in slot.versions())):
             return
         sharded = self.cfg.checkpoint_format == "sharded"
         name = slot.version_name(step, sharded)
@@ -147,19 +147,19 @@ class Run:
         if not sharded:
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             model, opt = get_state_dict(self.model, self.opt, options=opts)
-            if dist.writer():
+
+            def write() -> None:
                 buf = io.BytesIO()
                 torch.save({"model": model, "opt": opt, **state}, buf)
                 slot.store.write(name, buf.getvalue())
                 slot.prune()
+
+            dist.on_writer(write)  # (every rank waits for it, and raises if it failed)
             self.timing["checkpoint"] += time.perf_counter() - t0
-            dist.barrier()
             return
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-        if dist.writer():
-            slot.store.remove(name)  # (an uncommitted one of a run killed here before)
-        dist.barrier()
+        dist.on_writer(lambda: slot.store.remove(name))  # (an uncommitted one of a run killed here)
         model, opt = get_state_dict(self.model, self.opt)  # (sharded under FSDP)
         writer = FsspecWriter(f"{slot.store.url}/{name}")
         buf = io.BytesIO()
@@ -195,11 +195,28 @@ class Run:
         if future is not None:
             future.result()
         dist.barrier()  # every rank's shards are written
-        if dist.writer():
+
+        def commit() -> None:
             slot.store.write(f"{name}/{STATE}", state)
             slot.prune()
+
+        dist.on_writer(commit)  # (every rank waits for the commit, and raises if it failed)
         self.timing["checkpoint"] += time.perf_counter() - t0
-        dist.barrier()
+
+    def abandon(self) -> None:
+        """On the way out after an error: wait for an asynchronous save's writes still under
+        way (so that the process does not end in the middle of them), never commit it (an
+        uncommitted version is never read, and the next save of its slot removes it)."""
+        if self.pending is None:
+            return
+        future, (slot, name, _) = self.pending
+        self.pending = None
+        if future is None:
+            return
+        try:
+            future.result()
+        except Exception as e:  # noqa: BLE001 (the error that brought us here matters more)
+            log.warning("the asynchronous save of %s/%s failed too: %s", slot, name, e)
 
     def load(self, version: Version) -> None:
         """Resume from ``version`` of either format, at any process count; one written by

@@ -12,7 +12,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-from flows.training.checkpoints import STATE, Slot, Store, checkpoint_store
+from flows.training.checkpoints import STATE, Slot, Store, Version, checkpoint_store
 from stages.common.inputs import Placeholder
 
 
@@ -77,3 +77,29 @@ def test_a_study_files_placeholder_store_is_refused_naming_the_key(tmp_path):
     with pytest.raises(Placeholder, match="train.checkpoint_store"):
         checkpoint_store("<s3://your-bucket/checkpoints>", tmp_path)
     assert checkpoint_store(None, tmp_path).url == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [PermissionError("Access Denied"), ConnectionResetError(104, "Connection reset by peer")],
+    ids=["denied", "reset"],
+)
+def test_a_store_that_cannot_be_read_condemns_no_version(tmp_path, monkeypatch, error):
+    """The store's own trouble (credentials, permissions, the network: what s3fs raises as
+    OSError), unlike a version that reads short, propagates from the resume and sets nothing
+    aside; once the store answers again, the newest version is read."""
+    store = Store(tmp_path / "store")
+    slot = Slot(store, "latest")
+    for step in (4, 6):
+        write_version(slot, step, sharded=False)
+    state = Version.state
+
+    def unreachable(self):
+        raise error
+
+    monkeypatch.setattr(Version, "state", unreachable)
+    with pytest.raises(type(error)):
+        slot.resumable()
+    monkeypatch.setattr(Version, "state", state)
+    assert not [n for n in store.entries() if n.endswith(".corrupt")]
+    assert slot.resumable().step == 6

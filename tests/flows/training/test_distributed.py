@@ -287,3 +287,47 @@ def test_the_gpu_checks_paper_size_path_runs_fsdp2_on_cpu(tmp_path):
     assert all(v["status"] == "ok" and v["fsdp2"] for v in res.values())
     assert all(v["tokens_per_s"] > 0 for k, v in res.items() if k != "early/s")
     assert "tokens_per_s" not in res["early/s"] and res["early/s"]["estimate_gib"] > 0
+
+
+def test_an_error_in_rank_0s_store_step_raises_on_every_rank(tmp_path):
+    """Rank 0 alone reads and writes the checkpoint store (flows/training/dist.py on_writer):
+    when that fails, the other rank raises too, naming rank 0's error, instead of waiting in the
+    next collective until the job's timeout; a result reaches every rank."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", str(script), str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert (tmp_path / "rank0.txt").read_text().splitlines() == [
+        "raised PermissionError: Access Denied",
+        "got 41",
+    ]
+    assert (tmp_path / "rank1.txt").read_text().splitlines() == [
+        "raised RankZeroFailed: rank 0 failed: PermissionError: Access Denied",
+        "got 41",
+    ]
+
+
+RANKS = """
+import sys
+from pathlib import Path
+
+from flows.training import dist
+
+
+def denied():
+    raise PermissionError("Access Denied")
+
+
+dist.setup()
+lines = []
+try:
+    dist.on_writer(denied)
+except Exception as e:
+    lines.append(f"raised {type(e).__name__}: {e}")
+lines.append(f"got {dist.on_writer(lambda: 41 + dist.rank())}")
+Path(sys.argv[1], f"rank{dist.rank()}.txt").write_text("\\n".join(lines))
+dist.teardown()
+"""
