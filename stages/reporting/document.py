@@ -176,7 +176,8 @@ def image_use_table(runs: pd.DataFrame, value: dict[str, float]) -> dict[str, An
 
 def families_table(fits: dict) -> dict[str, Any] | None:
     """Each law family's out-of-sample error per fit (top-compute hold-out / leave-one-size-out
-    relative error), the chosen one in bold."""
+    relative error), the chosen one in bold, marked ✗ when it predicts the runs it did not see
+    worse than a mean loss does (fits.json ``extrapolates``)."""
     names = list(dict.fromkeys(n for f in fits.values() for n in f.get("families") or {}))
     if not names:
         return None
@@ -189,7 +190,9 @@ def families_table(fits: dict) -> dict[str, Any] | None:
                 cells.append("–")
                 continue
             cell = f"{_num(fam.get('heldout_mre'), '.2%')} / {_num(fam.get('loso_mre'), '.2%')}"
-            cells.append(f"**{cell}**" if n == f.get("law") else cell)
+            if n == f.get("law"):
+                cell = f"**{cell}**" + (" ✗" if f.get("extrapolates") is False else "")
+            cells.append(cell)
         rows.append([key, *cells])
     return {"header": ["fit", *names], "rows": rows}
 

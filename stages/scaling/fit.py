@@ -128,6 +128,10 @@ class TargetFit:
     ci: float = 0.95
     mixture: dict[str, Any] | None = None  # base_arch, name and shares when a grid has several
     tied: list[str] = field(default_factory=list)  # the families a prediction's interval spans
+    # out of sample: the errors of predicting each unseen run by a mean loss, and whether the
+    # chosen law does better (a law that does not describes the runs it was fitted on only)
+    baseline_mre: float = math.nan
+    extrapolates: bool = True
 
     @property
     def chosen(self) -> FamilyFit:
@@ -186,6 +190,8 @@ class TargetFit:
         out: dict[str, Any] = {
             "law": self.choice,
             "law_why": self.why,
+            "extrapolates": self.extrapolates,
+            "baseline_out_of_sample_mre": self.baseline_mre,
             "floor": self.floor,
             **({"mixture": self.mixture} if self.mixture else {}),
             "n_points": len(r),
@@ -384,6 +390,22 @@ def fit_target(
         families[name] = _fit_one_family(name, runs, p, fit, held, log_floor, budget, rng, key)
     choice, why, tied = choose(families, L, held, floor, fit)
     chosen = families[choice]
+    base, mre = (
+        nanmean(baseline_errors(L, runs.N.to_numpy(), held)),
+        out_of_sample_mre(chosen, L, held),
+    )
+    extrapolates = not mre > base
+    if not extrapolates:
+        better = [n for n, f in families.items() if out_of_sample_mre(f, L, held) <= base]
+        why += (
+            f"; it predicts the runs it did not see worse than their mean loss does ({mre:.2%} "
+            f"against {base:.2%}): it describes the runs it was fitted on, not beyond them; "
+            + (
+                f"the families that do better ({', '.join(better)}) were not chosen (above)"
+                if better
+                else "no family extrapolates here"
+            )
+        )
     law = chosen.law
     if law.degenerate or law.E / L.min() <= 1e-3:
         log.warning(
@@ -403,7 +425,25 @@ def fit_target(
              "best); %s", key, choice, law.E, law.alpha, law.beta, len(runs),
              chosen.search.n_at_best, chosen.search.n_lbfgs, why)  # fmt: skip
     return TargetFit(arch, target, runs, budget, frontier, families, choice, why, floor, fit.ci,
-                     tied=tied)  # fmt: skip
+                     tied=tied, baseline_mre=base, extrapolates=extrapolates)  # fmt: skip
+
+
+def out_of_sample_mre(f: FamilyFit, obs: np.ndarray, held: np.ndarray) -> float:
+    """A family's mean out-of-sample relative error (what ``fit.law: auto`` compares)."""
+    return nanmean(f.out_of_sample(obs, held))
+
+
+def baseline_errors(obs: np.ndarray, sizes: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """The out-of-sample errors (as :meth:`FamilyFit.out_of_sample` orders them) of a predictor
+    without a law: each top-compute run predicted by the mean loss of the others, each size's
+    runs by the mean loss of the other sizes'. A law worse than this does not extrapolate."""
+    rest = obs[~held].mean() if (~held).any() else np.nan
+    pred = np.full_like(obs, np.nan)
+    for size in np.unique(sizes):
+        other = sizes != size
+        if other.any():
+            pred[~other] = obs[other].mean()
+    return np.concatenate([np.abs(rest - obs[held]) / obs[held], np.abs(pred - obs) / obs])
 
 
 # ------------------------------------------------------------------------- the table

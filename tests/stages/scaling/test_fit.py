@@ -16,10 +16,11 @@ import pytest
 from stages.common.stage import run_per_kind
 from stages.fit import main
 from stages.params import FitParams, FitStarts, study_params
+from stages.reporting.document import families_table
 from stages.scaling import predictive
 from stages.scaling.bootstrap import bootstrap
 from stages.scaling.families import FAMILIES, Points
-from stages.scaling.fit import fit_table, fit_target
+from stages.scaling.fit import baseline_errors, fit_table, fit_target
 from stages.scaling.law import Law, loss_frontier
 from stages.scaling.runs import FitError, prepare_runs
 from stages.scaling.search import fit_law, lbfgs, start_grid
@@ -195,6 +196,24 @@ def test_extrapolation_holds_out_the_top_compute_runs():
     assert r.C[r.heldout].min() >= r.C[~r.heldout].max()
     assert 0 < m["heldout_mre"] < 0.03 and 0 < m["heldin_mre"] < 0.02
     assert f.holdout_law != f.law
+
+
+def test_a_law_that_extrapolates_worse_than_a_mean_loss_says_so():
+    """The baseline predicts each held-out run by the mean loss of the others (each top-compute
+    run by the rest's, each size by the other sizes'); the planted law beats it many times over
+    and is marked as extrapolating; the report marks a chosen law that does not."""
+    obs, sizes = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1, 1, 2, 2])
+    held = np.array([False, False, False, True])
+    # 4 by mean(1, 2, 3) = 2; sizes 1 by mean(3, 4) = 3.5, sizes 2 by mean(1, 2) = 1.5
+    assert baseline_errors(obs, sizes, held).tolist() == pytest.approx([0.5, 2.5, 0.75, 0.5, 0.625])
+    m = fit_target(prepared(EARLY), "early", "avg", FAST).metrics()
+    assert m["extrapolates"] is True
+    assert m["baseline_out_of_sample_mre"] > 5 * m["families"]["paper"]["out_of_sample_mre"]
+    assert "worse than their mean loss" not in m["law_why"]
+    fam = {"paper": {"heldout_mre": 0.5, "loso_mre": 9.0}}
+    table = families_table({"a/avg": {"law": "paper", "extrapolates": False, "families": fam},
+                            "b/avg": {"law": "paper", "extrapolates": True, "families": fam}})  # fmt: skip
+    assert table["rows"] == [["a/avg", "**50.00% / 900.00%** ✗"], ["b/avg", "**50.00% / 900.00%**"]]
 
 
 # ---------------------------------------------------------------------- bad inputs
