@@ -334,9 +334,11 @@ def paper_sizes(
             if cuda and cfg.compile:  # compiled around the sharded model, as Run does
                 run.forward = torch.compile(run.model)
             sharded = all(isinstance(p, DTensor) for p in run.model.parameters())
+            if cuda and not n:  # only whether it fits: the peak of the 3 steps themselves
+                torch.cuda.reset_peak_memory_stats()
             for _ in range(3):
                 train_step(run, 1e-4)
-            if cuda:
+            if cuda and n:  # the timed steps' peak (the optimizer state exists by now)
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()

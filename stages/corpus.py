@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     params = load_params(args.params)
-    report = build_corpus(params, Path(args.out), args.workers)
+    try:
+        report = build_corpus(params, Path(args.out), args.workers)
+    except IngestError as e:  # a pattern that matches nothing, an unknown format, a store's refusal
+        log.error("%s", e)
+        return 1
     for kind, r in report["kinds"].items():
         if report["source"] == "files":
             log.info("%s: %d input files, %.1f MB", kind, len(r["inputs"]), r["bytes"] / 1e6)

@@ -6,7 +6,7 @@ Reads ``data/corpus`` and ``data/tokenizer/tokenizer.json``; writes
 ``data/shards/{train,val}/{kind}-FFFFFF-KKKK.tar`` (or to ``shards.url``), ``manifest.parquet``,
 ``info.json`` and ``report.json`` (samples read, kept and skipped by reason; stages/data/shards.py,
 layout in stages/data/shard_format.py). Too many bad samples of a kind (``corpus.files.
-max_bad_fraction``) fail the stage once everything is written, the report kept.
+max_bad_fraction``) fail the stage before its manifest is written, the report kept.
 """
 
 from __future__ import annotations

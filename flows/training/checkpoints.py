@@ -31,12 +31,14 @@ reads the store and decides for every rank; an error there raises on every rank.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import logging
 import pickle
 import re
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,17 +116,38 @@ class Store:
         self.fs.rm(src, recursive=True)
 
 
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file that is not whole (torch's zip reader found it cut or garbled)."""
+
+
+@contextlib.contextmanager
+def _whole(what: Any) -> Iterator[None]:
+    """torch.load's errors for a cut or garbled file as :class:`CorruptCheckpoint`; any other
+    error (memory, the store's client) as it came."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "PytorchStreamReader" not in str(e):
+            raise
+        raise CorruptCheckpoint(f"{what} is not a whole checkpoint: {e}") from e
+    except OSError as e:  # a local file cut short: the zip reader seeks before its start
+        if e.errno != errno.EINVAL:
+            raise
+        raise CorruptCheckpoint(f"{what} is not a whole checkpoint: {e}") from e
+
+
 def load_state(data: bytes | str | Path) -> dict[str, Any]:
     source = io.BytesIO(data) if isinstance(data, bytes) else data
-    return torch.load(source, map_location="cpu", weights_only=True)
+    with _whole("a checkpoint's state" if isinstance(data, bytes) else data):
+        return torch.load(source, map_location="cpu", weights_only=True)
 
 
-# What a version that does not read whole raises: a cut zip or pickle (torch.load: RuntimeError,
-# EOFError, UnpicklingError), a short or missing piece of a committed version (ValueError from
-# Version.check, FileNotFoundError), keys absent. Anything else (OSError, a connection or
-# credentials error of the store's client) is the store's trouble, not the version's.
-UNREADABLE = (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError,
-              zipfile.BadZipFile, FileNotFoundError)  # fmt: skip
+# What a version that does not read whole raises: a cut zip or pickle (CorruptCheckpoint, a
+# ValueError; EOFError, UnpicklingError), a short or missing piece of a committed version
+# (ValueError from Version.check, FileNotFoundError), keys absent. Anything else (OSError, a
+# connection or credentials error of the store's client, memory) is not the version's fault.
+UNREADABLE = (EOFError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile,
+              FileNotFoundError)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -149,12 +172,8 @@ class Version:
             return load_state(self.store.read(f"{self.name}/{STATE}"))
         if self.store.local:  # (mmap: the tensors are not read until used)
             path = Path(self.store.root) / self.name
-            try:
+            with _whole(path):
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except OSError as e:  # a file cut short: the zip reader seeks before its start
-                if e.errno == errno.EINVAL:
-                    raise ValueError(f"{path} is not a whole checkpoint: {e}") from e
-                raise
         return load_state(self.store.read(self.name))
 
     def meta(self) -> tuple[str | None, int]:

@@ -95,8 +95,7 @@ def train_point(
     if resume is not None and dist.on_writer(lambda: resume.meta()[0] != code["fingerprint"]):
         if dist.writer():
             log.warning("%s was written by other code: not resumed, deleted", resume.url)
-        latest.clear()
-        dist.barrier()
+        dist.on_writer(latest.clear)  # (every rank waits for it, and raises if it failed)
         resume = None
     try:
         if resume is not None:  # resume this point's own segment

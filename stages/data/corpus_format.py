@@ -188,16 +188,36 @@ def split_key(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :].lower()
 
 
-def iter_tar_groups(source: str | Path | BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
+class _LastRead:
+    """A tar's stream that keeps what its last read returned: after the last member, the block
+    where the next header would be (all zeros at the end of a whole archive)."""
+
+    def __init__(self, stream: Any):
+        self._stream, self.last = stream, b""
+
+    def read(self, n: int = -1) -> bytes:
+        self.last = self._stream.read(n)
+        return self.last
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def iter_tar_groups(
+    source: str | Path | BinaryIO, end: dict[str, bool] | None = None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {ext: bytes})`` for consecutive members of a tar (a path, or a binary file
     such as an object in storage) sharing a key.
 
-    Streams the tar (constant memory). Raises ``tarfile.TarError``/``OSError`` on a corrupt or
-    truncated tar after yielding the groups read so far; callers decide how to count that.
+    Streams the tar (constant memory, one read). Raises ``tarfile.TarError``/``OSError`` on a
+    corrupt or truncated tar after yielding the groups read so far; callers decide how to count
+    that. Python's ``tarfile`` ends *silently* at a tar cut on a block boundary, so ``end``
+    (when given) gets ``whole``: whether the last member was followed by an end-of-archive block.
     """
     key, group = None, {}
     where = {"fileobj": source} if hasattr(source, "read") else {"name": source}
     with tarfile.open(mode="r|*", **where) as tf:
+        tf.fileobj = stream = _LastRead(tf.fileobj)
         for member in tf:
             if not member.isfile():
                 continue
@@ -208,6 +228,9 @@ def iter_tar_groups(source: str | Path | BinaryIO) -> Iterator[tuple[str, dict[s
             key = k
             fobj = tf.extractfile(member)
             group[ext] = fobj.read() if fobj is not None else b""
+        if end is not None:
+            block = stream.last
+            end["whole"] = len(block) == tarfile.BLOCKSIZE and block.count(0) == len(block)
     if key is not None:
         yield key, group
 

@@ -20,9 +20,11 @@ since it was listed is refused. The tokenizer reads a sample of the inputs throu
 checks; ``python -m stages.corpus --check`` counts without sharding (:func:`check_corpus`).
 Images keep their source bytes; the shards stage resizes them.
 
-Python's ``tarfile`` stops *silently* at a cut or garbled header in mid-archive, so after
-reading a tar we also check that its last member is followed by an end-of-archive block;
-a tar without one counts as ``unreadable_file`` (the samples read before are kept).
+Python's ``tarfile`` stops *silently* at a cut or garbled header in mid-archive, so the read
+also checks that a tar's last member is followed by an end-of-archive block (in the same pass);
+a tar without one counts as ``unreadable_file`` (the samples read before are kept). An error of
+the store rather than the file (no permission, the network: :func:`store_trouble`) is not
+counted: it fails the task, which runs again.
 """
 
 from __future__ import annotations
@@ -107,6 +109,16 @@ class _Unreadable(Exception):
 
 # What a cut or corrupt file raises while it is read; anything else is a bug and propagates.
 READ_ERRORS = (OSError, EOFError, zlib.error, tarfile.TarError, pa.ArrowException, _Unreadable)
+
+
+def store_trouble(e: BaseException) -> bool:
+    """Whether ``e``, raised while reading an input, is the store's trouble rather than the
+    file's: no permission, a connection or timeout, or any OS error with an errno (what s3fs and
+    the OS raise). That propagates (the task fails, Ray runs it again) instead of counting the
+    rest of the file as lost; a format error (a cut gzip, tar or parquet: no errno) counts."""
+    return isinstance(e, (PermissionError, ConnectionError, TimeoutError)) or (
+        isinstance(e, OSError) and e.errno is not None
+    )
 
 
 class _Bad(NamedTuple):
@@ -201,7 +213,8 @@ def _read_caption(path: str, file_index: int, check: _Checks) -> Iterator[Doc | 
 
 def _read_caption_file(f: BinaryIO, path: str, file_index: int, check: _Checks):
     keys = _Keys("caption", file_index)
-    for src_key, group in iter_tar_groups(f):
+    end: dict[str, bool] = {}
+    for src_key, group in iter_tar_groups(f, end):
         where = f"{path}:{src_key}"
         ext = next((e for e in IMAGE_EXTS if e in group), None)
         if ext is None or TEXT_EXT not in group:
@@ -217,19 +230,8 @@ def _read_caption_file(f: BinaryIO, path: str, file_index: int, check: _Checks):
             with contextlib.suppress(ValueError, RecursionError):
                 meta["orig"] = json.loads(group[META_EXT])
         yield Doc.caption(keys(src_key), group[ext], text, meta)
-    _check_tar_end(f)
-
-
-def _check_tar_end(f: BinaryIO) -> None:
-    """Raise _Unreadable unless the last member is followed by an all-zero end block."""
-    f.seek(0)
-    with tarfile.open(fileobj=f, mode="r:*") as tf:
-        while tf.next() is not None:
-            tf.members.clear()  # walk headers only; keep memory flat
-        tf.fileobj.seek(tf.offset)
-        end = tf.fileobj.read(tarfile.BLOCKSIZE)
-    if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
-        raise _Unreadable(f"no end-of-archive block after byte {tf.offset} (cut or garbled)")
+    if not end.get("whole"):
+        raise _Unreadable("no end-of-archive block after the last member (cut or garbled)")
 
 
 def _binary(t: pa.DataType) -> pa.DataType:
@@ -485,6 +487,8 @@ def checked_docs(
             except StopIteration:
                 return
             except READ_ERRORS as e:
+                if store_trouble(e):
+                    raise
                 log.warning("%s: unreadable file %s: %s", kind, path, e)
                 bad["unreadable_file"] += 1
                 return
@@ -538,7 +542,14 @@ def part_docs(part: Part, bad: Counter[str] | None = None) -> Iterator[Doc]:
         path = Path(part.path)
         yield from iter_docs(path.parent.parent, part.kind, [path])
         return
-    rec, now = part.recorded, fingerprint(part.path)
+    rec = part.recorded
+    try:
+        now = fingerprint(part.path)
+    except FileNotFoundError:
+        raise StaleInput(
+            f"{part.path} no longer exists (the corpus stage listed it); rerun it: "
+            "`dvc repro --force corpus`, then `dvc repro`"
+        ) from None
     if (now["size"], now["version"]) != (rec["size"], rec["version"]):
         raise StaleInput(
             f"{part.path} changed since the corpus stage listed it (size {rec['size']} -> "
@@ -557,8 +568,8 @@ def check_part(part: Part) -> dict[str, Any]:
 
 
 def _named(part: Part, corpus: str | Path) -> str:
-    """An input as the params name it; a corpus file relative to the corpus (the report is the
-    same wherever the repository lies)."""
+    """An input as the corpus stage listed it (the path or URL it is read from); a corpus file
+    relative to the corpus (the report is the same wherever the repository lies)."""
     if part.recorded is not None:
         return part.path
     return Path(part.path).relative_to(Path(corpus)).as_posix()

@@ -213,13 +213,17 @@ def build_shards(
     names each shard by its URL, and a copy of both lies beside them). ``report.json`` in
     ``out``: samples read and kept per kind, each skipped one counted by reason (real data is
     checked in this same pass: stages/data/ingest.py); a kind with too many bad samples raises
-    :class:`IngestError` once everything is written, the report kept."""
+    :class:`IngestError` before the manifest is written (no reader takes those shards), the
+    report kept."""
     fresh_dir(out)
     store = p.url.rstrip("/") if p.url else out
     parts = [part for k in KINDS for part in corpus_parts(corpus, k)]
     tasks = [(part, tokenizer_path, store, p) for part in parts]
     done = run_tasks(shard_file, tasks, engine, address, workers, desc="shards")
     rows = [r for rows, _ in done for r in rows]
+    report = tally(corpus, parts, [counts for _, counts in done])
+    write_json(out / "report.json", report)
+    check_threshold(report)  # (before the manifest: a failed stage publishes no shards)
     if not p.url:  # what a task on a lost worker left half-written (its rerun wrote it whole)
         for tmp in out.rglob(".*.tmp"):
             tmp.unlink()
@@ -233,9 +237,6 @@ def build_shards(
         fs, inner = fsspec.core.url_to_fs(store)
         for name in ("manifest.parquet", "info.json"):
             fs.put_file(str(out / name), f"{inner}/{name}")
-    report = tally(corpus, parts, [counts for _, counts in done])
-    write_json(out / "report.json", report)
-    check_threshold(report)
     return rows
 
 

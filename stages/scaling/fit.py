@@ -131,7 +131,7 @@ class TargetFit:
     # out of sample: the errors of predicting each unseen run by a mean loss, and whether the
     # chosen law does better (a law that does not describes the runs it was fitted on only)
     baseline_mre: float = math.nan
-    extrapolates: bool = True
+    extrapolates: bool | None = None  # None: no run both predict out of sample
 
     @property
     def chosen(self) -> FamilyFit:
@@ -390,13 +390,12 @@ def fit_target(
         families[name] = _fit_one_family(name, runs, p, fit, held, log_floor, budget, rng, key)
     choice, why, tied = choose(families, L, held, floor, fit)
     chosen = families[choice]
-    base, mre = (
-        nanmean(baseline_errors(L, runs.N.to_numpy(), held)),
-        out_of_sample_mre(chosen, L, held),
-    )
-    extrapolates = not mre > base
-    if not extrapolates:
-        better = [n for n, f in families.items() if out_of_sample_mre(f, L, held) <= base]
+    baseline = baseline_errors(L, runs.N.to_numpy(), held)
+    mre, base = versus_baseline(chosen, L, held, baseline)
+    extrapolates = None if math.isnan(mre) else bool(mre <= base)
+    if extrapolates is False:
+        pairs = {n: versus_baseline(f, L, held, baseline) for n, f in families.items()}
+        better = [n for n, (m, b) in pairs.items() if m <= b]
         why += (
             f"; it predicts the runs it did not see worse than their mean loss does ({mre:.2%} "
             f"against {base:.2%}): it describes the runs it was fitted on, not beyond them; "
@@ -428,9 +427,16 @@ def fit_target(
                      tied=tied, baseline_mre=base, extrapolates=extrapolates)  # fmt: skip
 
 
-def out_of_sample_mre(f: FamilyFit, obs: np.ndarray, held: np.ndarray) -> float:
-    """A family's mean out-of-sample relative error (what ``fit.law: auto`` compares)."""
-    return nanmean(f.out_of_sample(obs, held))
+def versus_baseline(
+    f: FamilyFit, obs: np.ndarray, held: np.ndarray, baseline: np.ndarray
+) -> tuple[float, float]:
+    """A family's mean out-of-sample relative error and the baseline's (:func:`baseline_errors`),
+    over the same runs: those both predict (a refit that was not possible leaves NaN)."""
+    errors = f.out_of_sample(obs, held)
+    both = np.isfinite(errors) & np.isfinite(baseline)
+    if not both.any():
+        return math.nan, math.nan
+    return float(errors[both].mean()), float(baseline[both].mean())
 
 
 def baseline_errors(obs: np.ndarray, sizes: np.ndarray, held: np.ndarray) -> np.ndarray:

@@ -81,13 +81,17 @@ def test_a_study_files_placeholder_store_is_refused_naming_the_key(tmp_path):
 
 @pytest.mark.parametrize(
     "error",
-    [PermissionError("Access Denied"), ConnectionResetError(104, "Connection reset by peer")],
-    ids=["denied", "reset"],
+    [
+        PermissionError("Access Denied"),
+        ConnectionResetError(104, "Connection reset by peer"),
+        RuntimeError("DefaultCPUAllocator: not enough memory"),
+    ],
+    ids=["denied", "reset", "memory"],
 )
 def test_a_store_that_cannot_be_read_condemns_no_version(tmp_path, monkeypatch, error):
     """The store's own trouble (credentials, permissions, the network: what s3fs raises as
-    OSError), unlike a version that reads short, propagates from the resume and sets nothing
-    aside; once the store answers again, the newest version is read."""
+    OSError) or the machine's (memory), unlike a version that reads short, propagates from the
+    resume and sets nothing aside; once the store answers again, the newest version is read."""
     store = Store(tmp_path / "store")
     slot = Slot(store, "latest")
     for step in (4, 6):

@@ -6,6 +6,7 @@ import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 from stages.data.corpus_format import CorpusWriter, write_json
 from stages.data.ingest import check_corpus
@@ -91,6 +92,13 @@ def test_too_many_bad_samples_fail_the_stage_and_keep_the_report(tmp_path):
     report = json.loads((tmp_path / "data/shards/report.json").read_text())
     assert report["kinds"]["caption"]["bad"] == {"undecodable_image": 6}
     assert report["breaches"] and report["kinds"]["text"]["bad"] == {}
+    assert not (tmp_path / "data/shards/manifest.parquet").exists()  # no reader takes them
+
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["corpus"]["files"]["text"] = [str(tmp_path / "nowhere" / "*.jsonl")]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    r = _stage("stages.corpus", tmp_path)
+    assert r.returncode == 1 and "matches no files" in r.stderr and "Traceback" not in r.stderr
 
 
 def _samples(shards):

@@ -387,11 +387,47 @@ def test_an_input_changed_since_the_corpus_stage_is_refused(tmp_path):
     with pytest.raises(StaleInput, match=r"since the corpus stage listed it \(size 75 -> 45"):
         read_corpus(out, "text")
 
+    path.unlink()
+    with pytest.raises(StaleInput, match=r"t\.jsonl no longer exists .*dvc repro --force corpus"):
+        read_corpus(out, "text")
+
     report = json.loads((out / "report.json").read_text())
     del report["checks"]
     write_json(out / "report.json", report)
     with pytest.raises(StaleInput, match=r"older corpus stage .*dvc repro corpus"):
         corpus_parts(out, "text")
+
+
+@pytest.mark.parametrize(
+    "error, counted",
+    [
+        (ConnectionResetError(104, "Connection reset by peer"), False),
+        (PermissionError(13, "Access Denied"), False),
+        (gzip.BadGzipFile("Not a gzipped file"), True),
+        (EOFError("Compressed file ended before the end-of-stream marker"), True),
+    ],
+    ids=["reset", "denied", "bad-gzip", "cut"],
+)
+def test_the_stores_trouble_fails_the_read_and_a_cut_file_counts(tmp_path, monkeypatch, error,
+                                                                 counted):  # fmt: skip
+    """An error of the store (the network, permissions: an errno) mid-file propagates, so the
+    task fails and runs again, instead of counting the rest of the file as one unreadable file;
+    a file's own fault (a cut or garbled stream) is counted and the samples before it kept."""
+    from stages.data import ingest
+
+    def two_then_error(path, file_index, check):
+        yield from (ingest.Doc.text_only(f"text-{file_index}-{i}", f"d{i}") for i in range(2))
+        raise error
+
+    monkeypatch.setitem(ingest.READERS, "text", two_then_error)
+    (tmp_path / "t.jsonl").write_text('{"text": "x"}\n')
+    params = files_params(text=[str(tmp_path / "t.jsonl")], max_bad_fraction=1.0)
+    if counted:
+        k = corpus_stage(params, tmp_path / "corpus", workers=1)["kinds"]["text"]
+        assert (k["kept"], k["bad"]) == (2, {"unreadable_file": 1})
+    else:
+        with pytest.raises(type(error)):
+            corpus_stage(params, tmp_path / "corpus", workers=1)
 
 
 def test_the_tokenizer_trains_on_a_seeded_sample_of_files_per_kind(tmp_path):
