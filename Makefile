@@ -47,7 +47,7 @@ slurm:
 # servers, heartbeats or subprocesses, so two files at once take ~30% less wall time on 2 cores
 test: install browser postgres slurm
 	$(BIN)/ruff check .
-	$(BIN)/pytest -n 2 --dist loadfile
+	$(BIN)/pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # MLflow (the project's mlflow.db) and Prefect servers on 127.0.0.1 + the grid deployment; Ctrl-C stops
 ui: install

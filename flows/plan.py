@@ -39,6 +39,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,10 +111,29 @@ def expand_grid(params: Params) -> list[Point]:
 # --------------------------------------------------------------------------- identity
 
 
+_PARSE = threading.Lock()
+
+
+def _parse(source: str, tries: int = 5) -> ast.Module:
+    """``ast.parse``, safe beside other threads. CPython 3.11 keeps the AST converter's recursion
+    depth in state shared by all threads (python/cpython#106905), so a parse that overlaps
+    another thread's (a flow's, a library's) can fail with "AST constructor recursion depth
+    mismatch". The lock keeps this module's parses apart; the depth is reset at each parse, so
+    one that met a foreign parse is simply retried."""
+    for attempt in range(tries):
+        with _PARSE:
+            try:
+                return ast.parse(source)
+            except SystemError as e:
+                if "recursion depth mismatch" not in str(e) or attempt == tries - 1:
+                    raise
+    raise AssertionError("unreachable")
+
+
 def source_digest(source: str) -> str:
     """sha256 of a module's syntax tree without docstrings: comments, docstrings, blank lines
     and formatting do not count; a changed name, constant or statement does."""
-    tree = ast.parse(source)
+    tree = _parse(source)
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if (

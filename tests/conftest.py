@@ -17,6 +17,30 @@ from stages.params import REPO_PARAMS, Params, merge, read_yaml, study_params
 # One thread per test process, as training runs: tiny matmuls are slower with two threads.
 torch.set_num_threads(1)
 
+# The test files that take longest (seconds on the 2-core machine, slowest first). `make test`
+# hands whole files to two workers in this order (--dist loadfile --no-loadscope-reorder), so the
+# long ones start first and short ones fill the end, instead of a long file starting last.
+SLOW_FILES = (
+    "tests/flows/training/test_distributed.py",  # ~470: torchrun jobs of 2 ranks
+    "tests/stages/reporting/test_report.py",  # ~320: studies fitted and reported
+    "tests/scaleout/test_pool.py",  # ~270: a Slurm cluster and a Prefect pool
+    "tests/flows/test_ui.py",  # ~245: both servers and a browser
+    "tests/scaleout/test_tracking_outage.py",  # ~210: an MLflow server down for 30 s
+    "tests/stages/scaling/test_families.py",  # ~200: 80 law choices
+    "tests/test_dvc_repro.py",  # ~190: the end-to-end dvc repro
+    "tests/flows/test_grid.py",  # ~170
+    "tests/scaleout/test_servers.py",  # ~160: PostgreSQL, S3, MLflow and Prefect servers
+    "tests/scaleout/test_checkpoints_s3.py",  # ~150
+    "tests/flows/test_memory.py",  # ~140
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slowest files first (:data:`SLOW_FILES`); the others keep their order."""
+    rank = {f: i for i, f in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
 TINY_PARAMS = {
     "corpus": {
         "samples_per_file": 100,
@@ -58,3 +82,10 @@ def build_data(root: Path, raw: dict = TINY_PARAMS, workers: int = 1) -> DataDir
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> DataDirs:
     return build_data(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def uninterrupted() -> dict:
+    """Uninterrupted training runs, kept for the session: the tests of one worker that compare
+    against the same run train it once (tests/flows/training/test_distributed.py ``reference``)."""
+    return {}

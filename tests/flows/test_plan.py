@@ -231,3 +231,31 @@ def test_the_point_process_reads_its_run_config_not_params(tiny_data, tmp_path):
         assert type(j.config).from_json(j.config.to_json()) == j.config
     source = (ROOT / "flows" / "train.py").read_text()
     assert "load_params" not in source and "read_yaml" not in source
+
+
+def test_a_parse_that_met_another_threads_parse_is_retried(monkeypatch):
+    """CPython 3.11 shares the AST converter's depth counter between threads: a parse that
+    overlaps a foreign one raises SystemError. The digest retries it; other errors propagate."""
+    import ast
+
+    from flows import plan as plan_mod
+
+    source = (ROOT / "flows/config.py").read_text()
+    want = plan_mod.source_digest(source)
+    real = ast.parse
+    failures = iter([True, True])
+
+    def flaky(src, *a, **kw):
+        if next(failures, False):
+            raise SystemError("AST constructor recursion depth mismatch (before=51, after=77)")
+        return real(src, *a, **kw)
+
+    monkeypatch.setattr(plan_mod.ast, "parse", flaky)
+    assert plan_mod.source_digest(source) == want
+
+    def broken(src, *a, **kw):
+        raise SystemError("something else")
+
+    monkeypatch.setattr(plan_mod.ast, "parse", broken)
+    with pytest.raises(SystemError, match="something else"):
+        plan_mod.source_digest(source)

@@ -35,10 +35,12 @@ def test_versions_commits_and_truncation_on_s3(s3, s3_env, sharded):
     ids=["sharded-async-2-to-1", "full-1-to-2"],
 )
 def test_a_checkpoint_on_s3_resumes_at_another_process_count(
-    s3, s3_env, tiny_data, tmp_path, before, after, how
+    s3, s3_env, tiny_data, tmp_path, uninterrupted, before, after, how
 ):
     bucket = s3.bucket(f"nmm-ckpt-{before}-{after}")
     store = f"s3://{bucket}/study"
-    resumes_at_another_count(tiny_data, tmp_path, before, after, store, s3_env, **how)
+    resumes_at_another_count(
+        tiny_data, tmp_path, uninterrupted, before, after, store, s3_env, **how
+    )
     objects = Store(store).fs.find(f"{bucket}/study")
     assert objects == [] or all("/groups/" in o for o in objects)  # a finished point's: gone

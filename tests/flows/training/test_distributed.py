@@ -61,11 +61,22 @@ def _train(tiny_data, params, point, workdir, procs, env=None, **how) -> tuple[d
     return rec, list(read_jsonl(records.point_dir(workdir, pid) / "metrics.jsonl"))
 
 
+def reference(memo: dict, tiny_data, point: Point, workdir: Path, procs: int, **how):
+    """The uninterrupted run of ``point`` at ``procs`` processes (``how``: its sharding), trained
+    once per session in ``workdir`` (the ``uninterrupted`` fixture's ``memo``) and shared by the
+    tests that compare against it. Only the tiny params train here, and how a run saves its
+    checkpoints (format, asynchrony, store) is not part of the key: it changes no number."""
+    key = (point, procs, tuple(sorted(how.items())))
+    if key not in memo:
+        memo[key] = _train(tiny_data, tiny_params(tiny_data), point, workdir, procs, **how)
+    return memo[key]
+
+
 @pytest.mark.parametrize("arch", ["early", "early-moe"])
-def test_two_processes_train_the_model_of_one(tiny_data, tmp_path, arch):
+def test_two_processes_train_the_model_of_one(tiny_data, tmp_path, uninterrupted, arch):
     params = tiny_params(tiny_data)
     point = Point(arch, "xxs", 4096, "45-45-10", 0)  # 16 steps of 4 rows: 2 rows per rank
-    one, curve1 = _train(tiny_data, params, point, tmp_path / "one", 1)
+    one, curve1 = reference(uninterrupted, tiny_data, point, tmp_path / "one", 1)
     two, curve2 = _train(tiny_data, params, point, tmp_path / "two", 2)
     assert one["processes"] == 1 and two["processes"] == 2 and one["point_id"] == two["point_id"]
     steps = [r["step"] for r in curve1 if "train_loss" in r]
@@ -130,7 +141,14 @@ def newest_step(store: Store, kinds=("points", "groups")) -> int:
 
 
 def resumes_at_another_count(
-    tiny_data, tmp_path, before: int, after: int, store: str | None = None, env=None, **how
+    tiny_data,
+    tmp_path,
+    memo: dict,
+    before: int,
+    after: int,
+    store: str | None = None,
+    env=None,
+    **how,
 ) -> None:
     """Checkpoints resume at any process count, sharded or not: a point killed under FSDP over
     2 processes resumes in one plain process, and one killed in one process resumes under FSDP
@@ -139,13 +157,15 @@ def resumes_at_another_count(
     a misplaced shard would show at once), and the run ends near where that run does: the
     steps it shares with it, then rounding (uninterrupted runs at 1 and 2 processes end up to
     0.7% apart on this 32-step point: the module docstring). ``store``: the checkpoint store
-    (default: the workdir); ``how``: the checkpoint format and the like."""
+    (default: the workdir); ``how``: the checkpoint format and the like; ``memo``: the session's
+    uninterrupted runs (:func:`reference`), which do not depend on ``how``."""
     params = tiny_params(tiny_data)
     point = Point("early", "xxs", 8192, "45-45-10", 0)  # dense: no routing flips amplify rounding
     counts = {1: how, 2: {"sharding": "fsdp", **how}}
-    first, first_curve = _train(tiny_data, params, point, tmp_path / "a", before, env,
-                                **counts[before])  # fmt: skip
-    ref, ref_curve = _train(tiny_data, params, point, tmp_path / "b", after, env, **counts[after])
+    sharding = {1: {}, 2: {"sharding": "fsdp"}}
+    first, first_curve = reference(memo, tiny_data, point, tmp_path / "a", before,
+                                   **sharding[before])  # fmt: skip
+    ref, ref_curve = reference(memo, tiny_data, point, tmp_path / "b", after, **sharding[after])
     work = tmp_path / "work"
     ckpt = {"checkpoint_store": store or str(work)}
     _kill_midway(tiny_data, params, point, work, before, ref["point_id"], env, **counts[before],
@@ -172,8 +192,10 @@ def resumes_at_another_count(
         (1, 2, {"checkpoint_format": "sharded"}),
     ],
 )
-def test_a_checkpoint_resumes_at_another_process_count(tiny_data, tmp_path, before, after, how):
-    resumes_at_another_count(tiny_data, tmp_path, before, after, **how)
+def test_a_checkpoint_resumes_at_another_process_count(
+    tiny_data, tmp_path, uninterrupted, before, after, how
+):
+    resumes_at_another_count(tiny_data, tmp_path, uninterrupted, before, after, **how)
 
 
 def _same_curves(ref: list[dict], got: list[dict], first: float, rest: float) -> None:
@@ -191,7 +213,7 @@ def _same_curves(ref: list[dict], got: list[dict], first: float, rest: float) ->
 
 @pytest.mark.parametrize("arch", ["early", "late", "early-moe"])
 def test_fsdp_with_activation_checkpointing_trains_the_model_of_one_process(
-    tiny_data, tmp_path, arch
+    tiny_data, tmp_path, uninterrupted, arch
 ):
     """FSDP2 over 2 processes, each block recomputed in backward, against one plain process: a
     rank whose rows hold no image still runs the image path (late fusion's sharded encoder
@@ -200,7 +222,7 @@ def test_fsdp_with_activation_checkpointing_trains_the_model_of_one_process(
     step 14, 8e-3 at step 24, 2.3% at step 31; FSDP within 1.3e-3 of DDP at every step)."""
     params = tiny_params(tiny_data)
     point = Point(arch, "xxs", 4096, "45-45-10", 0)  # 16 steps of 4 rows: 2 rows per rank
-    one, curve1 = _train(tiny_data, params, point, tmp_path / "one", 1)
+    one, curve1 = reference(uninterrupted, tiny_data, point, tmp_path / "one", 1)
     fsdp, curve2 = _train(tiny_data, params, point, tmp_path / "fsdp", 2, sharding="fsdp",
                           activation_checkpointing=True)  # fmt: skip
     assert fsdp["point_id"] == one["point_id"]  # how it trains is not what it trains
