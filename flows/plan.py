@@ -120,14 +120,14 @@ def _parse(source: str, tries: int = 5) -> ast.Module:
     another thread's (a flow's, a library's) can fail with "AST constructor recursion depth
     mismatch". The lock keeps this module's parses apart; the depth is reset at each parse, so
     one that met a foreign parse is simply retried."""
-    for attempt in range(tries):
-        with _PARSE:
+    with _PARSE:
+        for _ in range(tries - 1):
             try:
                 return ast.parse(source)
             except SystemError as e:
-                if "recursion depth mismatch" not in str(e) or attempt == tries - 1:
+                if "recursion depth mismatch" not in str(e):
                     raise
-    raise AssertionError("unreachable")
+        return ast.parse(source)
 
 
 def source_digest(source: str) -> str:

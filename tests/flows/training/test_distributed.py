@@ -161,8 +161,8 @@ def resumes_at_another_count(
     uninterrupted runs (:func:`reference`), which do not depend on ``how``."""
     params = tiny_params(tiny_data)
     point = Point("early", "xxs", 8192, "45-45-10", 0)  # dense: no routing flips amplify rounding
-    counts = {1: how, 2: {"sharding": "fsdp", **how}}
     sharding = {1: {}, 2: {"sharding": "fsdp"}}
+    counts = {n: {**s, **how} for n, s in sharding.items()}
     first, first_curve = reference(memo, tiny_data, point, tmp_path / "a", before,
                                    **sharding[before])  # fmt: skip
     ref, ref_curve = reference(memo, tiny_data, point, tmp_path / "b", after, **sharding[after])
