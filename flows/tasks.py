@@ -20,14 +20,22 @@ from flows.supervise import train_process
 
 @task(name="train-point", task_run_name="{label}", cache_policy=NO_CACHE, retry_delay_seconds=2)
 def train_point_task(label: str, job: Job, recorder: Recorder, gpu: str | None) -> dict[str, Any]:
-    """Train one point in its own process (retried from its checkpoints if it crashes)."""
+    """Train one point in its own process (retried from its checkpoints if it crashes). A
+    point whose record says ok is returned as it is: a retry after the point ended starts no
+    process."""
     logger = get_run_logger()
     launch = recorder.launch
     ctx = TaskRunContext.get()
     attempt = ctx.task_run.run_count if ctx else 1
     t0 = time.monotonic()
-    recorder.start(job)
+    recorder.start(job)  # (its run, whoever trained the point: the record's end goes there)
     started = time.monotonic() - t0
+    ended = records.read_record(launch.results, job.point_id)
+    if records.is_done(ended):  # an earlier attempt trained it, then the task failed (e.g.
+        # Prefect's API did not take the task's end): its record is the result, no process
+        logger.warning("%s (%s): attempt %d: trained by an earlier attempt, not started again",
+                       label, job.point_id, attempt)  # fmt: skip
+        return {"record": ended, "system": {"mlflow_start_seconds": started}}
     where = f"GPU {gpu}" if gpu is not None else f"CPU, {launch.params.train.threads} thread(s)"
     if os.environ.get("NMM_WORKER"):  # a work pool's worker (flows/pool/)
         where += f", worker {os.environ['NMM_WORKER']}"

@@ -14,7 +14,7 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from flows import devices, records, supervise
+from flows import devices, records, supervise, tasks
 from flows.collect import collect
 from flows.config import Point, RunConfig, check_batch_split
 from flows.devices import device_slots
@@ -357,6 +357,36 @@ def test_a_nan_point_is_recorded_failed_and_the_others_finish(
     [run] = [r for r in points if r.data.tags["point_id"] == late]
     assert run.info.status == "FAILED" and run.data.tags["status"] == "failed"
     assert "non-finite" in run.data.tags["error"]
+
+
+def test_a_retry_after_the_point_ended_takes_its_record_and_starts_no_process(
+    prefect_server, tiny_data, tmp_path, mlflow_uri, monkeypatch
+):
+    """Prefect retries a task that raised anywhere, also after its point ended (its API did
+    not take the task's end, say): the retry takes the record, starts no process, and the
+    point's one run ends."""
+    ended: list[str] = []
+    train_process = tasks.train_process
+
+    def ends_then_fails(job, launch, gpu):
+        out = train_process(job, launch, gpu)
+        ended.append(job.point_id)
+        if len(ended) == 1:
+            raise RuntimeError("the task's end was not taken")
+        return out
+
+    monkeypatch.setattr(tasks, "train_process", ends_then_fails)
+    study = "retry-ended"
+    params = write_params(tmp_path / "params.yaml", grid={
+        "study": study, "archs": ["early"], "tokens": [2048], "retries": 1})  # fmt: skip
+    summary = run_grid(params, tiny_data, tmp_path / "results", mlflow_uri)
+    assert (summary["trained"], summary["ok"], summary["failed"]) == (1, 1, 0)
+    [pid] = ended  # one process: the retry started none
+    log = records.point_dir(tmp_path / "results", pid) / "train.log"
+    assert log.read_text().count("=== ") == 1
+    _, [run] = mlflow_runs(mlflow_uri, study)
+    assert run.info.status == "FINISHED" and run.data.tags["status"] == "ok"
+    assert run.info.run_id == by_id(tmp_path / "results" / "runs.parquet")[pid]["mlflow_run_id"]
 
 
 def _kill_training_when(

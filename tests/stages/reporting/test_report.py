@@ -69,12 +69,14 @@ def study(
     return runs
 
 
-def build(tmp_path, offsets, late_A, seeds=(0,), sizes=None):
+def build(tmp_path, offsets, late_A, seeds=(0,), sizes=None, plots=False):
+    """The study's fits and report. ``plots``: the fit stage's figures too (about a third of
+    the time; only the test that looks at figures asks for them)."""
     study(tmp_path, offsets, late_A, seeds, sizes)
     res = tmp_path / "results"
     fit = study_params({"fit": FIT}).fit
-    run_fit(res / "runs.parquet", res / "fits.json", fit, plots=res / "plots",
-            use_mlflow=False, plot_data=res / "plot_data")  # fmt: skip
+    run_fit(res / "runs.parquet", res / "fits.json", fit, plots=res / "plots" if plots else None,
+            use_mlflow=False, plot_data=res / "plot_data" if plots else None)  # fmt: skip
     shards = tmp_path / "shards"
     shards.mkdir()
     floors = {"caption": 0.16, "interleaved": 0.18, "text": 0.43}
@@ -98,7 +100,7 @@ REPRODUCE = {"early": 0.0, "late": 0.01, "discrete": 0.3, "early-moe": -0.05,
 def reproducing(tmp_path_factory):
     """The study built to reproduce every finding (its folder, built once for the file)."""
     root = tmp_path_factory.mktemp("reproduce")
-    build(root, REPRODUCE, late_A=450)
+    build(root, REPRODUCE, late_A=450, plots=True)
     return root
 
 
