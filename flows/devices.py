@@ -1,12 +1,22 @@
-"""Which device a point trains on, how many points run at once, and the peak FLOP/s for MFU.
+"""Which device a point trains on, how many points run at once, the CPU kernels it uses, and
+the peak FLOP/s for MFU.
 
 One place for device choice (``train.device``: ``auto`` takes a GPU when one is visible):
 :func:`choose_device` in the point process, :func:`device_slots` in the grid (one slot per GPU,
 or ``grid.workers`` CPU slots). torch is imported only when a device is chosen.
+
+**The same numbers on another CPU.** ATen, MKL and oneDNN pick their code paths by the CPU's
+instruction set: a machine with AVX-512 rounds differently from one with only AVX2, and a
+training run amplifies the rounding to about the run-to-run noise (docs/grid.md, "The same
+numbers on another machine"). The grid therefore starts every point process with the AVX2 paths
+pinned (:data:`CPU_KERNELS`, :func:`cpu_kernel_env`) on any x86 CPU that has AVX2, unless the
+user set those variables (theirs are kept); each record says which kernels ran
+(:func:`cpu_kernels`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -29,6 +39,43 @@ PEAK_FLOPS = {
 
 
 log = logging.getLogger(__name__)
+
+# The AVX2 code paths, set in every point process's environment where the CPU has AVX2: ATen's
+# vectorised kernels, MKL's BLAS in its conditional-numerical-reproducibility mode (one code path
+# whatever the processor), oneDNN. On an AVX-512 machine they replace the wider kernels. On the
+# AVX2 development machine ATen's and oneDNN's are what runs anyway, and dense points' losses
+# were the same to the last bit; MKL's default path there differed for the MoE experts'
+# products, so MoE points' losses moved (docs/grid.md, "The same numbers on another machine").
+CPU_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def cpu_kernel_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables of :data:`CPU_KERNELS` to add to a point process's environment: none that
+    ``environ`` (default: this process's) sets already, and none on a CPU without AVX2 (ARM,
+    older x86), where they do not apply."""
+    environ = os.environ if environ is None else environ
+    if _cpu_capability() not in ("AVX2", "AVX512"):
+        return {}
+    return {k: v for k, v in CPU_KERNELS.items() if k not in environ}
+
+
+@functools.cache
+def _cpu_capability() -> str:
+    """The widest kernels ATen can use on this CPU (``AVX512``, ``AVX2``, ``DEFAULT``, ...)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def cpu_kernels() -> str:
+    """The CPU kernels this process runs, for its record: ATen's capability and the MKL and
+    oneDNN settings (``AVX2 (MKL_CBWR=AVX2, ONEDNN_MAX_CPU_ISA=AVX2)``; ``native``: not set)."""
+    import torch
+
+    rest = ", ".join(
+        f"{k}={os.environ.get(k, 'native')}" for k in ("MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+    )
+    return f"{torch.backends.cpu.get_cpu_capability()} ({rest})"
 
 
 def torch_build() -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flows import records
+from flows.devices import cpu_kernel_env
 from flows.plan import Fingerprints, Job
 from flows.tracking import Tracker
 from model.archs import variant
@@ -83,6 +84,7 @@ class Launch:
     def env(self, gpu: str | None) -> dict[str, str]:
         threads = str(self.params.train.threads)
         env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        env.update(cpu_kernel_env(env))  # the same kernels on every x86 CPU (flows/devices.py)
         env["PYTHONUNBUFFERED"] = "1"
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu

@@ -66,6 +66,7 @@ COLUMNS: dict[str, pa.DataType] = {
     "tokens_per_s": FLOAT,
     "mfu": FLOAT,
     "device": STR,
+    "cpu_kernels": STR,  # the CPU code paths it ran (flows/devices.py: AVX2 pinned on x86)
     "processes": INT,  # processes that trained it (train.processes: torchrun ranks)
     "mlflow_run_id": STR,
 }

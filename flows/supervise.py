@@ -34,6 +34,7 @@ from typing import Any
 import psutil
 
 from flows import records
+from flows.devices import cpu_kernel_env
 from flows.launch import Launch
 from flows.plan import Job
 from stages.common.paths import ROOT
@@ -90,6 +91,9 @@ def _server(code: str) -> multiprocessing.context.BaseContext | None:
     if _started.setdefault("code", code) != code:
         return None
     ctx = multiprocessing.get_context("forkserver")
+    # the server starts with this process's environment and imports torch before any point's
+    # own environment applies: the CPU kernels are pinned in it first (flows/devices.py)
+    os.environ.update(cpu_kernel_env())
     # a child also runs this process's main module as __mp_main__ (multiprocessing's rule);
     # for ``python -m flows.grid`` that imports Prefect (~1.9 s per point) unless preloaded
     main = getattr(sys.modules["__main__"].__spec__, "name", None)

@@ -10,8 +10,9 @@ Layout (docs/grid.md):
   retried, resumed or re-launched point keeps its one run; tag ``nmm.launch``: the launch run
   that last trained it (flat, not nested: the UI folds nested runs under their parent).
   Params: its run config (flows/config.py: point, model, counts, schedule, optimizer, cadence)
-  and the fingerprints of its data, then ``record.device``; tags: arch, moe, size,
-  tokens, mixture, seed, point_id, group_id, code_fingerprint, git_revision, status (error);
+  and the fingerprints of its data, then ``record.device`` and ``record.cpu_kernels``; tags:
+  arch, moe, size, tokens, mixture, seed, point_id, group_id, code_fingerprint, git_revision,
+  status (error);
   metrics: the curves of ``metrics.jsonl`` (step = optimizer step), ``final/<field>`` from the
   record, and ``system/*`` samples of the point's process tree (CPU %, RSS; peak RSS and CPU
   seconds at the end), which the UI shows in its System metrics tab.
@@ -56,7 +57,8 @@ LOGGED_TAG = "nmm.logged_step"  # last metrics.jsonl step already in the run
 # Record fields that are tags or params rather than final metrics.
 TAG_FIELDS = ("arch", "moe", "size", "mixture", "seed", "point_id", "group_id", "status",
               "code_fingerprint", "git_revision")  # fmt: skip
-RECORD_PARAMS = ("device",)  # params known only once the point ran (the rest: its run config)
+# params known only once the point ran (the rest: its run config)
+RECORD_PARAMS = ("device", "cpu_kernels")
 RETRY_S = 10.0  # after a call found the server unreachable, the next try waits this long
 # what an HTTP call to an unreachable server raises (MLflow wraps the requests error in text)
 UNREACHABLE = ("Max retries exceeded", "Connection refused", "Failed to establish",

@@ -26,7 +26,7 @@ import torch
 
 from flows import records
 from flows.config import RunConfig
-from flows.devices import peak_flops
+from flows.devices import cpu_kernels, peak_flops
 from flows.plan import CODE, fingerprints, group_id, point_id
 from flows.training import dist
 from flows.training.branching import trunk
@@ -160,6 +160,7 @@ def _describe(run: Run, pid: str, gid: str) -> dict[str, Any]:
         "steps": s.steps,
         "branch_step": s.cooldown_start,
         "device": str(run.device),
+        "cpu_kernels": cpu_kernels(),
         "processes": dist.world(),
         **cfg.moe_fields(),
         **{f"loss_{k}": None for k in (*KINDS, "avg")},

@@ -253,6 +253,35 @@ def test_missing_inputs_stop_the_cli_naming_the_file_and_the_stage(tiny_data, tm
 # --------------------------------------------------------------------------- end to end
 
 
+def expected_kernels() -> str:
+    """What a point's record says of its CPU kernels when the grid started it here."""
+    if devices._cpu_capability() in ("AVX2", "AVX512"):  # x86 with AVX2: pinned
+        return "AVX2 (MKL_CBWR=AVX2, ONEDNN_MAX_CPU_ISA=AVX2)"
+    return f"{devices._cpu_capability()} (MKL_CBWR=native, ONEDNN_MAX_CPU_ISA=native)"
+
+
+def test_points_run_the_avx2_kernels_on_any_x86_cpu_unless_the_user_chose(monkeypatch, tmp_path):
+    """An AVX-512 machine's points get the AVX2 code paths (the ones an AVX2 machine runs); a
+    variable the user set is kept; a CPU without AVX2 gets none."""
+    for name in devices.CPU_KERNELS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(devices, "_cpu_capability", lambda: "AVX512")
+    assert devices.cpu_kernel_env() == devices.CPU_KERNELS
+    assert devices.cpu_kernel_env({"MKL_CBWR": "COMPATIBLE"}) == {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+    }
+    params = validate_params(grid_params(train={"device": "cpu"}))
+    launch = Launch(params, tmp_path, tmp_path, None, tmp_path, None, "rev", None)  # type: ignore[arg-type]
+    env = launch.env(None)
+    assert {k: env[k] for k in devices.CPU_KERNELS} == devices.CPU_KERNELS
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx512")  # the user's choice wins
+    assert launch.env(None)["ATEN_CPU_CAPABILITY"] == "avx512"
+    for other in ("DEFAULT", "SVE256", "NO AVX"):  # ARM, x86 without AVX2
+        monkeypatch.setattr(devices, "_cpu_capability", lambda other=other: other)
+        assert devices.cpu_kernel_env({}) == {}
+
+
 @pytest.fixture(scope="module")
 def reference(prefect_server, tiny_data, tmp_path_factory, mlflow_uri):
     """The 4-point tiny grid, trained once without interruption."""
@@ -277,6 +306,7 @@ def test_grid_trains_every_point_and_records_it(reference, mlflow_uri):
         assert r["D"] >= r["tokens_budget"] and r["N"] > 0 and r["C"] > 0 and r["loss_avg"] > 0
         rec = records.read_record(reference["root"] / "results", r["point_id"])
         assert rec["mlflow_run_id"] == r["mlflow_run_id"]
+        assert r["cpu_kernels"] == expected_kernels()  # (ATen's own answer, in the point)
     launches, points = mlflow_runs(mlflow_uri, "ci")
     assert len(launches) == 1 and launches[0].data.metrics["launch/trained"] == 4
     assert len(points) == 4
@@ -289,6 +319,7 @@ def test_grid_trains_every_point_and_records_it(reference, mlflow_uri):
         assert run.data.params["schedule.batch_rows"] == "4"
         assert run.data.params["schedule.steps"] == str(row["steps"])
         assert run.data.params["counts.N"] == str(row["N"])
+        assert run.data.params["record.cpu_kernels"] == row["cpu_kernels"]
         m = run.data.metrics
         assert m["final/loss_avg"] == row["loss_avg"]
         for key in ("train_loss", "lr", "val_avg", "val_text", "tokens_per_s", "mfu"):
@@ -306,7 +337,7 @@ def test_a_grid_of_two_process_points_runs_them_under_torchrun(reference, tiny_d
     assert (s["trained"], s["ok"]) == (2, 2)
     table = by_id(tmp_path / "results" / "runs.parquet")
     for pid, row in table.items():  # the same points (processes is not in the id) ...
-        assert row["processes"] == 2
+        assert row["processes"] == 2 and row["cpu_kernels"] == expected_kernels()
         one = reference["table"][pid]
         for k in ("loss_avg", "loss_caption", "loss_text"):  # ... the same model, to rounding
             assert row[k] == pytest.approx(one[k], rel=5e-3), k
