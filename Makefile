@@ -66,6 +66,7 @@ bench: install
 	$(BIN)/python bench/moe_speed.py
 	$(BIN)/python bench/shards_memory.py
 	$(BIN)/python bench/long_tail.py oracle
+	$(BIN)/python bench/cpu_kernels.py
 
 # The grid as a Prefect deployment, to start and schedule grids from the UI (docs/grid.md).
 # Needs a Prefect server: `.venv/bin/prefect server start --host 127.0.0.1` in another terminal.
