@@ -70,12 +70,9 @@ def _cpu_capability() -> str:
 def cpu_kernels() -> str:
     """The CPU kernels this process runs, for its record: ATen's capability and the MKL and
     oneDNN settings (``AVX2 (MKL_CBWR=AVX2, ONEDNN_MAX_CPU_ISA=AVX2)``; ``native``: not set)."""
-    import torch
-
-    rest = ", ".join(
-        f"{k}={os.environ.get(k, 'native')}" for k in ("MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
-    )
-    return f"{torch.backends.cpu.get_cpu_capability()} ({rest})"
+    libs = [k for k in CPU_KERNELS if k != "ATEN_CPU_CAPABILITY"]
+    rest = ", ".join(f"{k}={os.environ.get(k, 'native')}" for k in libs)
+    return f"{_cpu_capability()} ({rest})"
 
 
 def torch_build() -> str:
