@@ -58,12 +58,32 @@ def bootstrap(
     one that cannot identify the law (fewer than 5 distinct runs, a single N or D) is redrawn.
     Each refit starts from the full-data optimum and the ``fit.bootstrap_starts`` best-scored
     grid starts, every resample in one batch. Returns per quantity an array over resamples.
+    (A fit that has other refits from the same starts draws with :func:`bootstrap_resamples`,
+    refits them in the same batch and summarises with :func:`bootstrap_values`.)
     """
+    W = bootstrap_resamples(runs, fit, rng, desc)
+    thetas, _ = refit(FAMILIES[search.family], p, fit, W, search)
+    return bootstrap_values(runs, search, fit, W, thetas)
+
+
+def bootstrap_resamples(
+    runs: pd.DataFrame, fit: FitParams, rng: np.random.Generator, desc: str
+) -> np.ndarray:
+    """The bootstrap's ``fit.bootstrap`` resamples of the runs (k, n), each able to identify
+    the law (:func:`resamples`)."""
+    N, D = runs.N.to_numpy(float), runs.D.to_numpy(float)
+    return resamples(len(runs), fit.bootstrap, rng, lambda i: enough_points(N[i], D[i]) is None,
+                     desc)  # fmt: skip
+
+
+def bootstrap_values(
+    runs: pd.DataFrame, search: SearchResult, fit: FitParams, W: np.ndarray, thetas: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per quantity (the law's parameters and :data:`BOOT_KEYS`), its value at each resample
+    ``W[k]``'s refit ``thetas[k]``: an array over resamples."""
     N, D, C, L = (runs[c].to_numpy(float) for c in ("N", "D", "C", "loss"))
-    W = resamples(len(runs), fit.bootstrap, rng, lambda i: enough_points(N[i], D[i]) is None, desc)
     family = FAMILIES[search.family]
     full = Budget.of(N, D, C)  # every resample's N_opt at the same C: the full data's middle
-    thetas, _ = refit(family, p, fit, W, search)
     out: dict[str, list[float]] = {k: [] for k in (*search.law.as_dict(), *BOOT_KEYS)}
     for k, theta in enumerate(thetas):
         law = family.law(theta, search.log_floor)

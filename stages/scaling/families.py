@@ -65,8 +65,18 @@ def _lse(*terms: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     for t in terms[1:]:
         m = np.maximum(m, t)
     ex = [np.exp(t - m) for t in terms]
-    s = sum(ex)
+    s = ex[0]
+    for e in ex[1:]:
+        s = s + e
     return m + np.log(s), [e / s for e in ex]
+
+
+def _columns(*cols: np.ndarray) -> np.ndarray:
+    """np.stack(cols, axis=-1) of same-shaped (B, n) arrays, without its per-call overhead."""
+    out = np.empty((*cols[0].shape, len(cols)))
+    for i, c in enumerate(cols):
+        out[..., i] = c
+    return out
 
 
 # fit.init's list that seeds each coordinate (smooth_min's log N_c, log D_c take a's and b's)
@@ -117,8 +127,8 @@ class Paper(Family):
 
     def log_pred(self, theta, x, y, log_floor):
         a, b, e, al, be = (theta[:, i, None] for i in range(5))
-        lp, (w1, w2, w3) = _lse(a - al * x, b - be * y, np.broadcast_to(e, (len(theta), len(x))))
-        J = np.stack([w1, w2, w3, -w1 * x, -w2 * y], axis=-1)
+        lp, (w1, w2, w3) = _lse(a - al * x, b - be * y, e)
+        J = _columns(w1, w2, w3, -w1 * x, -w2 * y)
         return lp, J
 
     def law(self, theta, log_floor):
@@ -133,8 +143,8 @@ class Shared(Family):
 
     def log_pred(self, theta, x, y, log_floor):
         a, b, e, g = (theta[:, i, None] for i in range(4))
-        lp, (w1, w2, w3) = _lse(a - g * x, b - g * y, np.broadcast_to(e, (len(theta), len(x))))
-        return lp, np.stack([w1, w2, w3, -w1 * x - w2 * y], axis=-1)
+        lp, (w1, w2, w3) = _lse(a - g * x, b - g * y, e)
+        return lp, _columns(w1, w2, w3, -w1 * x - w2 * y)
 
     def law(self, theta, log_floor):
         a, b, e, g = (float(v) for v in theta)
@@ -151,7 +161,7 @@ class Floor(Family):
         a, b, al, be = (theta[:, i, None] for i in range(4))
         e = np.full((len(theta), len(x)), log_floor)
         lp, (w1, w2, _) = _lse(a - al * x, b - be * y, e)
-        return lp, np.stack([w1, w2, -w1 * x, -w2 * y], axis=-1)
+        return lp, _columns(w1, w2, -w1 * x, -w2 * y)
 
     def law(self, theta, log_floor):
         a, b, al, be = (float(v) for v in theta)
@@ -170,10 +180,9 @@ class SmoothMin(Family):
         safe = np.where(ok, be, 1.0)
         r = al / safe
         inner, (v1, v2) = _lse(r * (n - x), d - y)
-        lp, (wr, we) = _lse(safe * inner, np.broadcast_to(e, inner.shape))
-        J = np.stack(
-            [wr * al * v1, wr * safe * v2, we, wr * v1 * (n - x), wr * (inner - r * v1 * (n - x))],
-            axis=-1,
+        lp, (wr, we) = _lse(safe * inner, e)
+        J = _columns(
+            wr * al * v1, wr * safe * v2, we, wr * v1 * (n - x), wr * (inner - r * v1 * (n - x))
         )
         lp = np.where(ok, lp, np.inf)  # beta <= 0: not a law of this family
         return lp, J

@@ -33,7 +33,13 @@ import pandas as pd
 
 from stages.params import FitParams
 from stages.scaling import predictive
-from stages.scaling.bootstrap import basins, bootstrap, interval, refit_bootstraps
+from stages.scaling.bootstrap import (
+    basins,
+    bootstrap_resamples,
+    bootstrap_values,
+    interval,
+    refit_bootstraps,
+)
 from stages.scaling.choice import choose, nanmean
 from stages.scaling.families import FAMILIES, Points
 from stages.scaling.law import (
@@ -271,13 +277,24 @@ def _fit_one_family(
     pred_loso = np.full(len(N), np.nan)
     folds = [s for s in sizes if enough_points(N[s != N], D[s != N]) is None and len(sizes) > 2]
     loso_thetas = {}
-    if folds:
-        W = np.array([(s != N).astype(float) for s in folds])
-        thetas, _ = refit(family, p, fit, W, search)
-        for s, theta in zip(folds, thetas, strict=True):
-            pred_loso[s == N] = family.law(theta, log_floor).loss(N[s == N], D[s == N])
-            loso_thetas[float(s)] = theta
-    boot = bootstrap(runs, p, search, fit, rng, f"bootstrap {key} {name}") if fit.bootstrap else {}
+    # the leave-one-size-out refits and the bootstrap's, from the same starts: one batch
+    W_loso = np.array([(s != N).astype(float) for s in folds]).reshape(len(folds), len(N))
+    W_boot = (
+        bootstrap_resamples(runs, fit, rng, f"bootstrap {key} {name}")
+        if fit.bootstrap
+        else np.empty((0, len(N)))
+    )
+    thetas = (
+        refit(family, p, fit, np.vstack([W_loso, W_boot]), search)[0]
+        if len(W_loso) + len(W_boot)
+        else np.empty((0, len(search.theta)))
+    )
+    for s, theta in zip(folds, thetas[: len(folds)], strict=True):
+        pred_loso[s == N] = family.law(theta, log_floor).loss(N[s == N], D[s == N])
+        loso_thetas[float(s)] = theta
+    boot = (
+        bootstrap_values(runs, search, fit, W_boot, thetas[len(folds) :]) if fit.bootstrap else {}
+    )
     return FamilyFit(name, law, search, exponents(law, budget, fit), law.loss(N, D),
                      pred_holdout, pred_loso, holdout_law, boot,
                      searches[1].theta if len(searches) > 1 else None, loso_thetas)  # fmt: skip

@@ -72,7 +72,8 @@ def minimize_batched(
             if todo.size == 0:
                 break
             t[todo] *= 0.5
-        failed = np.isin(np.arange(idx.size), todo)  # no acceptable step: stop there
+        failed = np.zeros(idx.size, bool)  # no acceptable step: stop there
+        failed[todo] = True
         moved = ~failed
         mi = idx[moved]
         s = t[moved, None] * d[moved]

@@ -31,7 +31,7 @@ from stages.scaling.optimize import minimize_batched
 def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
     """Huber_delta(r) and its derivative clip(r, -delta, delta): c (r - c/2) is 0.5 r^2 inside
     [-delta, delta] and delta (|r| - delta/2) outside."""
-    c = np.clip(r, -delta, delta)
+    c = np.minimum(np.maximum(r, -delta), delta)  # np.clip's values, without its wrapper
     return c * (r - 0.5 * c), c
 
 
