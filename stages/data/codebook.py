@@ -288,7 +288,7 @@ def look_information(
     looks whose codes the noise changes. ``{"skipped": reason}`` when a cell is not a whole number
     of patches.
     """
-    from stages.data.synthetic import render
+    from stages.data.synthetic import render_many
     from stages.data.world import world
 
     S, p = w.image_size, codebook.patch_size
@@ -308,7 +308,7 @@ def look_information(
             ranks = first[s : s + 4 * batch] + 1
             scenes = [tuple((c, int(r)) for c, r in enumerate(ranks[i : i + 4]))
                       for i in range(0, len(ranks), 4)]  # fmt: skip
-            imgs = np.stack([render(sc, W, rng) for sc in scenes])  # (B, S, S, 3)
+            imgs = render_many(scenes, W, rng)  # (B, S, S, 3)
             ids = codebook.encode(torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous())
             ids = ids.reshape(len(scenes), side, side).numpy()
             for i, sc in enumerate(scenes):

@@ -161,3 +161,25 @@ def test_look_information_is_zero_when_every_patch_is_a_code_and_all_when_one_co
     ] == pytest.approx(1)
     few = look_information(VisualCodebook(every.codes[:: max(1, len(every.codes) // 6)], 8), w, 0)
     assert 0 < few["share_lost"] < 1 and 1 < few["code_tuples"] < len(looks)
+
+
+@pytest.mark.parametrize("visual_bits", [16, 5])
+def test_the_look_census_draws_the_images_render_draws(visual_bits):
+    """render_many (the census's batched drawing) gives render's bytes scene by scene, with the
+    world's pixel noise drawn in the same order, for full scenes and a scene with empty cells,
+    and with fewer visible bits than blocks (the neutral shade)."""
+    from stages.data.synthetic import render, render_many
+    from stages.data.world import world
+
+    w = study_params({"corpus": {"synthetic": {"visual_bits": visual_bits}}}).corpus.synthetic
+    W = world(w, 3)
+    _, first = np.unique(W.looks, return_index=True)
+    ranks = [int(r) + 1 for r in first[:40]]
+    scenes = [tuple(enumerate(ranks[i : i + 4])) for i in range(0, 40, 4)]
+    scenes += [((1, ranks[0]), (3, ranks[5])), ()]
+    assert w.noise > 0
+    for seed in (None, 11):
+        rng = [None if seed is None else np.random.default_rng(seed) for _ in range(2)]
+        want = np.stack([render(s, W, rng[0]) for s in scenes])
+        got = render_many(scenes, W, rng[1])
+        assert got.dtype == np.uint8 and np.array_equal(got, want), seed
