@@ -32,6 +32,7 @@ by role (name, attribute, value, template) and by how frequent the entity is.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -248,54 +249,43 @@ def render(scene: Scene, W: World, rng: np.random.Generator | None) -> np.ndarra
     colour and shows its visible code bits as a 4 x 4 grid of dark (0) and light (1) blocks
     (blocks past ``visual_bits`` are a neutral shade). ``rng`` adds pixel noise (``noise``, std
     on the 0-255 scale); ``None`` draws the canonical image."""
-    S = W.w.image_size
-    cell, img = S // 2, np.full((S, S, 3), BACKGROUND, dtype=np.float32)
-    margin = cell // 8
-    block = (cell - 2 * margin) // BLOCK_GRID
-    for c, r in scene:
-        y0, x0 = (c // 2) * cell, (c % 2) * cell
-        color = np.array(COLORS[W.colors[W.klass(r)]], dtype=np.float32)
-        img[y0 : y0 + cell, x0 : x0 + cell] = color
-        bits = W.look_bits(r)
-        for b in range(BLOCK_GRID * BLOCK_GRID):
-            shade = (0.3, 1.0)[bits[b]] if b < len(bits) else 0.65
-            by, bx = y0 + margin + (b // BLOCK_GRID) * block, x0 + margin + (b % BLOCK_GRID) * block
-            img[by : by + block, bx : bx + block] = color * shade
-    if rng is not None and W.w.noise > 0:
-        img += rng.normal(0.0, W.w.noise, img.shape)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return render_many([scene], W, rng)[0]
 
 
-def render_many(scenes: list[Scene], W: World, rng: np.random.Generator | None) -> np.ndarray:
-    """``np.stack([render(s, W, rng) for s in scenes])``, the same bytes (the same float32
-    arithmetic, the noise drawn in the same order), in a few array operations instead of ~70
-    per scene: the codebook's look census draws 10^4-10^5 scenes."""
-    S = W.w.image_size
-    cell = S // 2
-    margin = cell // 8
+@functools.cache
+def _cell_blocks(cell: int) -> np.ndarray:
+    """Which block each pixel of a ``cell`` x ``cell`` image cell shows (BLOCK_GRID^2: none,
+    the cell's colour): blocks inside a margin of cell // 8."""
+    n, margin = BLOCK_GRID * BLOCK_GRID, cell // 8
     block = (cell - 2 * margin) // BLOCK_GRID
-    n = BLOCK_GRID * BLOCK_GRID
-    # which block each pixel of a cell shows (n: none, the cell's colour)
     blk = np.full((cell, cell), n)
     for b in range(n):
         by, bx = margin + (b // BLOCK_GRID) * block, margin + (b % BLOCK_GRID) * block
         blk[by : by + block, bx : bx + block] = b
-    vb = W.w.visual_bits
+    return blk
+
+
+def render_many(scenes: Sequence[Scene], W: World, rng: np.random.Generator | None) -> np.ndarray:
+    """:func:`render` of every scene, (B, S, S, 3): the noise drawn scene after scene as B
+    separate calls would draw it, each cell's pixels in a few array operations (the codebook's
+    look census draws 10^4-10^5 scenes)."""
+    S, vb, n = W.w.image_size, W.w.visual_bits, BLOCK_GRID * BLOCK_GRID
+    cell = S // 2
+    blk = _cell_blocks(cell)
     palette = np.array([COLORS[name] for name in W.colors], dtype=np.float32)
     img = np.full((len(scenes), S, S, 3), BACKGROUND, dtype=np.float32)
-    for c in range(4):
+    msb_first = np.arange(vb - 1, -1, -1)  # the visible bits' order, as World.look_bits
+    for c in sorted({c for sc in scenes for c, _ in sc}):
         drawn = [(i, r) for i, sc in enumerate(scenes) for cc, r in sc if cc == c]
-        if not drawn:
-            continue
         idx = np.array([i for i, _ in drawn])
         look = W.looks[np.array([r for _, r in drawn]) - 1]  # class << vb | visible code bits
-        color = palette[look >> vb]
         shade = np.ones((len(drawn), n + 1), dtype=np.float32)  # (the cell's colour: x 1)
         shade[:, vb:n] = np.float32(0.65)
-        for b in range(vb):  # most significant first, as World.look_bits
-            shade[:, b] = np.where((look >> (vb - 1 - b)) & 1, np.float32(1.0), np.float32(0.3))
+        shade[:, :vb] = np.where((look[:, None] >> msb_first) & 1, np.float32(1.0), np.float32(0.3))
         y0, x0 = (c // 2) * cell, (c % 2) * cell
-        img[idx, y0 : y0 + cell, x0 : x0 + cell] = color[:, None, None, :] * shade[:, blk, None]
+        img[idx, y0 : y0 + cell, x0 : x0 + cell] = (
+            palette[look >> vb][:, None, None, :] * shade[:, blk, None]
+        )
     if rng is not None and W.w.noise > 0:
         img += rng.normal(0.0, W.w.noise, img.shape)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)

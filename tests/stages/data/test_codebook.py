@@ -163,11 +163,36 @@ def test_look_information_is_zero_when_every_patch_is_a_code_and_all_when_one_co
     assert 0 < few["share_lost"] < 1 and 1 < few["code_tuples"] < len(looks)
 
 
+def _reference_render(scene, W, rng) -> np.ndarray:
+    """The drawing as first written, block by block: the bytes render must keep (the corpus's
+    images, and so every shard and point id, depend on them)."""
+    from stages.data.synthetic import BACKGROUND
+    from stages.data.world import BLOCK_GRID, COLORS
+
+    S = W.w.image_size
+    cell, img = S // 2, np.full((S, S, 3), BACKGROUND, dtype=np.float32)
+    margin = cell // 8
+    block = (cell - 2 * margin) // BLOCK_GRID
+    for c, r in scene:
+        y0, x0 = (c // 2) * cell, (c % 2) * cell
+        color = np.array(COLORS[W.colors[W.klass(r)]], dtype=np.float32)
+        img[y0 : y0 + cell, x0 : x0 + cell] = color
+        bits = W.look_bits(r)
+        for b in range(BLOCK_GRID * BLOCK_GRID):
+            shade = (0.3, 1.0)[bits[b]] if b < len(bits) else 0.65
+            by, bx = y0 + margin + (b // BLOCK_GRID) * block, x0 + margin + (b % BLOCK_GRID) * block
+            img[by : by + block, bx : bx + block] = color * shade
+    if rng is not None and W.w.noise > 0:
+        img += rng.normal(0.0, W.w.noise, img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
 @pytest.mark.parametrize("visual_bits", [16, 5])
 def test_the_look_census_draws_the_images_render_draws(visual_bits):
-    """render_many (the census's batched drawing) gives render's bytes scene by scene, with the
-    world's pixel noise drawn in the same order, for full scenes and a scene with empty cells,
-    and with fewer visible bits than blocks (the neutral shade)."""
+    """render_many (the census's batched drawing) and render (the corpus's, one scene) give the
+    block-by-block drawing's bytes scene by scene, with the world's pixel noise drawn in the same
+    order, for full scenes and scenes with empty cells, and with fewer visible bits than blocks
+    (the neutral shade)."""
     from stages.data.synthetic import render, render_many
     from stages.data.world import world
 
@@ -179,7 +204,9 @@ def test_the_look_census_draws_the_images_render_draws(visual_bits):
     scenes += [((1, ranks[0]), (3, ranks[5])), ()]
     assert w.noise > 0
     for seed in (None, 11):
-        rng = [None if seed is None else np.random.default_rng(seed) for _ in range(2)]
-        want = np.stack([render(s, W, rng[0]) for s in scenes])
+        rng = [None if seed is None else np.random.default_rng(seed) for _ in range(3)]
+        want = np.stack([_reference_render(s, W, rng[0]) for s in scenes])
         got = render_many(scenes, W, rng[1])
         assert got.dtype == np.uint8 and np.array_equal(got, want), seed
+        one = np.stack([render(s, W, rng[2]) for s in scenes])
+        assert np.array_equal(one, want), seed
