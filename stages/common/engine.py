@@ -12,7 +12,10 @@ writes and reports depends neither on the engine nor on the number of workers.
   (``max_retries``), as is one that failed with an ``OSError`` (a storage hiccup); a task
   rewrites the same outputs, so a retry loses and duplicates nothing. The cluster's nodes need
   this repository at the same path (as a shared checkout or image): its modules are found
-  through ``PYTHONPATH``; object-storage credentials come from each node's environment.
+  through ``PYTHONPATH``; object-storage credentials come from each node's environment. A task
+  runs in the stage's working directory (the repository under ``dvc repro``), so a relative
+  path means what it means to the stage, not to the directory its node was started from; a
+  node without that directory fails the task with :class:`WorkdirMissing`, never a retry.
 """
 
 from __future__ import annotations
@@ -31,6 +34,25 @@ R = TypeVar("R")
 ENGINES = ("local", "ray")
 RAY_RETRIES = 3  # runs of a task whose worker died or that raised an OSError
 log = logging.getLogger(__name__)
+
+
+class WorkdirMissing(RuntimeError):
+    """A Ray node lacks the stage's working directory (not an OSError: never retried)."""
+
+
+def _in_dir(cwd: str, fn: Callable[..., R], *args: Any) -> R:
+    """``fn(*args)`` in ``cwd`` (a Ray task: the driver's working directory, on any node)."""
+    if not os.path.isdir(cwd):
+        import socket
+
+        raise WorkdirMissing(
+            f"node {socket.gethostname()} has no directory {cwd}, where the stage runs: the "
+            "Ray engine runs each task there, so that relative paths mean the stage's files; "
+            "run the stage from a directory every node has at the same path (the repository, "
+            "as dvc repro does)"
+        )
+    os.chdir(cwd)
+    return fn(*args)
 
 
 def run_tasks(
@@ -65,8 +87,10 @@ def _ray(fn: Callable[..., R], tasks: Sequence[tuple], address: str | None, desc
     ray.init(address=address or "auto", runtime_env={"env_vars": env}, log_to_driver=False,
              logging_level=logging.WARNING)  # fmt: skip
     try:
-        remote = ray.remote(max_retries=RAY_RETRIES, retry_exceptions=[OSError])(fn)
-        refs = [remote.remote(*t) for t in tasks]
+        remote = ray.remote(max_retries=RAY_RETRIES, retry_exceptions=[OSError])(_in_dir)
+        remote = remote.options(name=getattr(fn, "__name__", "task"))  # (its process title)
+        cwd = os.getcwd()
+        refs = [remote.remote(cwd, fn, *t) for t in tasks]
         index = {ref: i for i, ref in enumerate(refs)}
         out: list[Any] = [None] * len(refs)
         pending = list(refs)
