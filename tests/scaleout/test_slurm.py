@@ -16,7 +16,7 @@ import pytest
 from flows.config import Point
 from flows.ui import free_port
 from stages.common.paths import ROOT
-from tests.flows.training.test_distributed import ENV, _train, same_as_one_process
+from tests.flows.training.test_distributed import ENV, reference, same_as_one_process
 from tests.flows.training.test_point import config, tiny_params
 
 pytestmark = [pytest.mark.scaleout, pytest.mark.slow]
@@ -28,10 +28,12 @@ def slurm_env(slurm, **extra: str) -> dict[str, str]:
     return dict(ENV, PATH=path, **slurm.env, **extra)
 
 
-def test_a_two_task_srun_point_trains_the_model_of_one_process(slurm, tiny_data, tmp_path):
+def test_a_two_task_srun_point_trains_the_model_of_one_process(
+    slurm, tiny_data, tmp_path, uninterrupted
+):
     params = tiny_params(tiny_data)
     point = Point("early", "xxs", 4096, "45-45-10", 0)
-    one, curve1 = _train(tiny_data, params, point, tmp_path / "one", 1)
+    one, curve1 = reference(uninterrupted, tiny_data, point, tmp_path / "one", 1)
     work = tmp_path / "srun"
     work.mkdir()
     cfg = work / "config.json"

@@ -233,13 +233,13 @@ def test_fsdp_with_activation_checkpointing_trains_the_model_of_one_process(
         assert fsdp[k] == pytest.approx(one[k], rel=rest), k
 
 
-def test_four_passes_of_one_row_are_one_batch_of_four(tiny_data, tmp_path):
+def test_four_passes_of_one_row_are_one_batch_of_four(tiny_data, tmp_path, uninterrupted):
     """Gradient accumulation: ``micro_batch_rows: 1`` (4 forward/backward passes a step, one
     optimizer step) against the 4-row batch in one pass, in one process; and under DDP over 2
     processes (2 passes each, the all-reduce after the last)."""
     params = tiny_params(tiny_data)
     point = Point("early", "xxs", 4096, "45-45-10", 0)
-    one, curve1 = _train(tiny_data, params, point, tmp_path / "one", 1)
+    one, curve1 = reference(uninterrupted, tiny_data, point, tmp_path / "one", 1)
     acc, curve2 = _train(tiny_data, params, point, tmp_path / "acc", 1, micro_batch_rows=1)
     _same_curves(curve1, curve2, 1e-6, 5e-3)
     ddp, curve3 = _train(tiny_data, params, point, tmp_path / "ddp", 2, micro_batch_rows=1)
@@ -266,7 +266,9 @@ def same_as_one_process(work: Path, one: dict, curve1: list[dict]) -> None:
         assert rec[k] == pytest.approx(one[k], rel=5e-3), k
 
 
-def test_two_nodes_meeting_by_c10d_rendezvous_train_the_model_of_one_process(tiny_data, tmp_path):
+def test_two_nodes_meeting_by_c10d_rendezvous_train_the_model_of_one_process(
+    tiny_data, tmp_path, uninterrupted
+):
     """Two "nodes" on loopback, one process each, started as on a cluster: the same command on
     each (flows/launch.py ``torchrun``: c10d rendezvous at one endpoint, the point's id as the
     run id), FSDP2 over both, one shared workdir. They train the one-process model (as two
@@ -274,7 +276,7 @@ def test_two_nodes_meeting_by_c10d_rendezvous_train_the_model_of_one_process(tin
     ``processes`` is refused before any work."""
     params = tiny_params(tiny_data)
     point = Point("early", "xxs", 4096, "45-45-10", 0)
-    one, curve1 = _train(tiny_data, params, point, tmp_path / "one", 1)
+    one, curve1 = reference(uninterrupted, tiny_data, point, tmp_path / "one", 1)
     work = tmp_path / "nodes"
     nodes = {"nodes": 2, "endpoint": f"127.0.0.1:{_free_port()}", "run_id": one["point_id"]}
     cmd = _cmd(tiny_data, params, point, work, 2, nodes=nodes, sharding="fsdp")
