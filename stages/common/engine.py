@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, TypeVar
@@ -43,8 +44,6 @@ class WorkdirMissing(RuntimeError):
 def _in_dir(cwd: str, fn: Callable[..., R], *args: Any) -> R:
     """``fn(*args)`` in ``cwd`` (a Ray task: the driver's working directory, on any node)."""
     if not os.path.isdir(cwd):
-        import socket
-
         raise WorkdirMissing(
             f"node {socket.gethostname()} has no directory {cwd}, where the stage runs: the "
             "Ray engine runs each task there, so that relative paths mean the stage's files; "
