@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
              str(port), "--backend-store-uri", args.tracking_uri,
              "--default-artifact-root", args.artifacts, "--workers", "1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),  # no job runner
         )  # fmt: skip
         browser = subprocess.Popen(
             [chromium, "--headless=new", "--no-sandbox", "--disable-gpu",

@@ -35,7 +35,8 @@ def _mlflow_server(port: int, store: Path, log: Path) -> subprocess.Popen:
          "--default-artifact-root", (store / "artifacts").as_uri(), "--host", HOST,
          "--port", str(port), "--workers", "1"],
         cwd=ROOT, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
-        env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"),
+        # no job runner (huey consumers): the grid submits no MLflow jobs, as flows/ui.py
+        env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
     )  # fmt: skip
     wait_http(f"http://{HOST}:{port}/health", 180, proc)
     return proc
