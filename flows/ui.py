@@ -52,6 +52,8 @@ from stages.common.processes import die_with_parent, stop_on_signals
 
 HOST = "127.0.0.1"
 AUTH_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING")
+# an MLflow server here runs no job runner (its 7 huey consumer processes): no MLflow jobs are used
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def free_port() -> int:
@@ -120,7 +122,7 @@ class Servers:
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
             PREFECT_UI_API_URL=self.prefect_api,
             MLFLOW_TRACKING_URI=self.mlflow_url,
-            MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+            **MLFLOW_SERVER_ENV,
         )
         return env
 

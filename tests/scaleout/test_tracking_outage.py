@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from flows import records
-from flows.ui import HOST, free_port, wait_http
+from flows.ui import HOST, MLFLOW_SERVER_ENV, free_port, wait_http
 from stages.common.paths import ROOT
 from tests.flows.conftest import write_params
 
@@ -35,8 +35,7 @@ def _mlflow_server(port: int, store: Path, log: Path) -> subprocess.Popen:
          "--default-artifact-root", (store / "artifacts").as_uri(), "--host", HOST,
          "--port", str(port), "--workers", "1"],
         cwd=ROOT, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
-        # no job runner (huey consumers): the grid submits no MLflow jobs, as flows/ui.py
-        env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+        env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", **MLFLOW_SERVER_ENV),
     )  # fmt: skip
     wait_http(f"http://{HOST}:{port}/health", 180, proc)
     return proc
