@@ -17,6 +17,7 @@ from scipy.optimize import minimize
 from stages.common.stage import run_per_kind
 from stages.fit import main
 from stages.params import FitStarts, study_params
+from stages.scaling import optimize
 from stages.scaling.families import FAMILIES, Points
 from stages.scaling.fit import fit_target
 from stages.scaling.law import Law, SmoothMinLaw, below_floor
@@ -101,6 +102,38 @@ def test_batched_bfgs_lands_where_scipy_does():
         r = minimize(one, x0[k], jac=True, method="L-BFGS-B",
                      options={"maxiter": 1000, "ftol": 1e-12})  # fmt: skip
         assert f[k] <= r.fun * (1 + 1e-5) + 1e-12, (k, f[k], r.fun)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_backtracking_several_halvings_at_once_takes_the_steps_of_one_at_a_time(name, monkeypatch):
+    """The line search tries HALVINGS steps per evaluation; one at a time (HALVINGS = 1, the
+    textbook loop) must give the same points, objectives and iteration counts to the bit, on
+    the starts and bootstrap weightings of a real fit (where about half the iterations
+    backtrack, some of them many times)."""
+    law, floor = TRUE[name]
+    runs = study(law, noise=0.01)
+    p = Points.of(runs.N, runs.D, runs.loss)
+    rng = np.random.default_rng(1)
+    W = rng.multinomial(len(runs), np.full(len(runs), 1 / len(runs)), size=4).astype(float)
+    fam = FAMILIES[name]
+    obj = Objective(fam, p, W, 1e-3, np.log(floor) if fam.needs_floor else None)
+    grid = fam.grid(FIT)
+    x0 = fam.shift(grid[rng.choice(len(grid), 48, replace=False)], *obj.mu, -1.0)
+    owner = np.repeat(np.arange(4), 12)
+    runs_of = {}
+    for h in (1, 8):
+        monkeypatch.setattr(optimize, "HALVINGS", h)
+        calls = []
+
+        def fg(th, rows, calls=calls):
+            calls.append(len(rows))
+            return obj.fg(th, owner[rows])
+
+        runs_of[h] = (minimize_batched(fg, x0), len(calls))
+    (one, n_one), (eight, n_eight) = runs_of[1], runs_of[8]
+    for a, b in zip(one, eight, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert n_eight < n_one  # fewer evaluations for the same steps
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
