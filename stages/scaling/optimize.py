@@ -79,8 +79,8 @@ def minimize_batched(
         failed = np.flatnonzero(~ok)
         if failed.size:  # the next halvings, HALVINGS at a time, in one evaluation
             f_new, g_new = np.where(ok, f_new, np.inf), np.where(ok[:, None], g_new, 0.0)
-            for first in range(1, 41, HALVINGS):
-                k = np.arange(first, min(first + HALVINGS, 41))  # at most 40 halvings
+            for k0 in range(1, 41, HALVINGS):
+                k = np.arange(k0, min(k0 + HALVINGS, 41))  # halvings k0.., at most 40 in all
                 tk = np.tile(np.ldexp(1.0, -k), failed.size)  # 2^-k: the halvings' own steps
                 rep = np.repeat(failed, k.size)
                 ft, gt = fg(xa[rep] + tk[:, None] * d[rep], idx[rep])
