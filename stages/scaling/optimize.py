@@ -44,9 +44,10 @@ def minimize_batched(
     ``rows`` (indices into the batch) at points ``x`` (len(rows), P).
 
     The problems still running are kept compacted (their rows ``idx`` of the batch, in order),
-    and an iteration where every step is accepted at once, the usual case, indexes nothing: the
-    same arithmetic per problem as indexing the whole batch every time, with a fraction of the
-    calls (most iterations of a fit are a few long-running problems of a small batch).
+    so an iteration copies no rows of finished problems, and one where every full step is
+    accepted, the usual case, updates the state in place: the same arithmetic per problem as
+    indexing the whole batch every time, in fewer calls (most iterations of a fit are a few
+    long-running problems of a small batch).
     """
     x = np.array(x0, dtype=float)
     B, P = x.shape
