@@ -17,13 +17,18 @@ twice. Then, from the runs alone:
   per-run noise is its sd / sqrt(2). A size step is the relative loss drop from one size to the
   next at the same budget and seed; their median against the noise says whether N shows.
 
-Prints the tables and writes ``isoflop.json``, ``runs.csv`` and ``isoflop.png`` under ``--out``.
+Prints the tables and writes ``isoflop.json``, ``runs.csv`` and ``isoflop.png`` under ``--out``,
+and, with two seeds or more, the noise (stages/reporting/health.py ``seed_noise``: run, step
+and gain-change noise) with every run's point id to ``--noise-out`` (bench/isoflop_noise.json,
+committed). The report stage shows that noise when the study's grid has one seed and some of
+these runs are points of the study (the same ids: the same data, recipe and code): at
+``--scale 1`` (the default) the corpus is the study's, so the early-fusion points at the study's
+sizes and budgets, seed 0, are the study's own.
 
     python bench/isoflop.py [--sizes w16d4 xxs xs s] [--tokens 150000 ... 2400000]
-                            [--seeds 0 1] [--scale 4] [--analyse]
+                            [--seeds 0 1] [--scale 1] [--analyse]
 
-``--analyse`` re-reads the runs of an earlier call (no training). The defaults train 40 points:
-~14 min on the 2-core machine (data ~2.5 min).
+``--analyse`` re-reads the runs of an earlier call (no training). The defaults train 40 points.
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +49,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.long_tail import grid, prepare  # noqa: E402
+from stages.common.provenance import git_revision  # noqa: E402
 from stages.data.shard_format import text_floors  # noqa: E402
 from stages.params import study_params  # noqa: E402
+from stages.reporting.health import seed_noise  # noqa: E402
 from stages.scaling.fit import fit_table  # noqa: E402
 from stages.scaling.runs import load_runs  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "isoflop"
+NOISE_OUT = ROOT / "bench" / "isoflop_noise.json"
 SIZES = ["w16d4", "xxs", "xs", "s"]  # widths 16, 32, 48, 64: N 15k .. 208k
 TOKENS = [150_000, 300_000, 600_000, 1_200_000, 2_400_000]
 
@@ -219,14 +230,53 @@ def plot(runs: pd.DataFrame, mean: pd.DataFrame, on_mean: list, path: Path) -> N
     fig.savefig(path, dpi=110)
 
 
+def machine() -> str:
+    """This machine's CPU model and core count (the noise file says where it was measured)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def noise_record(runs: pd.DataFrame, args: argparse.Namespace) -> dict:
+    """What the report reads (stages/reporting/health.py ``bench_noise``): the noise of these
+    runs, their point ids, and where and by which code they were measured."""
+    revs = sorted(set(runs.get("git_revision", pd.Series(dtype=str)).dropna().astype(str)))
+    cols = ["point_id", "size", "N", "tokens_budget", "seed", "loss_avg"]
+    return {
+        "bench": "bench/isoflop.py",
+        "arch": "early",
+        "sizes": list(args.sizes),
+        "tokens": [int(t) for t in args.tokens],
+        "seeds": [int(s) for s in args.seeds],
+        "scale": args.scale,
+        "machine": machine(),
+        "git_revision": ", ".join(revs) or str(git_revision()),
+        "measured": time.strftime("%Y-%m-%d"),
+        "noise": seed_noise(runs),
+        "runs": [
+            {k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()}
+            for r in runs.loc[runs.status == "ok", cols].to_dict("records")
+        ],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", nargs="+", default=SIZES)
     ap.add_argument("--tokens", nargs="+", type=int, default=TOKENS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    ap.add_argument("--scale", type=float, default=4.0, help="corpus size x the default's")
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="corpus size x the default's (1: the study's own world)")  # fmt: skip
     ap.add_argument("--analyse", action="store_true", help="the runs of an earlier call only")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--noise-out", type=Path, default=NOISE_OUT,
+                    help="the noise and point ids the report reads (two seeds or more)")  # fmt: skip
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     over = {
@@ -244,6 +294,13 @@ def main() -> None:
     result = analyse(runs, shards, args.out)
     (args.out / "isoflop.json").write_text(json.dumps(result, indent=1, default=float))
     print(f"\nwrote {args.out / 'isoflop.json'}, {args.out / 'isoflop.png'}")
+    if runs.seed.nunique() >= 2:
+        rec = noise_record(runs, args)
+        args.noise_out.write_text(json.dumps(rec, indent=1) + "\n")
+        n = rec["noise"]
+        print(f"wrote {args.noise_out}: run noise {n['run_sd']:.2%}, step noise "
+              f"{n['step_sd']:.2%}, gain-change noise {n['gain_change_sd']:.2%} "
+              f"({n['points']} points at {n['seeds_min']} seeds)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -15,11 +15,13 @@ figures and their data) and points (results/points: loss curves, MoE routing), i
   here by rules fixed in stages/reporting/findings.py, with the numbers behind the verdict and
   its reason (results/report/findings.json);
 - whether the grid is past the optimisation transient and each arch's law holds out of sample
-  (stages/reporting/health.py; results/report/health.json).
+  (stages/reporting/health.py; results/report/health.json), against the run-to-run noise: the
+  grid's own where it has two seeds, else ``--noise`` (bench/isoflop.py's, measured at two
+  seeds) when that bench trained points of this study (the same ids: data, recipe and code).
 
 The HTML (results/report.html) has the figures inline, so it can be mailed or opened anywhere.
 The library is stages/reporting/ (evidence, findings, figures, the document and its template).
-``python -m stages.report [--results results] [--shards data/shards]``
+``python -m stages.report [--results results] [--shards data/shards] [--noise FILE]``
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def run_report(
     results: str | Path = "results",
     shards: str | Path = "data/shards",
     codebook: str | Path | None = "data/codebook/report.json",
+    noise: str | Path | None = None,
 ) -> Path:
     results, shards = Path(results), Path(shards)
     runs, fits = load_inputs(results)
@@ -86,13 +89,13 @@ def run_report(
     info = cb.get("information") or {}
     found = findings(runs, fits, info if "share_lost" in info else None)
     value = text_floors(shards, "image_value_nats_per_token")
-    health = health_tables(runs, fits, floor)
+    health = health_tables(runs, fits, floor, noise)
     md = render_markdown(results, runs, fits, floor, found, figures, why, eq, value, health,
                          load_sparsity(results), info)  # fmt: skip
     (results / "report.md").write_text(md)
     (results / "report.html").write_text(to_html(md, results))
     (out / "findings.json").write_text(json.dumps([f.__dict__ for f in found], indent=1))
-    keep = ("transient", "laws", "noise")
+    keep = ("transient", "laws", "noise", "bench_noise")
     (out / "health.json").write_text(json.dumps({k: health[k] for k in keep}, indent=1))
     tr = health["transient"]
     log.info("past the transient: %s (loss falls in %.1f%% of adjacent pairs, gains shrink in "
@@ -111,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", default="data/shards", help="for the entropy floor (info.json)")
     ap.add_argument("--codebook", default="data/codebook/report.json",
                     help="the codebook stage's report: the information its codes lose")  # fmt: skip
+    ap.add_argument("--noise", default="bench/isoflop_noise.json",
+                    help="bench/isoflop.py's two-seed noise, shown when the grid has one seed "
+                         "and the bench ran this study's points")  # fmt: skip
     args = ap.parse_args(argv)
-    run_report(args.results, args.shards, args.codebook)
+    run_report(args.results, args.shards, args.codebook, args.noise)
     return 0
 
 

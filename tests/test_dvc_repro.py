@@ -119,6 +119,8 @@ def test_dvc_repro_in_a_fresh_checkout_runs_every_stage_then_nothing(tmp_path):
     paper = fits["early/avg"]["families"]["paper"]  # Table 2 compares the paper's form
     assert f"| early/avg | this study | {paper['E']:.4g}" in report
     assert "report/figures/loss_vs_compute.png" in report
+    # the committed bench noise is the default study's (its point ids), not this tiny grid's
+    assert "`bench/isoflop_noise.json` holds a bench's" in report and "measured it" not in report
     assert (repo / "results/report.html").stat().st_size > 50_000  # figures inline
     run([*dvc, "plots", "show", "-o", "dvc_plots"], repo, env)
     html = (repo / "dvc_plots/index.html").read_text()

@@ -10,7 +10,9 @@ report and to ``results/report/health.json``.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,8 +25,10 @@ R2_MIN, HELDOUT_MAX, EXPONENTS = 0.98, 0.02, (0.1, 1.0)
 
 def transient(runs: pd.DataFrame, loss: str = "loss_avg") -> dict[str, Any]:
     """Per arch: adjacent (size or budget) pairs in which ``loss`` falls, consecutive budget
-    triples at each size whose gain per step shrinks, and the pairs and triples that fail."""
-    per_arch, fails = {}, []
+    triples at each size whose gain per step shrinks, and the pairs and triples that fail, each
+    with its margin (``fail_margins``: a pair's relative rise, a triple's gain growth over its middle
+    loss; what :func:`bench_noise` weighs against a noise measured elsewhere)."""
+    per_arch, fails, margins = {}, [], []
     tot = dict.fromkeys(("n_pairs", "n_falling", "d_pairs", "d_falling", "triples", "dec"), 0)
     for arch, r in runs[runs.status == "ok"].groupby("arch", sort=False):
         t = r.pivot_table(index="N", columns="tokens_budget", values=loss, aggfunc="mean")
@@ -38,6 +42,7 @@ def transient(runs: pd.DataFrame, loss: str = "loss_avg") -> dict[str, Any]:
                 c["n_falling"] += l1 < l0
                 if not l1 < l0:
                     fails.append(f"{arch}: {size[n0]}→{size[n1]} at D {D:,} ({l0:.4f}→{l1:.4f})")
+                    margins.append(("pair", (l1 - l0) / l0))
         for N, row in t.iterrows():  # D one step up at fixed N
             row = row.dropna()
             vals = list(row.items())
@@ -46,12 +51,14 @@ def transient(runs: pd.DataFrame, loss: str = "loss_avg") -> dict[str, Any]:
                 c["d_falling"] += l1 < l0
                 if not l1 < l0:
                     fails.append(f"{arch}: {size[N]} at D {d0:,}→{d1:,} ({l0:.4f}→{l1:.4f})")
+                    margins.append(("pair", (l1 - l0) / l0))
             for (_, l0), (_, l1), (d2, l2) in zip(vals, vals[1:], vals[2:], strict=False):
                 c["triples"] += 1
                 c["dec"] += (l1 - l2) < (l0 - l1)
                 if not (l1 - l2) < (l0 - l1):
                     fails.append(f"{arch}: {size[N]} gains {l0 - l1:.4f} then {l1 - l2:.4f} "
                                  f"up to D {d2:,} (accelerating)")  # fmt: skip
+                    margins.append(("triple", ((l1 - l2) - (l0 - l1)) / l1))
         per_arch[str(arch)] = c
         for k in tot:
             tot[k] += c[k]
@@ -64,6 +71,7 @@ def transient(runs: pd.DataFrame, loss: str = "loss_avg") -> dict[str, Any]:
         "decelerating_share": dec,
         "past_transient": falling >= FALLING_MIN and dec >= DECELERATING_MIN,
         "fails": fails,
+        "fail_margins": [{"kind": k, "margin": float(v)} for k, v in margins],
     }
 
 
@@ -78,7 +86,11 @@ def seed_noise(runs: pd.DataFrame, loss: str = "loss_avg", z: float = 2.0) -> di
     deviation of a step across seeds, ``size_step`` and ``budget_step`` the median step (the
     relative drop, averaged over seeds), and of the steps whose mean does not fall
     (``not_falling``), ``within_noise`` are within ``z`` standard errors of zero (noise-sized,
-    not necessarily the transient). ``points`` 0: one seed everywhere, nothing measured.
+    not necessarily the transient). The same for consecutive budget triples at a size, whose
+    gain should shrink: ``gain_change_sd`` is the pooled standard deviation across seeds of the
+    gain's change, (first gain − second gain) / middle loss, and of the triples whose mean
+    accelerates (``accelerating``), ``accelerating_within_noise`` are within ``z`` standard
+    errors of no change. ``points`` 0: one seed everywhere, nothing measured.
     """
     ok = runs[runs.status == "ok"]
     ok = ok.assign(seed=ok.get("seed", 0))
@@ -95,6 +107,7 @@ def seed_noise(runs: pd.DataFrame, loss: str = "loss_avg", z: float = 2.0) -> di
     dof = multi["count"] - 1
     sd = math.sqrt(float((dof * multi["var"] / multi["mean"] ** 2).sum() / dof.sum()))
     steps: list[tuple[str, np.ndarray]] = []  # (axis, the relative drop at each seed)
+    triples: list[np.ndarray] = []  # the gain's change at each seed (> 0: it shrinks)
     for _, r in ok.groupby(by, sort=False):
         for axis, index, cols in (("N", "N", "tokens_budget"), ("D", "tokens_budget", "N")):
             t = r.pivot_table(index=index, columns=[cols, "seed"], values=loss, aggfunc="mean")
@@ -105,12 +118,27 @@ def seed_noise(runs: pd.DataFrame, loss: str = "loss_avg", z: float = 2.0) -> di
                     drop = ((sub.loc[i0] - sub.loc[i1]) / sub.loc[i0]).dropna().to_numpy()
                     if drop.size:
                         steps.append((axis, drop))
-    paired = [d for _, d in steps if d.size >= 2]
-    ss = sum(float(((d - d.mean()) ** 2).sum()) for d in paired)
-    step_sd = math.sqrt(ss / sum(d.size - 1 for d in paired)) if paired else None
+                if axis == "D":
+                    for i0, i1, i2 in zip(sub.index, sub.index[1:], sub.index[2:], strict=False):
+                        l0, l1, l2 = sub.loc[i0], sub.loc[i1], sub.loc[i2]
+                        change = (((l0 - l1) - (l1 - l2)) / l1).dropna().to_numpy()
+                        if change.size:
+                            triples.append(change)
+
+    def pooled(arrays: list[np.ndarray]) -> float | None:
+        paired = [d for d in arrays if d.size >= 2]
+        if not paired:
+            return None
+        ss = sum(float(((d - d.mean()) ** 2).sum()) for d in paired)
+        return math.sqrt(ss / sum(d.size - 1 for d in paired))
+
+    def within(arrays: list[np.ndarray], sd: float | None) -> int:
+        return sum(sd is not None and -d.mean() <= z * sd / math.sqrt(d.size) for d in arrays)
+
+    step_sd = pooled([d for _, d in steps])
+    gain_sd = pooled(triples)
     fails = [d for _, d in steps if d.mean() <= 0]
-    within = sum(step_sd is not None and -d.mean() <= z * step_sd / math.sqrt(d.size)
-                 for d in fails)  # fmt: skip
+    accel = [d for d in triples if d.mean() <= 0]
 
     def median(axis: str) -> float | None:
         m = [float(d.mean()) for a, d in steps if a == axis]
@@ -122,9 +150,75 @@ def seed_noise(runs: pd.DataFrame, loss: str = "loss_avg", z: float = 2.0) -> di
         "size_step": median("N"),
         "budget_step": median("D"),
         "not_falling": len(fails),
-        "within_noise": int(within),
+        "within_noise": int(within(fails, step_sd)),
+        "gain_change_sd": gain_sd,
+        "accelerating": len(accel),
+        "accelerating_within_noise": int(within(accel, gain_sd)),
         "z": z,
     }
+
+
+def median_steps(runs: pd.DataFrame, loss: str = "loss_avg") -> dict[str, float | None]:
+    """The median relative drop of ``loss`` one size up at fixed budget (``size_step``) and one
+    budget up at fixed size (``budget_step``), seed by seed, over every arch and mixture."""
+    ok = runs[runs.status == "ok"]
+    ok = ok.assign(seed=ok.get("seed", 0))
+    by = ["arch", "seed"] + (["mixture"] if "mixture" in ok else [])
+    out: dict[str, list[float]] = {"size_step": [], "budget_step": []}
+    for _, r in ok.groupby(by, sort=False):
+        for key, index, cols in (("size_step", "N", "tokens_budget"),
+                                 ("budget_step", "tokens_budget", "N")):  # fmt: skip
+            t = r.pivot_table(index=index, columns=cols, values=loss, aggfunc="mean").sort_index()
+            for c in t.columns:
+                col = t[c].dropna()
+                out[key] += (
+                    (col.to_numpy()[:-1] - col.to_numpy()[1:]) / col.to_numpy()[:-1]
+                ).tolist()
+    return {k: float(np.median(v)) if v else None for k, v in out.items()}
+
+
+def bench_noise(
+    path: str | Path | None, runs: pd.DataFrame, transient_: dict[str, Any], z: float = 2.0
+) -> dict[str, Any]:
+    """The run-to-run noise a bench measured at two seeds (``path``: the file
+    ``bench/isoflop.py`` writes), for a study whose grid has one seed, and whether it belongs to
+    this study: ``status`` ``current`` when some of its runs are points of this study (a point's
+    id hashes its data, recipe and the code that trained it, so the bench ran this code on these
+    data), ``other`` when none is (it is then not used), ``missing`` without the file. When
+    current: this study's median size and budget steps against the bench's step noise, and how
+    many of this study's failed transient checks (``transient_``'s ``fail_margins``) are within
+    ``z`` of it (a pair's rise against ``step_sd``, a triple's gain growth against
+    ``gain_change_sd``: one run per point, so one standard deviation is its standard error)."""
+    if path is None or not Path(path).exists():
+        return {"status": "missing", "path": str(path) if path else None}
+    m = json.loads(Path(path).read_text())
+    ours = set(runs.loc[runs.status == "ok", "point_id"]) if "point_id" in runs else set()
+    shared = sorted({r["point_id"] for r in m["runs"]} & ours)
+    out = {"path": str(path), "status": "current" if shared else "other", "shared": len(shared),
+           "runs": len(m["runs"]), **{k: m.get(k) for k in BENCH_KEYS}}  # fmt: skip
+    if not shared:
+        return out
+    noise = m["noise"]
+    steps = median_steps(runs)
+    step_sd, gain_sd = noise.get("step_sd"), noise.get("gain_change_sd")
+    pairs = [f["margin"] for f in transient_.get("fail_margins", []) if f["kind"] == "pair"]
+    trip = [f["margin"] for f in transient_.get("fail_margins", []) if f["kind"] == "triple"]
+    return out | {
+        "noise": noise,
+        **steps,
+        "size_step_over_noise": (
+            steps["size_step"] / step_sd if steps["size_step"] is not None and step_sd else None
+        ),  # fmt: skip
+        "not_falling": len(pairs),
+        "not_falling_within_noise": sum(step_sd is not None and x <= z * step_sd for x in pairs),
+        "accelerating": len(trip),
+        "accelerating_within_noise": sum(gain_sd is not None and x <= z * gain_sd for x in trip),
+        "z": z,
+    }
+
+
+# what a bench's noise file says of itself, shown beside its numbers
+BENCH_KEYS = ("bench", "arch", "sizes", "tokens", "seeds", "machine", "git_revision", "measured")
 
 
 def law_checks(fits: dict, floor: dict[str, float], target: str = "avg") -> list[dict[str, Any]]:
@@ -170,9 +264,13 @@ def _ge(a: Any, b: Any) -> bool:
     return a is not None and b is not None and np.isfinite([a, b]).all() and a >= b
 
 
-def health_tables(runs: pd.DataFrame, fits: dict, floor: dict[str, float]) -> dict[str, Any]:
-    """The report's two tables and the JSON behind them."""
+def health_tables(
+    runs: pd.DataFrame, fits: dict, floor: dict[str, float], noise_file: str | Path | None = None
+) -> dict[str, Any]:
+    """The report's two tables and the JSON behind them; ``noise_file``: a bench's two-seed
+    noise, weighed only when the grid has one seed and the bench ran this study's points."""
     tr = transient(runs)
+    noise = seed_noise(runs)
     rows = []
     for arch, c in tr["per_arch"].items():
         rows.append([arch, f"{c['n_falling']}/{c['n_pairs']}", f"{c['d_falling']}/{c['d_pairs']}",
@@ -200,7 +298,8 @@ def health_tables(runs: pd.DataFrame, fits: dict, floor: dict[str, float]) -> di
     return {
         "transient": tr,
         "laws": checks,
-        "noise": seed_noise(runs),
+        "noise": noise,
+        "bench_noise": None if noise["points"] else bench_noise(noise_file, runs, tr),
         "transient_falling_min": FALLING_MIN,
         "transient_dec_min": DECELERATING_MIN,
         "transient_table": {

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from stages.reporting.health import law_checks, seed_noise, transient
+from stages.reporting.health import bench_noise, law_checks, seed_noise, transient
 
 SIZES = {"xxs": 5e4, "xs": 1e5, "s": 2e5}
 BUDGETS = [75_000, 150_000, 300_000, 600_000]
@@ -104,3 +106,70 @@ def test_steps_are_taken_seed_by_seed_when_a_seed_moves_every_point_together():
     assert noise["run_sd"] == pytest.approx(0.03, rel=0.05)
     assert noise["step_sd"] == pytest.approx(0.0, abs=1e-12)
     assert noise["not_falling"] == 0
+
+
+def _law(n, d):
+    return 0.4 + 30 / n**0.5 + 200 / d**0.5
+
+
+def _grown(l0: float, l1: float, change: float) -> float:
+    """The third loss of a budget triple whose gain changes by ``change`` of its middle loss:
+    ((l0 - l1) - (l1 - l2)) / l1 == change (negative: the gain grows)."""
+    return l1 - (l0 - l1) + change * l1
+
+
+def _planted() -> dict:
+    """The power law with two budget triples whose gain grows: xxs by 0.1% of its middle loss
+    (noise-sized below), s by 5% (far above)."""
+    loss = {(n, d): _law(n, d) for n in SIZES.values() for d in BUDGETS}
+    xxs, s = SIZES["xxs"], SIZES["s"]
+    loss[xxs, 300_000] = _grown(loss[xxs, 75_000], loss[xxs, 150_000], -0.001)
+    loss[s, 600_000] = _grown(loss[s, 150_000], loss[s, 300_000], -0.05)
+    return loss
+
+
+def test_a_triple_whose_gain_grows_is_weighed_against_the_gain_change_noise():
+    """Two seeds whose runs differ by +-0.1% per point (antithetic: their mean is the planted
+    grid): the gain's change varies by a few tenths of a percent between seeds, the 0.1%
+    growth is within two standard errors of none, the 5% one is not; a seed that moves every
+    point together changes no gain."""
+    loss, rng = _planted(), np.random.default_rng(0)
+    eps = {k: 0.001 * rng.standard_normal() for k in loss}
+    runs = pd.concat(_runs(lambda n, d, sign=sign: loss[n, d] * (1 + sign * eps[n, d]))
+                     .assign(seed=i) for i, sign in enumerate((1, -1)))  # fmt: skip
+    noise = seed_noise(runs)
+    assert noise["accelerating"] == 2
+    assert noise["accelerating_within_noise"] == 1
+    assert 0.001 < noise["gain_change_sd"] < 0.01
+    shifted = pd.concat(_runs(lambda n, d, k=k: loss[n, d] * (1 - 0.03 * k)).assign(seed=k)
+                        for k in range(3))  # fmt: skip
+    assert seed_noise(shifted)["gain_change_sd"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_benchs_noise_weighs_a_one_seed_grid_only_when_it_ran_the_grids_points(tmp_path):
+    """bench_noise: this grid's failed checks against a bench's noise when the bench's runs
+    include points of this grid (the same ids); another grid's noise is named and not used."""
+    loss = _planted()
+    study = _runs(lambda n, d: loss[n, d]).assign(seed=0)
+    study["point_id"] = [f"p{i}" for i in range(len(study))]
+    tr = transient(study)
+    margins = sorted(f["margin"] for f in tr["fail_margins"] if f["kind"] == "triple")
+    assert margins == pytest.approx([0.001, 0.05])
+    noise = {"step_sd": 0.004, "gain_change_sd": 0.003, "run_sd": 0.005}
+    bench = {"bench": "bench/isoflop.py", "arch": "early", "sizes": list(SIZES), "seeds": [0, 1],
+             "noise": noise, "runs": [{"point_id": "p0"}, {"point_id": "p0-seed1"}]}  # fmt: skip
+    path = tmp_path / "noise.json"
+    path.write_text(json.dumps(bench))
+    got = bench_noise(path, study, tr)
+    assert (got["status"], got["shared"], got["runs"]) == ("current", 1, 2)
+    assert (got["accelerating"], got["accelerating_within_noise"]) == (2, 1)  # 0.1% <= 2 x 0.3%
+    assert got["size_step_over_noise"] == pytest.approx(got["size_step"] / 0.004)
+    steps = [(_law(a, d) - _law(b, d)) / _law(a, d) for d in BUDGETS
+             for a, b in zip(SIZES.values(), list(SIZES.values())[1:], strict=False)]  # fmt: skip
+    assert got["size_step"] == pytest.approx(np.median(steps), abs=0.01)
+
+    bench["runs"] = [{"point_id": "q0"}]  # none of this grid's points: other code or data
+    path.write_text(json.dumps(bench))
+    got = bench_noise(path, study, tr)
+    assert (got["status"], got["shared"]) == ("other", 0) and "noise" not in got
+    assert bench_noise(tmp_path / "absent.json", study, tr)["status"] == "missing"

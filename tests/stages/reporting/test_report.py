@@ -83,7 +83,9 @@ def build(tmp_path, offsets, late_A, seeds=(0,), sizes=None, plots=False):
     info = {"totals": {f"val/{k}": {"floor_nats_per_token": v} for k, v in floors.items()}}
     (shards / "info.json").write_text(json.dumps(info))
     cb = tmp_path / "codebook.json"  # the codebook stage's report: none unless a test writes it
-    assert main(["--results", str(res), "--shards", str(shards), "--codebook", str(cb)]) == 0
+    noise = tmp_path / "noise.json"  # a bench's two-seed noise: none unless a test writes it
+    assert main(["--results", str(res), "--shards", str(shards), "--codebook", str(cb),
+                 "--noise", str(noise)]) == 0  # fmt: skip
     return res
 
 
@@ -170,7 +172,8 @@ def test_discrete_is_not_testable_when_the_codebook_keeps_what_the_images_show(
         info = {"bits_per_look": 4.5, "bits_lost": 4.5 * share, "share_lost": share,
                 "looks": 1024, "code_tuples": 900, "mass_shared": 0.1}  # fmt: skip
         (tmp_path / "codebook.json").write_text(json.dumps({"information": info}))
-        args = ["--shards", str(tmp_path / "shards"), "--codebook", str(tmp_path / "codebook.json")]
+        args = ["--shards", str(tmp_path / "shards"), "--codebook", str(tmp_path / "codebook.json"),
+                "--noise", str(tmp_path / "noise.json")]  # fmt: skip
         assert main(["--results", str(res), *args]) == 0
         assert verdicts(res)["Discrete visual"] == want, share
         found = json.loads((res / "report" / "findings.json").read_text())
@@ -263,3 +266,52 @@ def test_several_mixtures_give_the_table_3_comparison(tmp_path):
     assert [r[1] for r in table["rows"]] == ["20-40-40", "45-45-10"]  # by caption share
     assert table["rows"][0][-1] == "1.836 / 0.582 / 0.423"  # the paper's row beside ours
     assert mixture_exponents(entries, tmp_path).stat().st_size > 5000
+
+
+def test_a_one_seed_grid_shows_the_benchs_noise_only_when_the_bench_ran_its_points(
+    reproducing, tmp_path
+):
+    """bench/isoflop.py's noise file (its writer, ``noise_record``): shown with this grid's size
+    step against it when some of its runs are this study's points (the same ids), refused as
+    another study's when none is, and the plain sentence without the file."""
+    from argparse import Namespace
+
+    from bench.isoflop import noise_record
+    from stages.reporting.health import median_steps
+
+    shutil.copytree(reproducing, tmp_path, dirs_exist_ok=True)
+    res = tmp_path / "results"
+    runs = pd.read_parquet(res / "runs.parquet")
+    early = runs[runs.arch == "early"].assign(git_revision="abc")
+    rng = np.random.default_rng(1)
+    again = early.assign(seed=1, point_id=early.point_id.str.replace("-s0", "-s1"),
+                         loss_avg=early.loss_avg * (1 + rng.normal(0, 0.01, len(early))))  # fmt: skip
+    bench = pd.concat([early, again], ignore_index=True)
+    args = Namespace(sizes=list(SIZES), tokens=TOKENS, seeds=[0, 1], scale=1.0)
+    rec = noise_record(bench, args)
+    assert len(rec["runs"]) == 2 * len(early) and rec["git_revision"] == "abc"
+    noise = rec["noise"]
+    assert noise["points"] == len(early) and 0 < noise["step_sd"] < 0.05
+    path = tmp_path / "noise.json"
+    base = ["--results", str(res), "--shards", str(tmp_path / "shards"), "--noise", str(path)]
+
+    path.write_text(json.dumps(rec))
+    assert main(base) == 0
+    md = (res / "report.md").read_text()
+    health = json.loads((res / "report" / "health.json").read_text())["bench_noise"]
+    assert (health["status"], health["shared"], health["runs"]) == ("current", len(early), 24)
+    ratio = median_steps(runs)["size_step"] / noise["step_sd"]
+    assert health["size_step_over_noise"] == pytest.approx(ratio)
+    assert "`bench/isoflop.py` measured it" in md and f"**{ratio:.1f}×** the step" in md
+    assert f"by {100 * noise['step_sd']:.2f}%" in md and "not measured by this grid" in md
+
+    other = {**rec, "runs": [{**r, "point_id": r["point_id"] + "-other"} for r in rec["runs"]]}
+    path.write_text(json.dumps(other))  # measured by other code or data: other point ids
+    assert main(base) == 0
+    md = (res / "report.md").read_text()
+    assert "not shown as this study's" in md and "measured it" not in md
+
+    path.unlink()
+    assert main(base) == 0
+    md = (res / "report.md").read_text()
+    assert "every point has one seed (`grid.seeds: [0, 1]` measures it" in md
