@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from flows.config import Point, RunConfig, schedule
+from flows.devices import cpu_kernel_env
 from flows.plan import fingerprints, point_id
 from flows.train import main as train_main
 from flows.training.checkpoints import Slot, Store
@@ -153,14 +154,34 @@ def _config_file(tiny_data, params, point: Point, path) -> str:
     return str(path)
 
 
+def _point_process(tiny_data, params, tmp_path, workdir: str) -> list[str]:
+    """The command that trains the 4096-token early point in a process of its own."""
+    point = Point("early", "xxs", 4096, "45-45-10", 0)
+    return [sys.executable, "-m", "flows.train",
+            "--config", _config_file(tiny_data, params, point, tmp_path / "config.json"),
+            "--shards", str(tiny_data.shards), "--workdir", str(tmp_path / workdir)]  # fmt: skip
+
+
+def _kernels() -> dict[str, str]:
+    """The environment of every point process a kill test compares: the grid's pinned CPU
+    kernels (flows/devices.py), for the uninterrupted run as for the killed one. A reference
+    trained in the test's own process would run the kernels that process loaded, pinned or
+    not (an earlier test's grid pins os.environ for its children), and on an AVX-512 machine
+    the two give other numbers."""
+    return dict(os.environ, **cpu_kernel_env())
+
+
+def _finish(cmd: list[str]) -> tuple[dict, subprocess.CompletedProcess]:
+    """Run the point process to its end; its record (the last line it prints) and its output."""
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=_kernels())
+    return json.loads(out.stdout.strip().splitlines()[-1]), out
+
+
 def _kill_once_written(tiny_data, params, tmp_path, pattern: str, count: int = 1):
     """Start the 4096-token early point in its own process and SIGKILL it once ``count`` files
     matching ``pattern`` exist in its workdir; returns the command (to rerun) and the workdir."""
-    point = Point("early", "xxs", 4096, "45-45-10", 0)
-    cmd = [sys.executable, "-m", "flows.train",
-           "--config", _config_file(tiny_data, params, point, tmp_path / "config.json"),
-           "--shards", str(tiny_data.shards), "--workdir", str(tmp_path / "killed")]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cmd = _point_process(tiny_data, params, tmp_path, "killed")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_kernels())
     deadline = time.time() + 120
     work = tmp_path / "killed"
     while time.time() < deadline and len(list(work.glob(pattern))) < count:
@@ -174,11 +195,10 @@ def _kill_once_written(tiny_data, params, tmp_path, pattern: str, count: int = 1
 @pytest.mark.slow
 def test_kill_9_then_rerun_gives_the_same_metrics(tiny_data, tmp_path):
     params = tiny_params(tiny_data, checkpoint_every_steps=1)
-    ref = _train(tiny_data, params, tmp_path / "ref", 4096)
+    ref, _ = _finish(_point_process(tiny_data, params, tmp_path, "ref"))
     cmd, work = _kill_once_written(tiny_data, params, tmp_path, "groups/*/trunk-latest@*.pt")
     assert not list(work.glob("points/*/record.json"))  # it really died before the end
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    rec, _ = _finish(cmd)
     for k in LOSSES:
         assert rec[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-7), k
 
@@ -196,14 +216,13 @@ def test_a_truncated_checkpoint_is_set_aside_and_the_one_before_resumes(tiny_dat
     (``.corrupt``, kept), the point resumes from the checkpoint before it and ends with the
     uninterrupted numbers."""
     params = tiny_params(tiny_data, checkpoint_every_steps=1)
-    ref = _train(tiny_data, params, tmp_path / "ref", 4096)
+    ref, _ = _finish(_point_process(tiny_data, params, tmp_path, "ref"))
     cmd, work = _kill_once_written(tiny_data, params, tmp_path, "points/*/latest@*.pt", count=2)
     assert not list(work.glob("points/*/record.json"))  # it really died before the end
     [pdir] = work.glob("points/*")
     damaged = pdir / newest_version(pdir, "latest").name  # what a resume would read: half of it
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    rec, out = _finish(cmd)
     for k in LOSSES:
         assert rec[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-7), k
     assert damaged.with_name(damaged.name + ".corrupt").exists()  # set aside, kept
