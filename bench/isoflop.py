@@ -18,9 +18,9 @@ twice. Then, from the runs alone:
   next at the same budget and seed; their median against the noise says whether N shows.
 
 Prints the tables and writes ``isoflop.json``, ``runs.csv`` and ``isoflop.png`` under ``--out``,
-and, with two seeds or more, the noise (stages/reporting/health.py ``seed_noise``: run, step
-and gain-change noise) with every run's point id to ``--noise-out`` (bench/isoflop_noise.json,
-committed). The report stage shows that noise when the study's grid has one seed and some of
+and, with two seeds or more, the noise (stages/reporting/health.py ``seed_noise``: run, size
+step, budget step and gain-change noise) with every run's point id and where and when they were
+trained to ``--noise-out`` (bench/isoflop_noise.json, committed). The report stage shows that noise when the study's grid has one seed and some of
 these runs are points of the study (the same ids: the same data, recipe and code): at
 ``--scale 1`` (the default) the corpus is the study's, so the early-fusion points at the study's
 sizes and budgets, seed 0, are the study's own.
@@ -49,7 +49,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.long_tail import grid, prepare  # noqa: E402
-from stages.common.provenance import git_revision  # noqa: E402
 from stages.data.shard_format import text_floors  # noqa: E402
 from stages.params import study_params  # noqa: E402
 from stages.reporting.health import seed_noise  # noqa: E402
@@ -243,25 +242,47 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def noise_record(runs: pd.DataFrame, args: argparse.Namespace) -> dict:
+def trained_where(out: Path, runs: pd.DataFrame, noise_out: Path, analyse: bool,
+                  scale: float) -> dict:  # fmt: skip
+    """Where and when these runs were trained, and on which corpus scale: this machine and today
+    when this call trained them (kept in ``out``/trained.json for a later ``--analyse``); under
+    ``--analyse``, that file, else the noise file already written for exactly these runs, else
+    unknown (None): a re-analysis never stamps old runs with this machine or date."""
+    path = out / "trained.json"
+    if not analyse:
+        rec = {"machine": machine(), "measured": time.strftime("%Y-%m-%d"), "scale": scale}
+        path.write_text(json.dumps(rec) + "\n")
+        return rec
+    if path.exists():
+        return json.loads(path.read_text())
+    if noise_out.exists():
+        prev = json.loads(noise_out.read_text())
+        if {r["point_id"] for r in prev.get("runs", [])} == set(runs.point_id):
+            return {k: prev.get(k) for k in ("machine", "measured", "scale")}
+    return {"machine": None, "measured": None, "scale": None}
+
+
+def noise_record(runs: pd.DataFrame, where: dict) -> dict:
     """What the report reads (stages/reporting/health.py ``bench_noise``): the noise of these
-    runs, their point ids, and where and by which code they were measured."""
-    revs = sorted(set(runs.get("git_revision", pd.Series(dtype=str)).dropna().astype(str)))
+    runs, their point ids, the sizes, budgets and seeds they span, and where (``where``: see
+    :func:`trained_where`) and by which code they were trained."""
+    ok = runs[runs.status == "ok"]
+    revs = sorted(set(ok.get("git_revision", pd.Series(dtype=str)).dropna().astype(str)))
     cols = ["point_id", "size", "N", "tokens_budget", "seed", "loss_avg"]
     return {
         "bench": "bench/isoflop.py",
-        "arch": "early",
-        "sizes": list(args.sizes),
-        "tokens": [int(t) for t in args.tokens],
-        "seeds": [int(s) for s in args.seeds],
-        "scale": args.scale,
-        "machine": machine(),
-        "git_revision": ", ".join(revs) or str(git_revision()),
-        "measured": time.strftime("%Y-%m-%d"),
-        "noise": seed_noise(runs),
+        "arch": ", ".join(sorted(set(ok.arch))),
+        "sizes": list(ok.sort_values("N")["size"].drop_duplicates()),
+        "tokens": sorted(int(t) for t in set(ok.tokens_budget)),
+        "seeds": sorted(int(s) for s in set(ok.seed)),
+        "scale": where.get("scale"),
+        "machine": where.get("machine"),
+        "git_revision": ", ".join(revs) or None,
+        "measured": where.get("measured"),
+        "noise": seed_noise(ok),
         "runs": [
             {k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()}
-            for r in runs.loc[runs.status == "ok", cols].to_dict("records")
+            for r in ok[cols].to_dict("records")
         ],
     }
 
@@ -294,13 +315,16 @@ def main() -> None:
     result = analyse(runs, shards, args.out)
     (args.out / "isoflop.json").write_text(json.dumps(result, indent=1, default=float))
     print(f"\nwrote {args.out / 'isoflop.json'}, {args.out / 'isoflop.png'}")
+    where = trained_where(args.out, runs, args.noise_out, args.analyse, args.scale)
     if runs.seed.nunique() >= 2:
-        rec = noise_record(runs, args)
+        rec = noise_record(runs, where)
         args.noise_out.write_text(json.dumps(rec, indent=1) + "\n")
         n = rec["noise"]
-        print(f"wrote {args.noise_out}: run noise {n['run_sd']:.2%}, step noise "
-              f"{n['step_sd']:.2%}, gain-change noise {n['gain_change_sd']:.2%} "
-              f"({n['points']} points at {n['seeds_min']} seeds)")  # fmt: skip
+        pct = {k: "-" if n.get(k) is None else f"{n[k]:.2%}"
+               for k in ("run_sd", "size_step_sd", "budget_step_sd", "gain_change_sd")}  # fmt: skip
+        print(f"wrote {args.noise_out}: run noise {pct['run_sd']}, size-step noise "
+              f"{pct['size_step_sd']}, budget-step noise {pct['budget_step_sd']}, gain-change "
+              f"noise {pct['gain_change_sd']} ({n['points']} points at {n['seeds_min']} seeds)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ R2_MIN, HELDOUT_MAX, EXPONENTS = 0.98, 0.02, (0.1, 1.0)
 def transient(runs: pd.DataFrame, loss: str = "loss_avg") -> dict[str, Any]:
     """Per arch: adjacent (size or budget) pairs in which ``loss`` falls, consecutive budget
     triples at each size whose gain per step shrinks, and the pairs and triples that fail, each
-    with its margin (``fail_margins``: a pair's relative rise, a triple's gain growth over its middle
-    loss; what :func:`bench_noise` weighs against a noise measured elsewhere)."""
+    with its margin (``fail_margins``: kind ``N`` or ``D``, a pair one size or one budget up, and
+    its relative rise; kind ``triple``, its gain's growth over its middle loss; what
+    :func:`bench_noise` weighs against a noise measured elsewhere)."""
     per_arch, fails, margins = {}, [], []
     tot = dict.fromkeys(("n_pairs", "n_falling", "d_pairs", "d_falling", "triples", "dec"), 0)
     for arch, r in runs[runs.status == "ok"].groupby("arch", sort=False):
@@ -42,7 +43,7 @@ def transient(runs: pd.DataFrame, loss: str = "loss_avg") -> dict[str, Any]:
                 c["n_falling"] += l1 < l0
                 if not l1 < l0:
                     fails.append(f"{arch}: {size[n0]}→{size[n1]} at D {D:,} ({l0:.4f}→{l1:.4f})")
-                    margins.append(("pair", (l1 - l0) / l0))
+                    margins.append(("N", (l1 - l0) / l0))
         for N, row in t.iterrows():  # D one step up at fixed N
             row = row.dropna()
             vals = list(row.items())
@@ -51,7 +52,7 @@ def transient(runs: pd.DataFrame, loss: str = "loss_avg") -> dict[str, Any]:
                 c["d_falling"] += l1 < l0
                 if not l1 < l0:
                     fails.append(f"{arch}: {size[N]} at D {d0:,}→{d1:,} ({l0:.4f}→{l1:.4f})")
-                    margins.append(("pair", (l1 - l0) / l0))
+                    margins.append(("D", (l1 - l0) / l0))
             for (_, l0), (_, l1), (d2, l2) in zip(vals, vals[1:], vals[2:], strict=False):
                 c["triples"] += 1
                 c["dec"] += (l1 - l2) < (l0 - l1)
@@ -82,11 +83,12 @@ def seed_noise(runs: pd.DataFrame, loss: str = "loss_avg", z: float = 2.0) -> di
     seed mean (arch, size, budget, mixture). What the grid must resolve is a step between
     adjacent points (one size up at fixed D, one budget up at fixed N), and the runs of one seed
     are not independent across points (the same data order for every size, one trunk for every
-    budget), so steps are taken seed by seed: ``step_sd`` is the pooled relative standard
-    deviation of a step across seeds, ``size_step`` and ``budget_step`` the median step (the
-    relative drop, averaged over seeds), and of the steps whose mean does not fall
-    (``not_falling``), ``within_noise`` are within ``z`` standard errors of zero (noise-sized,
-    not necessarily the transient). The same for consecutive budget triples at a size, whose
+    budget), so steps are taken seed by seed: ``size_step_sd`` and ``budget_step_sd`` are the
+    pooled relative standard deviations across seeds of a step one size up and one budget up
+    (budget steps share a trunk, so they vary less; ``step_sd`` pools both), ``size_step`` and
+    ``budget_step`` the median step (the relative drop, averaged over seeds), and of the steps
+    whose mean does not fall (``not_falling``), ``within_noise`` are within ``z`` standard
+    errors (of their axis) of zero (noise-sized, not necessarily the transient). The same for consecutive budget triples at a size, whose
     gain should shrink: ``gain_change_sd`` is the pooled standard deviation across seeds of the
     gain's change, (first gain − second gain) / middle loss, and of the triples whose mean
     accelerates (``accelerating``), ``accelerating_within_noise`` are within ``z`` standard
@@ -136,8 +138,9 @@ def seed_noise(runs: pd.DataFrame, loss: str = "loss_avg", z: float = 2.0) -> di
         return sum(sd is not None and -d.mean() <= z * sd / math.sqrt(d.size) for d in arrays)
 
     step_sd = pooled([d for _, d in steps])
+    axis_sd = {a: pooled([d for b, d in steps if b == a]) for a in ("N", "D")}
     gain_sd = pooled(triples)
-    fails = [d for _, d in steps if d.mean() <= 0]
+    fails = {a: [d for b, d in steps if b == a and d.mean() <= 0] for a in ("N", "D")}
     accel = [d for d in triples if d.mean() <= 0]
 
     def median(axis: str) -> float | None:
@@ -147,10 +150,12 @@ def seed_noise(runs: pd.DataFrame, loss: str = "loss_avg", z: float = 2.0) -> di
     return out | {
         "run_sd": sd,
         "step_sd": step_sd,
+        "size_step_sd": axis_sd["N"],
+        "budget_step_sd": axis_sd["D"],
         "size_step": median("N"),
         "budget_step": median("D"),
-        "not_falling": len(fails),
-        "within_noise": int(within(fails, step_sd)),
+        "not_falling": len(fails["N"]) + len(fails["D"]),
+        "within_noise": int(sum(within(fails[a], axis_sd[a]) for a in fails)),
         "gain_change_sd": gain_sd,
         "accelerating": len(accel),
         "accelerating_within_noise": int(within(accel, gain_sd)),
@@ -185,10 +190,11 @@ def bench_noise(
     this study: ``status`` ``current`` when some of its runs are points of this study (a point's
     id hashes its data, recipe and the code that trained it, so the bench ran this code on these
     data), ``other`` when none is (it is then not used), ``missing`` without the file. When
-    current: this study's median size and budget steps against the bench's step noise, and how
+    current: this study's median size step against the bench's noise of a size step, and how
     many of this study's failed transient checks (``transient_``'s ``fail_margins``) are within
-    ``z`` of it (a pair's rise against ``step_sd``, a triple's gain growth against
-    ``gain_change_sd``: one run per point, so one standard deviation is its standard error)."""
+    ``z`` of it (a pair's rise against the noise of a step on its axis, a triple's gain growth
+    against ``gain_change_sd``: one run per point, so one standard deviation is its standard
+    error). A count is None where the bench measured no such noise."""
     if path is None or not Path(path).exists():
         return {"status": "missing", "path": str(path) if path else None}
     m = json.loads(Path(path).read_text())
@@ -200,19 +206,30 @@ def bench_noise(
         return out
     noise = m["noise"]
     steps = median_steps(runs)
-    step_sd, gain_sd = noise.get("step_sd"), noise.get("gain_change_sd")
-    pairs = [f["margin"] for f in transient_.get("fail_margins", []) if f["kind"] == "pair"]
-    trip = [f["margin"] for f in transient_.get("fail_margins", []) if f["kind"] == "triple"]
+    sd = {"N": noise.get("size_step_sd"), "D": noise.get("budget_step_sd"),
+          "triple": noise.get("gain_change_sd")}  # fmt: skip
+    margins = transient_.get("fail_margins", [])
+
+    def weigh(kinds: tuple[str, ...]) -> tuple[int, int | None]:
+        """(failed checks of these kinds, how many are within z of the noise; None: unmeasured)"""
+        found = [f for f in margins if f["kind"] in kinds]
+        if any(sd[f["kind"]] is None for f in found):
+            return len(found), None
+        return len(found), sum(f["margin"] <= z * sd[f["kind"]] for f in found)
+
+    not_falling, not_falling_within = weigh(("N", "D"))
+    accelerating, accelerating_within = weigh(("triple",))
+    size_sd = sd["N"]
     return out | {
         "noise": noise,
         **steps,
         "size_step_over_noise": (
-            steps["size_step"] / step_sd if steps["size_step"] is not None and step_sd else None
-        ),  # fmt: skip
-        "not_falling": len(pairs),
-        "not_falling_within_noise": sum(step_sd is not None and x <= z * step_sd for x in pairs),
-        "accelerating": len(trip),
-        "accelerating_within_noise": sum(gain_sd is not None and x <= z * gain_sd for x in trip),
+            steps["size_step"] / size_sd if steps["size_step"] is not None and size_sd else None
+        ),
+        "not_falling": not_falling,
+        "not_falling_within_noise": not_falling_within,
+        "accelerating": accelerating,
+        "accelerating_within_noise": accelerating_within,
         "z": z,
     }
 

@@ -88,6 +88,8 @@ def test_seed_noise_is_unmeasured_with_one_seed_and_recovered_with_several():
     assert (noise["points"], noise["seeds_min"], noise["seeds_max"]) == (12, 8, 8)
     assert noise["run_sd"] == pytest.approx(0.01, rel=0.25)  # planted: 1% per run
     assert noise["step_sd"] == pytest.approx(0.01 * 2**0.5, rel=0.25)  # two independent runs
+    assert noise["size_step_sd"] == pytest.approx(0.01 * 2**0.5, rel=0.3)  # on either axis
+    assert noise["budget_step_sd"] == pytest.approx(0.01 * 2**0.5, rel=0.3)
     drops = [(law(a, d) - law(b, d)) / law(a, d) for d in BUDGETS
              for a, b in zip(SIZES.values(), list(SIZES.values())[1:], strict=False)]  # fmt: skip
     assert noise["size_step"] == pytest.approx(np.median(drops), abs=0.01)
@@ -155,7 +157,7 @@ def test_a_benchs_noise_weighs_a_one_seed_grid_only_when_it_ran_the_grids_points
     tr = transient(study)
     margins = sorted(f["margin"] for f in tr["fail_margins"] if f["kind"] == "triple")
     assert margins == pytest.approx([0.001, 0.05])
-    noise = {"step_sd": 0.004, "gain_change_sd": 0.003, "run_sd": 0.005}
+    noise = {"size_step_sd": 0.004, "budget_step_sd": 0.002, "gain_change_sd": 0.003}
     bench = {"bench": "bench/isoflop.py", "arch": "early", "sizes": list(SIZES), "seeds": [0, 1],
              "noise": noise, "runs": [{"point_id": "p0"}, {"point_id": "p0-seed1"}]}  # fmt: skip
     path = tmp_path / "noise.json"
@@ -167,6 +169,18 @@ def test_a_benchs_noise_weighs_a_one_seed_grid_only_when_it_ran_the_grids_points
     steps = [(_law(a, d) - _law(b, d)) / _law(a, d) for d in BUDGETS
              for a, b in zip(SIZES.values(), list(SIZES.values())[1:], strict=False)]  # fmt: skip
     assert got["size_step"] == pytest.approx(np.median(steps), abs=0.01)
+    # the planted xxs row also makes xxs -> xs at 300k rise by 2.9%: far above 2 x 0.4%
+    assert (got["not_falling"], got["not_falling_within_noise"]) == (1, 0)
+    pair = next(f for f in tr["fail_margins"] if f["kind"] != "triple")
+    assert pair["kind"] == "N" and pair["margin"] == pytest.approx(0.029, abs=0.002)
+    bench["noise"] = {**noise, "size_step_sd": 0.02}  # a noisier bench: the rise is noise-sized
+    path.write_text(json.dumps(bench))
+    assert bench_noise(path, study, tr)["not_falling_within_noise"] == 1
+    bench["noise"] = {"gain_change_sd": 0.003}  # no step noise measured: the pair is not weighed
+    path.write_text(json.dumps(bench))
+    got = bench_noise(path, study, tr)
+    assert (got["not_falling_within_noise"], got["size_step_over_noise"]) == (None, None)
+    assert got["accelerating_within_noise"] == 1
 
     bench["runs"] = [{"point_id": "q0"}]  # none of this grid's points: other code or data
     path.write_text(json.dumps(bench))

@@ -274,8 +274,6 @@ def test_a_one_seed_grid_shows_the_benchs_noise_only_when_the_bench_ran_its_poin
     """bench/isoflop.py's noise file (its writer, ``noise_record``): shown with this grid's size
     step against it when some of its runs are this study's points (the same ids), refused as
     another study's when none is, and the plain sentence without the file."""
-    from argparse import Namespace
-
     from bench.isoflop import noise_record
     from stages.reporting.health import median_steps
 
@@ -287,23 +285,32 @@ def test_a_one_seed_grid_shows_the_benchs_noise_only_when_the_bench_ran_its_poin
     again = early.assign(seed=1, point_id=early.point_id.str.replace("-s0", "-s1"),
                          loss_avg=early.loss_avg * (1 + rng.normal(0, 0.01, len(early))))  # fmt: skip
     bench = pd.concat([early, again], ignore_index=True)
-    args = Namespace(sizes=list(SIZES), tokens=TOKENS, seeds=[0, 1], scale=1.0)
-    rec = noise_record(bench, args)
+    rec = noise_record(bench, {"machine": "here", "measured": "2026-01-01", "scale": 1.0})
     assert len(rec["runs"]) == 2 * len(early) and rec["git_revision"] == "abc"
     noise = rec["noise"]
-    assert noise["points"] == len(early) and 0 < noise["step_sd"] < 0.05
+    assert noise["points"] == len(early) and 0 < noise["size_step_sd"] < 0.05
+    assert rec["sizes"] == list(SIZES) and rec["seeds"] == [0, 1] and rec["machine"] == "here"
     path = tmp_path / "noise.json"
     base = ["--results", str(res), "--shards", str(tmp_path / "shards"), "--noise", str(path)]
 
+    # one pair whose loss does not fall (m above s at the smallest budget, by a noise-sized
+    # 0.1%): the report weighs it against the bench's size-step noise
+    i = runs.index[(runs.arch == "late") & (runs["size"] == "m") & (runs.tokens_budget == 25_000)]
+    j = runs.index[(runs.arch == "late") & (runs["size"] == "s") & (runs.tokens_budget == 25_000)]
+    runs.loc[i, "loss_avg"] = float(runs.loc[j, "loss_avg"].iloc[0]) * 1.001
+    runs.to_parquet(res / "runs.parquet")
     path.write_text(json.dumps(rec))
     assert main(base) == 0
     md = (res / "report.md").read_text()
     health = json.loads((res / "report" / "health.json").read_text())["bench_noise"]
     assert (health["status"], health["shared"], health["runs"]) == ("current", len(early), 24)
-    ratio = median_steps(runs)["size_step"] / noise["step_sd"]
+    ratio = median_steps(runs)["size_step"] / noise["size_step_sd"]
     assert health["size_step_over_noise"] == pytest.approx(ratio)
-    assert "`bench/isoflop.py` measured it" in md and f"**{ratio:.1f}×** the step" in md
-    assert f"by {100 * noise['step_sd']:.2f}%" in md and "not measured by this grid" in md
+    assert "`bench/isoflop.py` measured it" in md and f"**{ratio:.1f}×** the noise of a size" in md
+    assert f"by {100 * noise['size_step_sd']:.2f}% one size up" in md
+    assert "not measured by this grid" in md and ", on here, 2026-01-01)" in md
+    assert (health["not_falling"], health["not_falling_within_noise"]) == (1, 1)
+    assert "The one pair whose loss does not fall is within 2 step noises" in md
 
     other = {**rec, "runs": [{**r, "point_id": r["point_id"] + "-other"} for r in rec["runs"]]}
     path.write_text(json.dumps(other))  # measured by other code or data: other point ids
@@ -315,3 +322,22 @@ def test_a_one_seed_grid_shows_the_benchs_noise_only_when_the_bench_ran_its_poin
     assert main(base) == 0
     md = (res / "report.md").read_text()
     assert "every point has one seed (`grid.seeds: [0, 1]` measures it" in md
+
+
+def test_a_reanalysis_never_stamps_old_runs_with_this_machine_or_date(tmp_path):
+    """bench/isoflop.py ``trained_where``: a call that trains records this machine and today;
+    ``--analyse`` of those runs reads that record back, or a noise file of exactly these runs,
+    and otherwise says it does not know."""
+    from bench.isoflop import machine, trained_where
+
+    runs = pd.DataFrame({"point_id": ["a", "b"]})
+    noise = tmp_path / "noise.json"
+    fresh = trained_where(tmp_path, runs, noise, analyse=False, scale=1.0)
+    assert fresh["machine"] == machine() and fresh["scale"] == 1.0 and fresh["measured"]
+    assert trained_where(tmp_path, runs, noise, analyse=True, scale=4.0) == fresh
+    (tmp_path / "trained.json").unlink()
+    old = {"machine": "elsewhere", "measured": "2026-01-01", "scale": 4.0}
+    noise.write_text(json.dumps({**old, "runs": [{"point_id": "a"}, {"point_id": "b"}]}))
+    assert trained_where(tmp_path, runs, noise, analyse=True, scale=1.0) == old
+    other = pd.DataFrame({"point_id": ["a", "c"]})  # not the runs the noise file holds
+    assert trained_where(tmp_path, other, noise, analyse=True, scale=1.0) == dict.fromkeys(old)
