@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from flows import records
+from flows.devices import cpu_kernel_env
 from flows.plan import fingerprints, plan
 from stages.common.paths import ROOT
 from stages.data.kinds import KINDS
@@ -111,7 +112,10 @@ def test_a_grid_trains_from_s3_shards_to_the_local_numbers(s3, tiny_data, tmp_pa
             [sys.executable, "-m", "flows.train", "--config", str(local / "config.json"),
              "--shards", str(tiny_data.shards), "--codebook", str(local / "none.pt"),
              "--workdir", str(local)],
+            # the grid's pinned CPU kernels (flows/devices.py): without them this process runs
+            # the machine's own, which on an AVX-512 machine give other numbers
             cwd=ROOT, capture_output=True, text=True, timeout=300,
+            env=dict(os.environ, **cpu_kernel_env()),
         )  # fmt: skip
         assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
         want = records.read_record(local, job.point_id)
