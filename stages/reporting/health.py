@@ -76,40 +76,14 @@ def transient(runs: pd.DataFrame, loss: str = "loss_avg") -> dict[str, Any]:
     }
 
 
-def seed_noise(runs: pd.DataFrame, loss: str = "loss_avg", z: float = 2.0) -> dict[str, Any]:
-    """Run-to-run noise, measured where points were trained at two or more seeds.
-
-    ``run_sd``: the pooled relative standard deviation of one run's ``loss`` about its point's
-    seed mean (arch, size, budget, mixture). What the grid must resolve is a step between
-    adjacent points (one size up at fixed D, one budget up at fixed N), and the runs of one seed
-    are not independent across points (the same data order for every size, one trunk for every
-    budget), so steps are taken seed by seed: ``size_step_sd`` and ``budget_step_sd`` are the
-    pooled relative standard deviations across seeds of a step one size up and one budget up
-    (budget steps share a trunk, so they vary less; ``step_sd`` pools both), ``size_step`` and
-    ``budget_step`` the median step (the relative drop, averaged over seeds), and of the steps
-    whose mean does not fall (``not_falling``), ``within_noise`` are within ``z`` standard
-    errors (of their axis) of zero (noise-sized, not necessarily the transient). The same for consecutive budget triples at a size, whose
-    gain should shrink: ``gain_change_sd`` is the pooled standard deviation across seeds of the
-    gain's change, (first gain − second gain) / middle loss, and of the triples whose mean
-    accelerates (``accelerating``), ``accelerating_within_noise`` are within ``z`` standard
-    errors of no change. ``points`` 0: one seed everywhere, nothing measured.
-    """
-    ok = runs[runs.status == "ok"]
-    ok = ok.assign(seed=ok.get("seed", 0))
-    by = ["arch"] + (["mixture"] if "mixture" in ok else [])
-    g = ok.groupby([*by, "size", "tokens_budget"], sort=False)[loss].agg(["mean", "var", "count"])
-    multi = g[g["count"] >= 2]
-    out: dict[str, Any] = {
-        "points": len(multi),
-        "seeds_min": int(multi["count"].min()) if len(multi) else 0,
-        "seeds_max": int(multi["count"].max()) if len(multi) else 0,
-    }
-    if multi.empty:
-        return out
-    dof = multi["count"] - 1
-    sd = math.sqrt(float((dof * multi["var"] / multi["mean"] ** 2).sum() / dof.sum()))
-    steps: list[tuple[str, np.ndarray]] = []  # (axis, the relative drop at each seed)
-    triples: list[np.ndarray] = []  # the gain's change at each seed (> 0: it shrinks)
+def _steps(
+    ok: pd.DataFrame, by: list[str], loss: str
+) -> tuple[list[tuple[str, np.ndarray]], list[np.ndarray]]:
+    """Every step between adjacent points of ``ok`` (grouped by ``by``): its axis (``N``, one
+    size up at a budget; ``D``, one budget up at a size) and its relative drop at each seed;
+    and every consecutive budget triple's gain change at each seed (> 0: the gain shrinks)."""
+    steps: list[tuple[str, np.ndarray]] = []
+    triples: list[np.ndarray] = []
     for _, r in ok.groupby(by, sort=False):
         for axis, index, cols in (("N", "N", "tokens_budget"), ("D", "tokens_budget", "N")):
             t = r.pivot_table(index=index, columns=[cols, "seed"], values=loss, aggfunc="mean")
@@ -126,6 +100,52 @@ def seed_noise(runs: pd.DataFrame, loss: str = "loss_avg", z: float = 2.0) -> di
                         change = (((l0 - l1) - (l1 - l2)) / l1).dropna().to_numpy()
                         if change.size:
                             triples.append(change)
+    return steps, triples
+
+
+def _medians(steps: list[tuple[str, np.ndarray]]) -> dict[str, float | None]:
+    """The median step (averaged over seeds) one size up and one budget up."""
+    out = {}
+    for key, axis in (("size_step", "N"), ("budget_step", "D")):
+        m = [float(d.mean()) for a, d in steps if a == axis]
+        out[key] = float(np.median(m)) if m else None
+    return out
+
+
+def seed_noise(runs: pd.DataFrame, loss: str = "loss_avg", z: float = 2.0) -> dict[str, Any]:
+    """Run-to-run noise, measured where points were trained at two or more seeds.
+
+    ``run_sd``: the pooled relative standard deviation of one run's ``loss`` about its point's
+    seed mean (arch, size, budget, mixture). What the grid must resolve is a step between
+    adjacent points (one size up at fixed D, one budget up at fixed N), and the runs of one seed
+    are not independent across points (the same data order for every size, one trunk for every
+    budget), so steps are taken seed by seed: ``size_step_sd`` and ``budget_step_sd`` are the
+    pooled relative standard deviations across seeds of a step one size up and one budget up
+    (budget steps share a trunk, so they vary less; ``step_sd`` pools both), ``size_step`` and
+    ``budget_step`` the median step (the relative drop, averaged over seeds), and of the steps
+    whose mean does not fall (``not_falling``), ``within_noise`` are within ``z`` standard
+    errors (of their axis) of zero (noise-sized, not necessarily the transient). The same for
+    consecutive budget triples at a size, whose gain should shrink: ``gain_change_sd`` is the
+    pooled standard deviation across seeds of the gain's change, (first gain − second gain) /
+    middle loss, and of the triples whose mean accelerates (``accelerating``),
+    ``accelerating_within_noise`` are within ``z`` standard errors of no change. ``points`` 0:
+    one seed everywhere, nothing measured.
+    """
+    ok = runs[runs.status == "ok"]
+    ok = ok.assign(seed=ok.get("seed", 0))
+    by = ["arch"] + (["mixture"] if "mixture" in ok else [])
+    g = ok.groupby([*by, "size", "tokens_budget"], sort=False)[loss].agg(["mean", "var", "count"])
+    multi = g[g["count"] >= 2]
+    out: dict[str, Any] = {
+        "points": len(multi),
+        "seeds_min": int(multi["count"].min()) if len(multi) else 0,
+        "seeds_max": int(multi["count"].max()) if len(multi) else 0,
+    }
+    if multi.empty:
+        return out
+    dof = multi["count"] - 1
+    sd = math.sqrt(float((dof * multi["var"] / multi["mean"] ** 2).sum() / dof.sum()))
+    steps, triples = _steps(ok, by, loss)
 
     def pooled(arrays: list[np.ndarray]) -> float | None:
         paired = [d for d in arrays if d.size >= 2]
@@ -143,17 +163,12 @@ def seed_noise(runs: pd.DataFrame, loss: str = "loss_avg", z: float = 2.0) -> di
     fails = {a: [d for b, d in steps if b == a and d.mean() <= 0] for a in ("N", "D")}
     accel = [d for d in triples if d.mean() <= 0]
 
-    def median(axis: str) -> float | None:
-        m = [float(d.mean()) for a, d in steps if a == axis]
-        return float(np.median(m)) if m else None
-
     return out | {
         "run_sd": sd,
         "step_sd": step_sd,
         "size_step_sd": axis_sd["N"],
         "budget_step_sd": axis_sd["D"],
-        "size_step": median("N"),
-        "budget_step": median("D"),
+        **_medians(steps),
         "not_falling": len(fails["N"]) + len(fails["D"]),
         "within_noise": int(sum(within(fails[a], axis_sd[a]) for a in fails)),
         "gain_change_sd": gain_sd,
@@ -165,21 +180,12 @@ def seed_noise(runs: pd.DataFrame, loss: str = "loss_avg", z: float = 2.0) -> di
 
 def median_steps(runs: pd.DataFrame, loss: str = "loss_avg") -> dict[str, float | None]:
     """The median relative drop of ``loss`` one size up at fixed budget (``size_step``) and one
-    budget up at fixed size (``budget_step``), seed by seed, over every arch and mixture."""
+    budget up at fixed size (``budget_step``), seed by seed and averaged over seeds, over every
+    arch and mixture: what :func:`seed_noise` reports, measured at one seed too."""
     ok = runs[runs.status == "ok"]
     ok = ok.assign(seed=ok.get("seed", 0))
-    by = ["arch", "seed"] + (["mixture"] if "mixture" in ok else [])
-    out: dict[str, list[float]] = {"size_step": [], "budget_step": []}
-    for _, r in ok.groupby(by, sort=False):
-        for key, index, cols in (("size_step", "N", "tokens_budget"),
-                                 ("budget_step", "tokens_budget", "N")):  # fmt: skip
-            t = r.pivot_table(index=index, columns=cols, values=loss, aggfunc="mean").sort_index()
-            for c in t.columns:
-                col = t[c].dropna()
-                out[key] += (
-                    (col.to_numpy()[:-1] - col.to_numpy()[1:]) / col.to_numpy()[:-1]
-                ).tolist()
-    return {k: float(np.median(v)) if v else None for k, v in out.items()}
+    by = ["arch"] + (["mixture"] if "mixture" in ok else [])
+    return _medians(_steps(ok, by, loss)[0])
 
 
 def bench_noise(
