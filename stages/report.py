@@ -43,7 +43,7 @@ from stages.reporting.evidence import (
     routings,
 )
 from stages.reporting.findings import findings
-from stages.reporting.health import health_tables
+from stages.reporting.health import health_tables, read_bench_noise
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ def run_report(
 ) -> Path:
     results, shards = Path(results), Path(shards)
     runs, fits = load_inputs(results)
+    read_bench_noise(noise)  # a malformed noise file fails here, before anything is rewritten
     archs = list(dict.fromkeys(runs.arch))
     out = fresh_dir(results / "report")
     fig_dir, curves = out / "figures", out / "curves"

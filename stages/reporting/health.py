@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stages.common.inputs import InputError
+
 FALLING_MIN = 0.95  # share of adjacent pairs in which the loss falls (N or D one step up)
 DECELERATING_MIN = 0.90  # share of consecutive budget triples whose gain shrinks
 R2_MIN, HELDOUT_MAX, EXPONENTS = 0.98, 0.02, (0.1, 1.0)
@@ -188,6 +190,26 @@ def median_steps(runs: pd.DataFrame, loss: str = "loss_avg") -> dict[str, float 
     return _medians(_steps(ok, by, loss)[0])
 
 
+def read_bench_noise(path: str | Path | None) -> dict[str, Any] | None:
+    """The noise file ``bench/isoflop.py`` writes, checked; None when there is none. A file
+    that is not one (not JSON, or without its ``noise`` and the ``point_id`` of each of its
+    ``runs``) raises InputError naming the file, what is wrong and the fix."""
+    if path is None or not Path(path).exists():
+        return None
+    fix = f"rerun `python bench/isoflop.py` to rewrite it, or remove {path}"
+    try:
+        m = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not JSON ({e}): {fix}") from None
+    if not isinstance(m, dict) or not isinstance(m.get("noise"), dict):
+        raise InputError(f"{path} has no 'noise' mapping: not a bench noise file; {fix}")
+    runs = m.get("runs")
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and "point_id" in r
+                                             for r in runs):  # fmt: skip
+        raise InputError(f"{path}: 'runs' must list each run with its 'point_id'; {fix}")
+    return m
+
+
 def bench_noise(
     path: str | Path | None, runs: pd.DataFrame, transient_: dict[str, Any], z: float = 2.0
 ) -> dict[str, Any]:
@@ -201,9 +223,9 @@ def bench_noise(
     ``z`` of it (a pair's rise against the noise of a step on its axis, a triple's gain growth
     against ``gain_change_sd``: one run per point, so one standard deviation is its standard
     error). A count is None where the bench measured no such noise."""
-    if path is None or not Path(path).exists():
+    m = read_bench_noise(path)
+    if m is None:
         return {"status": "missing", "path": str(path) if path else None}
-    m = json.loads(Path(path).read_text())
     ours = set(runs.loc[runs.status == "ok", "point_id"]) if "point_id" in runs else set()
     shared = sorted({r["point_id"] for r in m["runs"]} & ours)
     out = {"path": str(path), "status": "current" if shared else "other", "shared": len(shared),

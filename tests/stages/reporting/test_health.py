@@ -8,7 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages.reporting.health import bench_noise, law_checks, seed_noise, transient
+from stages.common.inputs import InputError
+from stages.reporting.health import (
+    bench_noise,
+    law_checks,
+    read_bench_noise,
+    seed_noise,
+    transient,
+)
 
 SIZES = {"xxs": 5e4, "xs": 1e5, "s": 2e5}
 BUDGETS = [75_000, 150_000, 300_000, 600_000]
@@ -187,3 +194,25 @@ def test_a_benchs_noise_weighs_a_one_seed_grid_only_when_it_ran_the_grids_points
     got = bench_noise(path, study, tr)
     assert (got["status"], got["shared"]) == ("other", 0) and "noise" not in got
     assert bench_noise(tmp_path / "absent.json", study, tr)["status"] == "missing"
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("{not json", "is not JSON"),
+        ('{"runs": []}', "has no 'noise' mapping"),
+        (
+            '{"noise": {}, "runs": [{"loss_avg": 1.0}]}',
+            "'runs' must list each run with its 'point_id'",
+        ),
+    ],
+)
+def test_a_file_that_is_not_a_bench_noise_file_is_refused_naming_it_and_the_fix(
+    tmp_path, text, says
+):
+    path = tmp_path / "noise.json"
+    path.write_text(text)
+    with pytest.raises(InputError, match=says) as e:
+        read_bench_noise(path)
+    assert str(path) in str(e.value) and "python bench/isoflop.py" in str(e.value)
+    assert read_bench_noise(tmp_path / "absent.json") is None

@@ -318,6 +318,10 @@ def test_a_one_seed_grid_shows_the_benchs_noise_only_when_the_bench_ran_its_poin
     md = (res / "report.md").read_text()
     assert "not shown as this study's" in md and "measured it" not in md
 
+    path.write_text("{not json")  # a broken file: refused before the report is rewritten
+    before = (res / "report.md").read_text()
+    assert main(base) != 0 and (res / "report.md").read_text() == before
+
     path.unlink()
     assert main(base) == 0
     md = (res / "report.md").read_text()
